@@ -1,0 +1,100 @@
+"""The project's trainer against the notebook's own recorder, reimplemented in notebook_reference."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from notebook_reference import run_notebook
+
+from trainer.config import RunConfig
+from trainer.data import load_corpus, load_tokenizer, tokenize_cached
+from trainer.run import train
+from wordystore import trajectory
+
+SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32)
+SEED_KINDS = ("recorded_steps", "embeddings", "grads", "momentum", "variance", "logits", "losses")
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    cfg = RunConfig(**SMALL)
+    train(tmp / "ours.zarr", cfg, progress=False)
+    ids = tokenize_cached(load_corpus(), load_tokenizer()) % SMALL["vocab_size"]
+    reference = run_notebook(cfg, ids, SMALL["vocab_size"], str(tmp / "nb"))
+    return trajectory.open(tmp / "ours.zarr"), reference
+
+
+def test_recorded_tensors_are_bit_identical_to_the_notebook(small_runs):
+    t, reference = small_runs
+    assert len(t) == SMALL["steps"] + 1
+    np.testing.assert_array_equal(t.steps, reference["recorded_steps"].numpy())
+    for kind in SEED_KINDS[1:]:
+        ours, theirs = t[kind][:], reference[kind]
+        assert ours.dtype == theirs.dtype == torch.bfloat16, kind
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)), f"{kind} differs from the notebook"
+
+
+def test_training_moved_the_embeddings_and_lowered_nothing_silently(small_runs):
+    t, _ = small_runs
+    assert not torch.equal(t.embeddings[0], t.embeddings[-1])
+    assert torch.isnan(t.losses[0].float()) and torch.isfinite(t.losses[1:].float()).all()
+    assert (t.grads[0] == 0).all() and (t.grads[1] != 0).any()
+
+
+def test_extra_scalars_and_the_resolved_config(small_runs):
+    t, _ = small_runs
+    lr = t.learning_rate[1:].numpy()
+    steps = SMALL["steps"]
+    # the Trainer's inherited default: linear decay to 0 at max_steps, no warmup
+    expected = 1e-3 * (1 - np.arange(steps) / steps)
+    np.testing.assert_allclose(lr, expected, rtol=1e-6)
+    pre, post = t.grad_norm[1:].numpy(), t.grad_norm_clipped[1:].numpy()
+    assert (pre > 0).all() and (post <= np.minimum(pre, 1.0) * (1 + 1e-3)).all()
+    args = t.config["training_arguments"]
+    assert args["lr_scheduler_type"] == "linear" and args["max_grad_norm"] == 1.0 and args["max_steps"] == steps
+    assert t.config["run"]["steps"] == steps and t.config["data"]["vocab_size"] == SMALL["vocab_size"]
+    assert "torch" in t.metadata["versions"] and t.metadata["format_version"] == 1
+
+
+def test_token_sets_partition_the_vocabulary_by_corpus_occurrence(small_runs):
+    t, _ = small_runs
+    ids = tokenize_cached(load_corpus(), load_tokenizer()) % SMALL["vocab_size"]
+    np.testing.assert_array_equal(t.token_sets["trained"], np.unique(ids))
+    assert len(t.token_sets["trained"]) + len(t.token_sets["untrained"]) == SMALL["vocab_size"]
+
+
+def test_record_every_n_keeps_step_numbers(tmp_path):
+    cfg = RunConfig(**{**SMALL, "steps": 4, "record_every": 2})
+    train(tmp_path / "every2.zarr", cfg, progress=False)
+    t = trajectory.open(tmp_path / "every2.zarr")
+    np.testing.assert_array_equal(t.steps, [0, 2, 4])
+    assert torch.equal(t.embeddings.loc[4], t.embeddings[-1])
+
+
+def test_gpt2_tokenizer_offline():
+    assert load_tokenizer().encode("Hello world") == [15496, 995]
+
+
+def test_cli_end_to_end_with_the_real_gpt2_vocabulary(tmp_path):
+    out = tmp_path / "wb.zarr"
+    cmd = [sys.executable, "-m", "wordystore.cli", "train", str(out), "--steps", "2", "--batch-size", "4", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "recorded 3 rows" in result.stdout
+    t = trajectory.open(out)
+    untrained = t.embeddings[0:3, "untrained"]
+    assert untrained.shape == (3, 45087, 64) and untrained.dtype == torch.bfloat16
+    assert t.config["model"]["vocab_size"] == 50257
+    info = subprocess.run([sys.executable, "-m", "wordystore.cli", "info", str(out)], capture_output=True, text=True)
+    assert "untrained (45087)" in info.stdout
+
+
+def test_config_file_with_an_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        RunConfig.from_file(path)

@@ -1,0 +1,37 @@
+"""wordystore: per-step training trajectories in a sharded, compressed zarr v3 store.
+
+Write::
+
+    with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64), token_sets=sets, config=cfg) as w:
+        w.append(step, embeddings=..., grads=..., ...)
+
+Read::
+
+    from wordystore import trajectory
+    t = trajectory.open("run.zarr")
+    t.embeddings[0:200, "untrained"]
+"""
+
+from wordystore import bfloat16 as _bfloat16  # registers zarr's "bfloat16" data type
+from wordystore import trajectory
+from wordystore.errors import (
+    AppendError,
+    CorruptChunkError,
+    FormatError,
+    ReadOnlyError,
+    StoreLockedError,
+    WordystoreError,
+    WriterFailedError,
+)
+from wordystore.kinds import Kind, seed_kinds
+from wordystore.trajectory import Trajectory
+from wordystore.writer import TrajectoryWriter, create, resume
+
+open = trajectory.open  # noqa: A001
+
+__version__ = "0.1.0"
+__all__ = [
+    "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
+    "Trajectory", "TrajectoryWriter", "WordystoreError", "WriterFailedError",
+    "create", "open", "resume", "seed_kinds", "trajectory",
+]

@@ -1,0 +1,115 @@
+"""Tensor kinds: what one step of a trajectory holds, declared when a store is created.
+
+A kind has a name (``embeddings``), a per-step shape (``(50257, 64)``), a dtype name as zarr v3
+spells it (``bfloat16``) and one dimension name per axis (``("token", "dim")``). The step axis is
+added in front of every kind. The axis named ``token`` is the one token sets index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wordystore.bfloat16 import NUMPY_BFLOAT16
+
+# dtype name (zarr v3) -> (numpy dtype, torch dtype)
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "bfloat16": (NUMPY_BFLOAT16, torch.bfloat16),
+    "float16": (np.dtype("float16"), torch.float16),
+    "float32": (np.dtype("float32"), torch.float32),
+    "float64": (np.dtype("float64"), torch.float64),
+    "int8": (np.dtype("int8"), torch.int8),
+    "int16": (np.dtype("int16"), torch.int16),
+    "int32": (np.dtype("int32"), torch.int32),
+    "int64": (np.dtype("int64"), torch.int64),
+    "uint8": (np.dtype("uint8"), torch.uint8),
+    "bool": (np.dtype("bool"), torch.bool),
+}
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json"}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One tensor kind recorded at every step."""
+
+    shape: tuple[int, ...]
+    dtype: str = "bfloat16"
+    dims: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        if any(n < 0 for n in self.shape):
+            raise ValueError(f"kind shape {self.shape} has a negative length")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"kind dtype {self.dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        dims = self.dims if self.dims is not None else tuple(f"dim_{i}" for i in range(len(self.shape)))
+        object.__setattr__(self, "dims", tuple(dims))
+        if len(self.dims) != len(self.shape) or "step" in self.dims or len(set(self.dims)) != len(self.dims):
+            raise ValueError(
+                f"kind dims {self.dims} must name each of the {len(self.shape)} per-step axes once, and not 'step'"
+            )
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def step_nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.numpy_dtype.itemsize
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Kind":
+        return cls(shape=tuple(data["shape"]), dtype=data["dtype"], dims=tuple(data["dims"]))
+
+
+def check_kind_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+        raise ValueError(
+            f"kind name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
+            f"(starting with a letter or '_'), and none of {sorted(RESERVED_NAMES)}"
+        )
+    return name
+
+
+def seed_kinds(vocab_size: int = 50257, hidden_dim: int = 64) -> dict[str, Kind]:
+    """The kinds the seed notebook records, plus the per-step scalars wordystore's trainer adds."""
+    matrix = Kind((vocab_size, hidden_dim), "bfloat16", ("token", "dim"))
+    return {
+        "embeddings": matrix,
+        "grads": matrix,
+        "momentum": matrix,
+        "variance": matrix,
+        "logits": Kind((vocab_size,), "bfloat16", ("token",)),
+        "losses": Kind((), "bfloat16", ()),
+        "learning_rate": Kind((), "float32", ()),
+        "grad_norm": Kind((), "float32", ()),
+        "grad_norm_clipped": Kind((), "float32", ()),
+    }
+
+
+def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor over ``array`` in the same dtype (bfloat16 via a uint16 view: no copy, exact bits)."""
+    if not array.flags.c_contiguous or any(stride < 0 for stride in array.strides):
+        array = array.copy(order="C")  # torch takes neither negative strides nor gaps
+    if array.dtype == NUMPY_BFLOAT16:
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy array of a CPU tensor's exact bits (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(NUMPY_BFLOAT16)
+    return tensor.numpy()
