@@ -1,4 +1,5 @@
-"""The ``wordystore`` command: train, info, export, import, stitch."""
+"""wordystore: record training trajectories (train), inspect them (info), convert to and from the
+seed notebook's safetensors layout (export, import), and join runs (stitch)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,35 @@ def cmd_info(ns) -> None:
         print(json.dumps(t.config, indent=1))
 
 
+def cmd_export(ns) -> None:
+    from wordystore.seedfile import export
+
+    steps = slice(*(int(x) if x else None for x in ns.steps.split(":"))) if ns.steps else slice(None)
+    kinds = ns.kinds.split(",") if ns.kinds else None
+    tokens = ns.tokens
+    if tokens and tokens.replace(",", "").isdigit():
+        tokens = [int(x) for x in tokens.split(",")]
+    path = export(ns.store, ns.out, steps=steps, tokens=tokens, kinds=kinds, overwrite=ns.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_import(ns) -> None:
+    from wordystore.seedfile import import_seed_file
+
+    t = import_seed_file(ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite)
+    print(t)
+
+
+def cmd_stitch(ns) -> None:
+    from wordystore.stitch import stitch
+
+    t = stitch(ns.sources, ns.out, overwrite=ns.overwrite)
+    print(t)
+    for seg in t.segments:
+        print(f"  segment rows {seg['rows'][0]}..{seg['rows'][1] - 1} steps {seg['steps'][0]}..{seg['steps'][1]} "
+              f"from {seg['source']} (dropped {seg['dropped_repeated_steps']} repeated steps)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wordystore", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--config", action="store_true", help="also print the stored run config")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a trajectory in the seed notebook's single-safetensors layout")
+    p.add_argument("store")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("--steps", help="rows as START:STOP (python slice, e.g. 0:101)")
+    p.add_argument("--tokens", help="a token-set name (untrained) or comma-separated token ids")
+    p.add_argument("--kinds", help="comma-separated kinds (default: all six of the notebook)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert a seed-layout safetensors file into a trajectory")
+    p.add_argument("file")
+    p.add_argument("store")
+    p.add_argument("--token-masks", help="the notebook's token-mask safetensors file, stored as token sets")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("stitch", help="join trajectories along the step axis (e.g. a run and its resumption)")
+    p.add_argument("sources", nargs="+", help="two or more trajectories, in order")
+    p.add_argument("out", help="the trajectory to create")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_stitch)
     return parser
 
 

@@ -78,6 +78,15 @@ class Trajectory:
         return self._meta
 
     @property
+    def segments(self) -> list[dict]:
+        """The runs this trajectory joins (see ``wordystore stitch``): source, rows [start, stop),
+        first and last step, config. An ordinary recording is one segment."""
+        if "segments" in self.config:
+            return self.config["segments"]
+        span = [int(self._steps[0]), int(self._steps[-1])] if self._length else []
+        return [{"source": describe(self._store), "rows": [0, self._length], "steps": span, "config": self.config}]
+
+    @property
     def token_sets(self) -> dict[str, np.ndarray]:
         """Named token-id sets (sorted int64), read on first use."""
         return {name: self.token_set(name) for name in self._meta["token_sets"]}
