@@ -77,7 +77,8 @@ class ParameterRecorder:
     def _on_forward(self, module, args, output) -> None:
         if module.training and getattr(output, "loss", None) is not None:
             self._loss = output.loss.detach()
-            self._logits = output.logits[0, -1].detach()
+            # clone: a view would keep the whole [batch, seq, vocab] logits tensor alive
+            self._logits = output.logits[0, -1].detach().clone()
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         grad = param.grad.detach()
