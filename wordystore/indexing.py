@@ -22,6 +22,7 @@ class Plan:
     fetch: tuple  # per axis: a slice with step >= 1, or a sorted unique int64 array
     local: tuple  # numpy index into the fetched block
     fetch_shape: tuple[int, ...]
+    orthogonal: bool = False  # apply ``local`` one axis at a time
 
 
 def _as_array(index) -> np.ndarray | None:
@@ -84,8 +85,12 @@ def _axis_plan(index, length: int, axis_name: str, resolve_name: Callable[[str, 
     return unique, np.searchsorted(unique, array)
 
 
-def plan(index, shape: tuple[int, ...], axis_names: tuple[str, ...], resolve_name) -> Plan:
-    """Split ``index`` on an array of ``shape`` into what to read and how to finish in numpy."""
+def plan(index, shape: tuple[int, ...], axis_names: tuple[str, ...], resolve_name, orthogonal: bool = False) -> Plan:
+    """Split ``index`` on an array of ``shape`` into what to read and how to finish in numpy.
+
+    ``orthogonal``: each axis' index selects along that axis alone (zarr's ``oindex``), instead of
+    numpy's rule that index arrays broadcast together.
+    """
     if not isinstance(index, tuple):
         index = (index,)
     if sum(1 for i in index if i is Ellipsis) > 1:
@@ -101,18 +106,23 @@ def plan(index, shape: tuple[int, ...], axis_names: tuple[str, ...], resolve_nam
     index = index + (slice(None),) * (len(shape) - len(index))
     basic = [isinstance(i, slice) for i in index]
     advanced = [not b and not isinstance(i, (int, np.integer)) for i, b in zip(index, basic)]
-    single = sum(advanced) == 1 and sum(basic) == len(index) - 1
+    single = orthogonal or (sum(advanced) == 1 and sum(basic) == len(index) - 1)
     fetch, local = [], []
     for i, length, name, adv in zip(index, shape, axis_names, advanced):
         f, loc = _axis_plan(i, length, name, resolve_name, only_advanced=single and adv)
         fetch.append(f)
         local.append(loc)
     fetch_shape = tuple(len(range(*f.indices(n))) if isinstance(f, slice) else len(f) for f, n in zip(fetch, shape))
-    return Plan(tuple(fetch), tuple(local), fetch_shape)
+    return Plan(tuple(fetch), tuple(local), fetch_shape, orthogonal)
 
 
 def finish(block: np.ndarray, plan: Plan) -> np.ndarray:
     """Apply the local index (skipped when it would select the whole block as is)."""
     if all(isinstance(loc, slice) and loc == slice(None) for loc in plan.local):
         return block
+    if plan.orthogonal:  # each axis alone, the last first, so earlier axes keep their place
+        for axis in reversed(range(len(plan.local))):
+            if not (isinstance(plan.local[axis], slice) and plan.local[axis] == slice(None)):
+                block = block[(slice(None),) * axis + (plan.local[axis],)]
+        return np.asarray(block)
     return np.asarray(block[plan.local])  # numpy returns a scalar, not a 0-d array, for all-int indices

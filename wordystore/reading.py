@@ -31,6 +31,7 @@ from wordystore.format import ArrayLayout
 
 HUGE_PAGE_MIN = 8 << 20  # outputs at least this large are backed by transparent huge pages
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
+THREADS = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class ChunkCache:
 
     def _recycle(self, array: np.ndarray) -> None:
         free = self._free.setdefault((array.shape, array.dtype.str), [])
-        if len(free) < 2 * (os.cpu_count() or 1):  # enough for every decoding thread, no hoard
+        if len(free) < 2 * THREADS:  # enough for every decoding thread, no hoard
             free.append(array)
 
     def clear(self) -> None:
@@ -189,7 +190,7 @@ class ChunkReader:
     def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None):
         self.store = store
         self.cache = cache if cache is not None else ChunkCache(0)
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or THREADS
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wordystore-read")
 
     def read_into(self, reads: list[ChunkRead], out: np.ndarray) -> None:

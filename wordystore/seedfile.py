@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import numpy as np
 import wordystore
 from wordystore.kinds import Kind
 from wordystore.trajectory import Trajectory
+from wordystore.writer import building
 
 STEP_KINDS = ("embeddings", "grads", "momentum", "variance", "logits", "losses")
 FLOAT_SCALARS = ("init_scale", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2")
@@ -55,9 +58,11 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
     """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
 
     ``steps`` selects rows (a slice or row indices), ``tokens`` a token subset (a token-set name or
-    ids), ``kinds`` some of the per-step kinds only. Returns the path written.
+    ids), ``kinds`` some of the per-step kinds only. Returns the path written. Each kind is read a
+    tile at a time (a chunk of rows by a shard of tokens) on every core and written in place, so
+    memory stays at a few tiles whatever the size.
     """
-    t = wordystore.open(store)
+    t = wordystore.open(store, cache_bytes=0)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -68,13 +73,7 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
     rows = np.arange(len(t))[steps]
     token_ids = t.token_set(tokens) if isinstance(tokens, str) else tokens
 
-    def read_rows(name: str, kind: Kind, block_rows: np.ndarray) -> np.ndarray:
-        block = t[name].numpy(block_rows)
-        if token_ids is not None and "token" in kind.dims:
-            block = np.take(block, np.asarray(token_ids), axis=1 + kind.dims.index("token"))
-        return block
-
-    plan = {"recorded_steps": ("int64", (len(rows),), None)}
+    plan = {"recorded_steps": ("int64", (len(rows),), t.steps[rows].astype("<i8"))}
     for name in kinds:
         kind = t.kinds[name]
         shape = list(kind.shape)
@@ -95,34 +94,85 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
     header["__metadata__"] = {"format": "pt", "exported_by": f"wordystore {wordystore.__version__}"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    data_start = 8 + len(blob)
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        with open(tmp, "wb") as f, _progress(offset, f"export {out.name}", progress) as bar:
-            f.write(struct.pack("<Q", len(blob)) + blob)
-            for name, (dtype, shape, source) in plan.items():
-                if name == "recorded_steps":
-                    f.write(t.steps[rows].astype("<i8").tobytes())
-                elif isinstance(source, Kind):
-                    for start in range(0, len(rows), STEPS_PER_READ):
-                        block = read_rows(name, source, rows[start : start + STEPS_PER_READ])
-                        f.write(block.tobytes())
-                        bar.update(block.nbytes)
-                else:
-                    f.write(np.asarray(source).tobytes())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, data_start + offset)
+            os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
+            buffers = threading.local()
+            with _progress(offset, f"export {out.name}", progress) as bar, ThreadPoolExecutor(os.cpu_count()) as pool:
+                for name, (dtype, shape, source) in plan.items():
+                    base = data_start + header[name]["data_offsets"][0]
+                    if isinstance(source, Kind):
+                        tiles = _tiles(t, name, source, rows, token_ids)
+                        for nbytes in pool.map(lambda tile: _export_tile(fd, base, shape, t, name, tile, buffers), tiles):
+                            bar.update(nbytes)
+                    else:
+                        os.pwrite(fd, np.asarray(source).tobytes(), base)
+        finally:
+            os.close(fd)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
 
 
+def _tiles(t: Trajectory, name: str, kind: Kind, rows: np.ndarray, token_ids) -> list[tuple]:
+    """(output row offset, row indices, output token offset, token index) for every tile of a
+    kind: a main chunk's worth of rows by a shard's worth of tokens."""
+    main = t._layouts[name][0]
+    row_block = main.chunk[0]
+    if not kind.shape:
+        return [(r, rows[r : r + row_block], None, None) for r in range(0, len(rows), row_block)]
+    width, n = main.shard[1], kind.shape[0]
+    tokens = np.arange(n) if token_ids is None or "token" not in kind.dims else np.asarray(token_ids)
+    return [(r, rows[r : r + row_block], a, tokens[a : a + width])
+            for r in range(0, len(rows), row_block) for a in range(0, len(tokens), width)]
+
+
+def _export_tile(fd: int, base: int, shape: tuple[int, ...], t: Trajectory, name: str, tile: tuple,
+                 buffers: threading.local) -> int:
+    """Read one tile and write each of its rows where the exported tensor (of ``shape``, steps
+    first) keeps them; returns the bytes written. Contiguous tiles decode into a buffer each
+    thread reuses (fresh memory costs page faults on every tile)."""
+    row0, rows, token0, tokens = tile
+    if len(rows) == 0 or (tokens is not None and len(tokens) == 0):
+        return 0
+    kind = t.kinds[name]
+    contiguous = np.all(np.diff(rows) == 1) and (tokens is None or np.all(np.diff(tokens) == 1))
+    if contiguous:
+        tile_shape = (len(rows), *(() if tokens is None else (len(tokens), *kind.shape[1:])))
+        data = getattr(buffers, "data", None)
+        if data is None or data.nbytes < np.prod(tile_shape) * kind.numpy_dtype.itemsize:
+            data = buffers.data = np.empty(int(np.prod((len(rows), *kind.shape))), kind.numpy_dtype)
+        data = data[: int(np.prod(tile_shape))].reshape(tile_shape)
+        fetch = [slice(int(rows[0]), int(rows[-1]) + 1, 1)]
+        if tokens is not None:
+            fetch.append(slice(int(tokens[0]), int(tokens[-1]) + 1, 1))
+        t.read_into(name, tuple(fetch) + tuple(slice(0, n, 1) for n in tile_shape[len(fetch):]), data)
+    else:
+        data = t[name].numpy((rows,) if tokens is None else (rows, tokens), orthogonal=True)
+    step_bytes = data[0].nbytes if tokens is None else data[0].nbytes // len(tokens) * shape[1]
+    token_bytes = 0 if tokens is None else data[0].nbytes // len(tokens)
+    for i in range(len(rows)):
+        os.pwrite(fd, data[i], base + (row0 + i) * step_bytes + (token0 or 0) * token_bytes)
+    return data.nbytes
+
+
 def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress=True) -> Trajectory:
-    """Convert a notebook-layout safetensors file into a trajectory, streaming one step at a time."""
+    """Convert a notebook-layout safetensors file into a trajectory.
+
+    Tiles of rows are read from the file with plain reads straight into encode buffers (no memory
+    map, so the file's pages never count against the process) and encoded on every core.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
-        f = safe_open(str(path), framework="pt")
+        f = safe_open(str(path), framework="np")
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
     with f:
@@ -147,17 +197,35 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
             kinds[name] = Kind(tuple(shape[1:]), "bfloat16", dims)
         scalars = {n: float(f.get_tensor(n)) for n in FLOAT_SCALARS}
         scalars.update({n: int(f.get_tensor(n)) for n in COUNT_SCALARS})
-        sets = None
-        if token_masks is not None:
-            from trainer.data import token_sets_from_mask_file
+    header, data_start = _read_header(path)
+    sets = None
+    if token_masks is not None:
+        from trainer.data import token_sets_from_mask_file
 
-            sets = token_sets_from_mask_file(token_masks, V)
-        config = {"seed_scalars": scalars, "imported_from": str(path.resolve())}
-        with wordystore.create(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
+        sets = token_sets_from_mask_file(token_masks, V)
+    config = {"seed_scalars": scalars, "imported_from": str(path.resolve())}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def read_tile(name: str, fetch: tuple, out: np.ndarray) -> None:
+            """Rows ``fetch[0]`` and a range of the first per-step axis (later axes whole) of ``name``."""
+            base = data_start + header[name]["data_offsets"][0]
+            step_bytes = out[0].nbytes if out.ndim == 1 else out[0].nbytes // out.shape[1] * kinds[name].shape[0]
+            skip = 0 if out.ndim == 1 else fetch[1].start * (out[0].nbytes // out.shape[1])
+            for i, row in enumerate(range(fetch[0].start, fetch[0].stop)):
+                target = memoryview(out[i : i + 1].reshape(-1).view(np.uint8))
+                if os.preadv(fd, [target], base + row * step_bytes + skip) != len(target):
+                    raise ValueError(f"{path} is truncated: {name} row {row} is incomplete")
+
+        with building(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
                 _progress(S, f"import {path.name}", progress) as bar:
-            for row in range(S):
-                w.append(int(steps[row]), **{name: f.get_slice(name)[row] for name in kinds})
-                bar.update(1)
+            w.bulk_append(steps, read_tile, progress=bar.update)
+    finally:
+        os.close(fd)
     return wordystore.open(store)
 
 
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's JSON header and where its data starts."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length)), 8 + length

@@ -235,13 +235,18 @@ class KindView:
         raise ReadOnlyError("trajectory views are read-only; to record steps use wordystore.resume(path).append(...)")
 
     def __iter__(self):
-        """Row after row (each a torch tensor); every chunk is decoded once, through the cache."""
-        for row in range(len(self)):
-            yield self[row]
+        """Row after row (each a torch tensor), reading a main chunk's worth of rows at a time, so
+        every chunk is decoded once (memory: one block of ``chunk_rows`` rows)."""
+        block_rows = self._t._layouts[self.name][0].chunk[0]
+        for start in range(0, len(self), block_rows):
+            block = numpy_to_torch(self.numpy(slice(start, start + block_rows)))
+            yield from block
 
-    def numpy(self, index=()) -> np.ndarray:
-        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
-        plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set)
+    def numpy(self, index=(), orthogonal: bool = False) -> np.ndarray:
+        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``).
+        ``orthogonal=True``: index arrays select along their own axis each (zarr's ``oindex``):
+        ``numpy(([0, 5], [1, 2, 3]), orthogonal=True)`` has shape ``(2, 3, ...)``."""
+        plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set, orthogonal)
         return indexing.finish(self._t._read(self.name, plan.fetch, plan.fetch_shape), plan)
 
     @property
