@@ -152,7 +152,12 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
     })
     embedding = model.transformer.wte.weight
     kinds = kinds_for({"embeddings": embedding}, vocab_size)
-    writer = wordystore.create(out, kinds, token_sets=token_sets, config=config, overwrite=overwrite)
+    # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+    predictions = None
+    if cfg.record_every == 1 and args.optim.startswith("adamw"):
+        predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+    writer = wordystore.create(out, kinds, token_sets=token_sets, config=config, overwrite=overwrite,
+                               predictions=predictions)
     with writer:
         callback = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
         trainer = SeedTrainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])

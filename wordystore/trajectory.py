@@ -57,6 +57,7 @@ class Trajectory:
                     f"{hot.shape[0]} hot rows; run `wordystore verify {describe(self._store)}`")
             layouts[name] = (main, hot)
         self._record, self._layouts = record, layouts
+        self._reader.main_layouts = {name: main for name, (main, _) in layouts.items()}
         self._steps = self._read(format.STEPS_ARRAY, (slice(0, record.committed_rows, 1),), (record.committed_rows,))
         if np.any(np.diff(self._steps) <= 0):
             raise FormatError(f"{describe(self._store)}: recorded_steps are not increasing; the store is damaged "
@@ -95,6 +96,7 @@ class Trajectory:
         compacted = min(record.compacted_rows, self._record.committed_rows)
         self._record = dataclasses.replace(self._record, compacted_rows=compacted)
         self._layouts = {name: (format.read_layout(self._store, name), hot) for name, (_, hot) in self._layouts.items()}
+        self._reader.main_layouts = {name: main for name, (main, _) in self._layouts.items()}
         return True
 
     # -- what the trajectory holds ---------------------------------------------------------------
