@@ -75,7 +75,7 @@ def clear_store(store: Store) -> None:
     """Delete every key of the store but the writer lock (which the caller holds)."""
     from zarr.core.sync import collect_aiterator, sync
 
-    for key in sync(collect_aiterator(store.list())):
+    for key in collect_aiterator(store.list()):  # already synchronous: it runs the iterator itself
         if key != LOCK_FILE:
             sync(store.delete(key))
 

@@ -25,7 +25,7 @@ from zarr.abc.store import Store
 
 from wordystore import layout
 from wordystore.errors import AppendError, FormatError, ReadOnlyError, WriterFailedError
-from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, torch_to_numpy
+from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, scalar_value, torch_to_numpy
 from wordystore.storage import WriterLock, as_store, clear_store, describe, fsync_file, local_root
 
 STEPS_KIND = Kind((), "int64", ())
@@ -112,6 +112,8 @@ def resume(where, *, durable: bool = True) -> "TrajectoryWriter":
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
+    if not zarr.core.sync.sync(store.exists("zarr.json")):  # before the lock, which would make the directory
+        raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = WriterLock(store)
     try:
         group = zarr.open_group(store, mode="r+")
@@ -283,8 +285,8 @@ class TrajectoryWriter:
         step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise AppendError(f"append(step={step}): steps must increase; the last step appended is {self.last_step}")
-        if step < 0:
-            raise AppendError(f"append(step={step}): steps must be >= 0")
+        if not 0 <= step < 2**63:
+            raise AppendError(f"append(step={step}): steps must lie in [0, 2**63) (stored as int64)")
         return step
 
     def _check_value(self, step: int, name: str, value) -> None:
@@ -293,7 +295,11 @@ class TrajectoryWriter:
             shape, dtype, want = tuple(value.shape), value.dtype, kind.torch_dtype
         elif isinstance(value, np.ndarray):
             shape, dtype, want = value.shape, value.dtype, kind.numpy_dtype
-        elif kind.shape == () and isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        elif kind.shape == () and isinstance(value, (int, float, np.generic)):
+            try:
+                scalar_value(kind, value)
+            except ValueError as exc:
+                raise AppendError(f"append(step={step}): kind {name!r}: {exc}") from None
             return
         else:
             raise AppendError(
