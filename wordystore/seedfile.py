@@ -11,6 +11,7 @@ stays bounded whatever the trajectory's length; it writes to a temporary name an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import wordystore
+from wordystore.indexing import step_rows
 from wordystore.kinds import Kind
 from wordystore.trajectory import Trajectory
 
@@ -51,22 +53,25 @@ def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     return scalars
 
 
-def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
+def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
     """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
 
-    ``steps`` selects rows (a slice or row indices), ``tokens`` a token subset (a token-set name or
-    ids), ``kinds`` some of the per-step kinds only. Returns the path written.
+    ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
+    inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
+    or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
+    some of the per-step kinds only. Returns the path written.
+
+    >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
     """
     t = wordystore.open(store)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_output(out, overwrite)
     kinds = list(STEP_KINDS if kinds is None else kinds)
     unknown = [k for k in kinds if k not in t.kinds]
     if unknown:
         raise ValueError(f"kinds {unknown} are not in the trajectory; it has {list(t.kinds)}")
-    rows = np.arange(len(t))[steps]
-    token_ids = t.token_set(tokens) if isinstance(tokens, str) else tokens
+    rows = _selected_rows(t, rows, steps)
+    token_ids = _token_ids(t, tokens)
 
     def read_rows(name: str, kind: Kind, block_rows: np.ndarray) -> np.ndarray:
         block = t[name].numpy(block_rows)
@@ -98,7 +103,7 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        with open(tmp, "wb") as f, _progress(offset, f"export {out.name}", progress) as bar:
+        with _naming(out, tmp), open(tmp, "wb") as f, _progress(offset, f"export {out.name}", progress) as bar:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for name, (dtype, shape, source) in plan.items():
                 if name == "recorded_steps":
@@ -110,7 +115,8 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
                         bar.update(block.nbytes)
                 else:
                     f.write(np.asarray(source).tobytes())
-        os.replace(tmp, out)
+        with _naming(out, tmp):
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -161,3 +167,60 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
     return wordystore.open(store)
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; expected the path of a .safetensors file to write")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+
+
+def _selected_rows(t: Trajectory, rows, steps) -> np.ndarray:
+    """Row numbers to export, from a positional ``rows`` or a ``.loc``-style ``steps`` selection."""
+    if rows is not None and steps is not None:
+        raise ValueError("give rows or steps, not both")
+    if steps is not None:
+        selected = np.arange(len(t))[step_rows(t.steps, steps)]
+    else:
+        try:
+            selected = np.arange(len(t))[slice(None) if rows is None else rows]
+        except IndexError:
+            raise IndexError(f"rows {_text(rows)} are out of range; the trajectory has {len(t)} rows") from None
+    selected = np.atleast_1d(selected)
+    if selected.size == 0:
+        what = f"steps {_text(steps)}" if steps is not None else f"rows {_text(rows)}"
+        recorded = f"{t.steps[0]}..{t.steps[-1]}" if len(t) else "none"
+        raise ValueError(f"{what} select nothing; the trajectory has {len(t)} rows, training steps {recorded}")
+    return selected
+
+
+def _text(selection) -> str:
+    if isinstance(selection, slice):
+        return ":".join("" if v is None else str(v) for v in (selection.start, selection.stop, selection.step)).rstrip(":")
+    return str(selection)
+
+
+def _token_ids(t: Trajectory, tokens) -> np.ndarray | None:
+    """``tokens`` (a token-set name, or token ids) as ids checked against the token axis."""
+    if tokens is None or isinstance(tokens, str):
+        return None if tokens is None else t.token_set(tokens)
+    ids = np.asarray(tokens)
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a token-set name or a non-empty list of token ids, got {tokens!r}")
+    vocab = min((k.shape[k.dims.index("token")] for k in t.kinds.values() if "token" in k.dims), default=None)
+    bad = ids[(ids < 0) | (ids >= vocab)] if vocab is not None else ids[:0]
+    if bad.size:
+        raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary; expected ids in [0, {vocab})")
+    return ids.astype(np.int64)
+
+
+@contextlib.contextmanager
+def _naming(out: Path, tmp: Path):
+    """Name ``out`` in an OS error (ENOSPC, EIO...) while writing it, not the temporary file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp)):
+            raise  # about another file (a store's chunk): its own name says it
+        raise OSError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc
