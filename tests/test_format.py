@@ -151,3 +151,14 @@ def test_predicted_moments_round_trip_bit_for_bit(tmp_path):
     portable = convert(tmp_path / "t.zarr", tmp_path / "p.zarr", profile="portable", progress=False)
     assert zarr.open_array(tmp_path / "p.zarr" / "momentum", mode="r").metadata.data_type.to_json(3) == "bfloat16"
     assert torch.equal(portable.variance[:].view(torch.int16), ref["variance"].view(torch.int16))
+
+
+def test_a_failed_overwriting_build_keeps_the_old_store_and_leaves_no_debris(tmp_path):
+    _, ref = fill(tmp_path / "old.zarr", 20, "compact", np.random.default_rng(5), block_rows=2, chunk_rows=4)
+    fill(tmp_path / "bad.zarr", 20, "compact", np.random.default_rng(6), block_rows=2, chunk_rows=4)
+    shard = tmp_path / "bad.zarr" / "embeddings" / "c" / "2" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-30])  # truncated: its index is gone
+    with pytest.raises(wordystore.CorruptChunkError, match="shard index"):
+        convert(tmp_path / "bad.zarr", tmp_path / "old.zarr", overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zarr", "old.zarr"]  # no partial store left
+    assert np.array_equal(bits(wordystore.open(tmp_path / "old.zarr").embeddings.numpy()), bits(ref["embeddings"]))

@@ -11,6 +11,7 @@ stays bounded whatever the trajectory's length; it writes to a temporary name an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import wordystore
+from wordystore.indexing import step_rows
 from wordystore.kinds import Kind
 from wordystore.trajectory import Trajectory
 from wordystore.writer import building
@@ -30,7 +32,6 @@ FLOAT_SCALARS = ("init_scale", "learning_rate", "weight_decay", "adam_beta1", "a
 COUNT_SCALARS = ("n_trained", "n_untrained")
 ST_DTYPES = {"bfloat16": "BF16", "float32": "F32", "int64": "I64", "float16": "F16", "float64": "F64",
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-STEPS_PER_READ = 8
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -54,24 +55,27 @@ def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     return scalars
 
 
-def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
+def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
     """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
 
-    ``steps`` selects rows (a slice or row indices), ``tokens`` a token subset (a token-set name or
-    ids), ``kinds`` some of the per-step kinds only. Returns the path written. Each kind is read a
-    tile at a time (a chunk of rows by a shard of tokens) on every core and written in place, so
-    memory stays at a few tiles whatever the size.
+    ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
+    inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
+    or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
+    some of the per-step kinds only. Returns the path written. Each kind is read a tile at a
+    time (a chunk of rows by a shard of tokens) on every core and written in place, so memory
+    stays at a few tiles whatever the size.
+
+    >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
     """
     t = wordystore.open(store, cache_bytes=0)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_output(out, overwrite)
     kinds = list(STEP_KINDS if kinds is None else kinds)
     unknown = [k for k in kinds if k not in t.kinds]
     if unknown:
         raise ValueError(f"kinds {unknown} are not in the trajectory; it has {list(t.kinds)}")
-    rows = np.arange(len(t))[steps]
-    token_ids = t.token_set(tokens) if isinstance(tokens, str) else tokens
+    rows = _selected_rows(t, rows, steps)
+    token_ids = _token_ids(t, tokens)
 
     plan = {"recorded_steps": ("int64", (len(rows),), t.steps[rows].astype("<i8"))}
     for name in kinds:
@@ -98,23 +102,24 @@ def export(store, out, *, steps=slice(None), tokens=None, kinds=None, overwrite=
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, data_start + offset)
-            os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
-            buffers = threading.local()
-            with _progress(offset, f"export {out.name}", progress) as bar, ThreadPoolExecutor(os.cpu_count()) as pool:
-                for name, (dtype, shape, source) in plan.items():
-                    base = data_start + header[name]["data_offsets"][0]
-                    if isinstance(source, Kind):
+        with _naming(out, tmp):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, data_start + offset)
+                os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
+                buffers = threading.local()  # one tile buffer per thread, reused
+                with _progress(offset, f"export {out.name}", progress) as bar, ThreadPoolExecutor(os.cpu_count()) as pool:
+                    for name, (dtype, shape, source) in plan.items():
+                        base = data_start + header[name]["data_offsets"][0]
+                        if not isinstance(source, Kind):
+                            os.pwrite(fd, np.asarray(source).tobytes(), base)
+                            continue
                         tiles = _tiles(t, name, source, rows, token_ids)
                         for nbytes in pool.map(lambda tile: _export_tile(fd, base, shape, t, name, tile, buffers), tiles):
                             bar.update(nbytes)
-                    else:
-                        os.pwrite(fd, np.asarray(source).tobytes(), base)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -229,3 +234,62 @@ def _read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(length)), 8 + length
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; expected the path of a .safetensors file to write")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {out}: directory {out.parent} does not exist")
+
+
+def _selected_rows(t: Trajectory, rows, steps) -> np.ndarray:
+    """Row numbers to export, from a positional ``rows`` or a ``.loc``-style ``steps`` selection."""
+    if rows is not None and steps is not None:
+        raise ValueError("give rows or steps, not both")
+    if steps is not None:
+        selected = np.arange(len(t))[step_rows(t.steps, steps)]
+    else:
+        try:
+            selected = np.arange(len(t))[slice(None) if rows is None else rows]
+        except IndexError:
+            raise IndexError(f"rows {_text(rows)} are out of range; the trajectory has {len(t)} rows") from None
+    selected = np.atleast_1d(selected)
+    if selected.size == 0:
+        what = f"steps {_text(steps)}" if steps is not None else f"rows {_text(rows)}"
+        recorded = f"{t.steps[0]}..{t.steps[-1]}" if len(t) else "none"
+        raise ValueError(f"{what} select nothing; the trajectory has {len(t)} rows, training steps {recorded}")
+    return selected
+
+
+def _text(selection) -> str:
+    if isinstance(selection, slice):
+        return ":".join("" if v is None else str(v) for v in (selection.start, selection.stop, selection.step)).rstrip(":")
+    return str(selection)
+
+
+def _token_ids(t: Trajectory, tokens) -> np.ndarray | None:
+    """``tokens`` (a token-set name, or token ids) as ids checked against the token axis."""
+    if tokens is None or isinstance(tokens, str):
+        return None if tokens is None else t.token_set(tokens)
+    ids = np.asarray(tokens)
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be a token-set name or a non-empty list of token ids, got {tokens!r}")
+    vocab = min((k.shape[k.dims.index("token")] for k in t.kinds.values() if "token" in k.dims), default=None)
+    bad = ids[(ids < 0) | (ids >= vocab)] if vocab is not None else ids[:0]
+    if bad.size:
+        raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary; expected ids in [0, {vocab})")
+    return ids.astype(np.int64)
+
+
+@contextlib.contextmanager
+def _naming(out: Path, tmp: Path):
+    """Name ``out`` in an OS error (ENOSPC, EIO...) while writing it, not the temporary file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp)):
+            raise  # about another file (a store's chunk): its own name says it
+        raise OSError(exc.errno, f"cannot write {out}: {exc.strerror or exc}") from exc

@@ -12,7 +12,6 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -254,7 +253,8 @@ class KindView:
     @property
     def loc(self) -> "_StepLabelIndexer":
         """Select by training step number instead of row: ``loc[100]``, ``loc[100:200]`` (inclusive, as
-        pandas and xarray ``.loc``), ``loc[[0, 50, 100]]``; other axes index as usual."""
+        pandas and xarray ``.loc``; ``loc[100:200:10]`` every 10th row, ``loc[::-1]`` reversed),
+        ``loc[[0, 50, 100]]``; other axes index as usual. Rules: :func:`indexing.step_rows`."""
         return _StepLabelIndexer(self)
 
     def to_dask(self):
@@ -276,43 +276,16 @@ class KindView:
 
 
 class _StepLabelIndexer:
+    """``view.loc[...]``: the first axis by training step (see :func:`indexing.step_rows`), the rest as usual."""
+
     def __init__(self, view: KindView):
         self._view = view
 
     def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        rows = _rows_for_steps(self._view._t._steps, index[0])
-        return self._view[(rows, *index[1:])]
-
-
-def _rows_for_steps(steps: np.ndarray, label):
-    """Rows holding the given training step number(s)."""
-    if isinstance(label, slice):
-        lo = -math.inf if label.start is None else label.start
-        hi = math.inf if label.stop is None else label.stop
-        rows = np.flatnonzero((steps >= lo) & (steps <= hi))
-        if label.step is not None:
-            first = steps[rows[0]] if rows.size else 0
-            rows = rows[(steps[rows] - first) % label.step == 0]
-        # Evenly spaced rows (always, unless a stride skips irregularly) act as a slice: orthogonal
-        # to the other axes' indices, as a slice in numpy.
-        stride = int(rows[1] - rows[0]) if rows.size > 1 else 1
-        if rows.size == 0:
-            return slice(0, 0)
-        if np.all(np.diff(rows) == stride):
-            return slice(int(rows[0]), int(rows[-1]) + 1, stride)
-        return rows
-    if isinstance(label, torch.Tensor):
-        label = label.detach().cpu().numpy()
-    wanted = np.asarray(label)
-    if wanted.dtype.kind not in "iu":
-        raise TypeError(f"loc takes training step numbers (ints, slices, int arrays), got {label!r}")
-    rows = np.searchsorted(steps, wanted)
-    found = (rows < len(steps)) & (steps[np.minimum(rows, len(steps) - 1)] == wanted) if len(steps) else wanted != wanted
-    if not np.all(found):
-        missing = np.atleast_1d(wanted)[~np.atleast_1d(found)][:5].tolist()
-        raise KeyError(f"training step(s) {missing} not recorded; recorded steps run {steps[:1].tolist()}..{steps[-1:].tolist()}")
-    return int(rows) if rows.ndim == 0 else rows
+        index = list(indexing.full_index(index, self._view.dims))
+        at = 1 if index[0] is Ellipsis else 0  # an ellipsis standing for no axis: the step axis is next
+        index[at] = indexing.step_rows(self._view._t._steps, index[at])
+        return self._view[tuple(index)]
 
 
 class _CommittedRows:

@@ -32,7 +32,7 @@ import torch
 
 from wordystore import format, reading, storage
 from wordystore.errors import AppendError, FormatError, ReadOnlyError, WriterFailedError
-from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, torch_to_numpy
+from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, scalar_value, torch_to_numpy
 from wordystore.storage import WriterLock, as_store, describe, local_root
 
 StateProvider = Callable[[], "tuple[dict[str, torch.Tensor], dict]"]
@@ -119,13 +119,16 @@ def create(
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot create a trajectory in {describe(store)}: the store is read-only")
+    _refuse_existing(store, overwrite)  # before the lock, whose file would change the store
     root = local_root(store)
     made_dir = root is not None and not root.exists()
     lock = WriterLock(store)
     try:
-        if storage.exists(store, "zarr.json") and not (overwrite or _abandoned(store)):
-            raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True "
-                                  "(--overwrite) to replace it, or use resume()")
+        _refuse_existing(store, overwrite)  # again, now that no other writer can be making it
+    except BaseException:
+        lock.release()
+        raise
+    try:
         storage.clear_store(store)
         meta = format.Metadata(
             kinds=kinds, profile=profile, token_sets=tuple(sorted(sets)), config=config, versions=library_versions(),
@@ -144,7 +147,7 @@ def create(
         format.write_metadata(store, meta)
         format.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
         return TrajectoryWriter(store, lock, durable, keep_states)
-    except BaseException:
+    except BaseException:  # remove what this call wrote (the refusals above have written nothing)
         try:
             storage.clear_store(store)
         finally:
@@ -154,16 +157,27 @@ def create(
         raise
 
 
+def _refuse_existing(store, overwrite: bool) -> None:
+    if storage.exists(store, "zarr.json") and not (overwrite or _abandoned(store)):
+        raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True (--overwrite) "
+                              "to replace it")
+
+
 @contextlib.contextmanager
-def building(where, kinds: Mapping[str, Kind], **create_args):
-    """``create`` for commands that build a whole store (convert, import, stitch): if the block
-    fails, the new store is removed, so a failed command leaves nothing behind.
+def building(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, **create_args):
+    """``create`` for commands that build a whole store (convert, import, stitch). A local store
+    is built under a temporary name beside ``where`` and renamed into place when complete: a
+    failed build leaves nothing behind, and an existing store (with ``overwrite``) stays intact
+    until its replacement is whole.
 
     >>> with building("out.zarr", kinds, config=cfg) as w:
     ...     w.bulk_append(steps, read_tile)
     """
-    writer = create(where, kinds, **create_args)
-    root = local_root(writer._store)
+    final = as_store(where, read_only=False)
+    _refuse_existing(final, overwrite)
+    root = local_root(final)
+    target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
+    writer = create(target, kinds, overwrite=True, **create_args)
     try:
         yield writer
         writer.close()
@@ -175,8 +189,27 @@ def building(where, kinds: Mapping[str, Kind], **create_args):
             pass
         storage.clear_store(writer._store)
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
         raise
+    if root is not None:
+        _swap_into_place(target, root, overwrite)
+
+
+def _swap_into_place(built, root, overwrite: bool) -> None:
+    """Rename the built store to ``root``; an old store there is moved aside first (under its
+    writer lock, so no writer is using it) and deleted only once the new one is in place."""
+    if not root.exists():
+        os.replace(built, root)
+        return
+    old_lock = WriterLock(as_store(root, read_only=False))
+    try:
+        _refuse_existing(as_store(root, read_only=True), overwrite)
+        aside = root.with_name(f".{root.name}.{os.getpid()}.old")
+        os.replace(root, aside)
+        os.replace(built, root)
+    finally:
+        old_lock.release()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _abandoned(store) -> bool:
@@ -202,9 +235,8 @@ def resume(where, *, durable: bool = True, keep_states: int = 1) -> "TrajectoryW
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
-    root = local_root(store)
-    if root is not None and not (root / "zarr.json").exists():
-        raise FileNotFoundError(f"no trajectory at {root} to resume")
+    if not storage.exists(store, "zarr.json"):  # before the lock, which would make the directory
+        raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = WriterLock(store)
     try:
         return TrajectoryWriter(store, lock, durable, keep_states)
@@ -431,17 +463,17 @@ class TrajectoryWriter:
         if self.last_step is not None and step <= self.last_step:
             raise AppendError(f"append(step={step}): steps must increase; the last step appended is {self.last_step}")
         if not 0 <= step < 2**63:
-            raise AppendError(f"append(step={step}): steps must lie in [0, 2**63)")
+            raise AppendError(f"append(step={step}): steps must lie in [0, 2**63) (stored as int64)")
         return step
 
     def _checked_value(self, step: int, name: str, value) -> torch.Tensor:
         """``value`` as a tensor of the kind's shape and dtype, or a clear AppendError."""
         kind = self.kinds[name]
-        if kind.shape == () and isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
-            converted = np.asarray(value).astype(kind.numpy_dtype)
-            if np.isfinite(np.float64(value)) and not np.isfinite(converted.astype(np.float64)):
-                raise AppendError(f"append(step={step}): kind {name!r} ({kind.dtype}) cannot hold {value!r}: it overflows")
-            return numpy_to_torch(converted)
+        if kind.shape == () and isinstance(value, (int, float, np.generic)):
+            try:
+                return numpy_to_torch(scalar_value(kind, value))
+            except ValueError as exc:
+                raise AppendError(f"append(step={step}): kind {name!r}: {exc}") from None
         if isinstance(value, torch.Tensor):
             shape, dtype, want = tuple(value.shape), value.dtype, kind.torch_dtype
         elif isinstance(value, np.ndarray):
