@@ -122,6 +122,11 @@ class Trajectory:
         lines.append(f"  token sets: {sets or 'none'}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        from wordystore.display import trajectory_html
+
+        return trajectory_html(self)
+
     # -- out-of-core analysis --------------------------------------------------------------------
 
     def to_xarray(self):
@@ -163,6 +168,11 @@ class KindView:
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
         return f"<KindView {self.name!r} {self.kind.dtype} [{dims}]>"
+
+    def _repr_html_(self) -> str:
+        from wordystore.display import kind_html
+
+        return kind_html(self)
 
     def __getitem__(self, index) -> torch.Tensor:
         return numpy_to_torch(self.numpy(index))
