@@ -346,12 +346,13 @@ def moment_norms(
     cache: bool = False,
 ) -> Table:
     """Per row, the L2 norm over ``tokens`` of each kind (default: the gradient and Adam's two moments,
-    those of ``grads``, ``momentum``, ``variance`` the store has), accumulated in float64 so that
+    those of ``grads``, ``momentum``, ``variance`` the store has with a token axis), accumulated in float64 so that
     tiny second moments do not underflow. One column per kind, after ``step``.
 
     >>> moment_norms(t, "untrained")["momentum"]
     """
-    kinds = [k for k in MOMENT_KINDS if k in t.kinds] if kinds is None else list(kinds)
+    if kinds is None:
+        kinds = [k for k in MOMENT_KINDS if k in t.kinds and t.kinds[k].dims[:1] == ("token",)]
     if not kinds:
         raise ValueError(f"no gradient or Adam moment kinds ({', '.join(MOMENT_KINDS)}) in this trajectory; it records {list(t.kinds)}")
     label, ids = resolve_tokens(t, tokens, kinds[0])

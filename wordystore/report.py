@@ -75,7 +75,7 @@ def analyse(t: Trajectory, label: str, progress: bool = True) -> Run:
         for name in sets:
             stats = analysis.embedding_stats(t, name, progress=progress, cache=True)
             run.stats[stats.tokens] = stats
-    if any(kind in t.kinds for kind in analysis.MOMENT_KINDS):
+    if any(t.kinds[k].dims[:1] == ("token",) for k in analysis.MOMENT_KINDS if k in t.kinds):
         for name in sets:
             run.norms[name or "all"] = analysis.moment_norms(t, name, progress=progress, cache=True)
     return run
@@ -183,9 +183,26 @@ def _curve_plots(out: Path, runs: list[Run], styles: list[dict]) -> list[Path]:
             c = runs[0].curves
             series = [("before clipping", c["step"], c["grad_norm"], {}),
                       ("after clipping", c["step"], c["grad_norm_clipped"], {"linestyle": "--"})]
+        elif kind == "grad_norm":
+            title += " (before clipping)"
         if series:
             paths.append(plot_lines(out / f"{kind}.png", title, ylabel, {"": series}, seams=seams))
     return paths
+
+
+def _moment_plot(out: Path, runs: list[Run]) -> list[Path]:
+    """A panel per moment kind; a line per token set (colour) and run (dashes) that all runs have."""
+    sets = [name for name in runs[0].norms if all(name in r.norms for r in runs)]
+    kinds = [k for k in MOMENT_LABELS if all(k in r.norms[name] for r in runs for name in sets)]
+    if not sets or not kinds:
+        return []
+    dashes = ["-", "--", ":", "-."]
+    panels = {MOMENT_LABELS[k]: [(f"{r.label} [{name}]" if len(runs) > 1 else name, r.norms[name]["step"], r.norms[name][k],
+                                  {"color": f"C{j}", "linestyle": dashes[i % len(dashes)]})
+                                 for i, r in enumerate(runs) for j, name in enumerate(sets)] for k in kinds}
+    seams = sorted({step for r in runs for step in r.seams})
+    return [plot_lines(out / "moment_norms.png", "Norms of the gradient and Adam's moments, per token set",
+                       "L2 norm over the token set's rows (log)", panels, log=True, seams=seams, sharey=False)]
 
 
 # The embedding plots: (file, title, y label, table column, log scale, percent)
@@ -220,11 +237,7 @@ def write_report(store, out=None, *, progress: bool = True) -> Path:
         if run.stats:
             plots.append(plot_hops(tmp / "lattice_hops.png", run.stats))
             plots.append(plot_freeze_steps(tmp / "freeze_steps.png", run.stats))
-        if run.norms:
-            kinds = [k for k in next(iter(run.norms.values())) if k != "step"]
-            panels = {MOMENT_LABELS.get(k, k): [(name, n["step"], n[k], {}) for name, n in run.norms.items()] for k in kinds}
-            plots.append(plot_lines(tmp / "moment_norms.png", "Norms of the gradient and Adam's moments, per token set",
-                                    "L2 norm over the token set's rows (log)", panels, log=True, seams=run.seams, sharey=False))
+        plots += _moment_plot(tmp, [run])
         (tmp / "report.md").write_text(report_markdown(run, [p.name for p in plots]))
     return out / "report.md"
 
@@ -237,7 +250,7 @@ def report_markdown(run: Run, plots: list[str]) -> str:
              f"`{describe(t._store)}`: {len(t)} rows, {display.steps_span(t)}; "
              f"{display.human_bytes(disk)} on disk, {display.human_bytes(raw)} raw ({display.ratio(disk, raw)}).", ""]
     lines += [f"- {line}" for line in display.config_summary(t.config)]
-    if "losses" in c and len(t) > 1:
+    if "losses" in c and len(t) > 1 and not np.isnan(c["losses"][1:]).all():
         first, last = c["losses"][1], c["losses"][-1]
         lines += ["", f"Loss: {first:.4f} at step {c['step'][1]}, {last:.4f} at step {c['step'][-1]} "
                       f"(reduction {first - last:.4f}); lowest {np.nanmin(c['losses']):.4f} at step {c['step'][np.nanargmin(c['losses'])]}."]
@@ -255,7 +268,7 @@ def report_markdown(run: Run, plots: list[str]) -> str:
             lines.append(
                 f"| {name} | {s.token_ids.size} | {tab['displacement_max'][-1]:.2e} / {tab['displacement_mean'][-1]:.2e} / "
                 f"{tab['displacement_median'][-1]:.2e} | {_percent(tab['frozen_fraction'][-1])} | "
-                f"{int(np.median(frozen)) if frozen.size else '-'} | {s.still_moving} | "
+                f"{np.sort(frozen)[(frozen.size - 1) // 2] if frozen.size else '-'} | {s.still_moving} | "
                 + " | ".join(f"{tab[k][0]:.6f} → {tab[k][-1]:.6f}" for k in ("centroid_norm", "radius_mean", "radius_max"))
                 + f" | {f'step {jump[0]} (x{jump[1]:.1f})' if jump else 'none'} |"
             )
@@ -305,15 +318,7 @@ def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Pat
                       for name in common}
             if panels:
                 plots.append(plot_lines(tmp / f"{file}.png", title, ylabel, panels, log=log, percent=percent, seams=seams))
-        norms = [name for name in runs[0].norms if name in runs[1].norms]
-        kinds = [k for k in MOMENT_LABELS if all(k in r.norms[name] for r in runs for name in norms)]
-        if norms and kinds:
-            dashes = ["-", "--", ":", "-."]
-            panels = {MOMENT_LABELS[k]: [(f"{r.label} [{name}]", r.norms[name]["step"], r.norms[name][k],
-                                          {"color": f"C{i}", "linestyle": dashes[j % len(dashes)]})
-                                         for i, r in enumerate(runs) for j, name in enumerate(norms)] for k in kinds}
-            plots.append(plot_lines(tmp / "moment_norms.png", "Norms of the gradient and Adam's moments",
-                                    "L2 norm over the token set's rows (log)", panels, log=True, seams=seams, sharey=False))
+        plots += _moment_plot(tmp, runs)
         (tmp / "compare.md").write_text(f"# {label_a} vs {label_b}\n\n```\n{text}\n```\n\n"
                                         + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
     return text, out
