@@ -1,5 +1,5 @@
-"""wordystore: record training trajectories (train), inspect them (info), convert to and from the
-seed notebook's safetensors layout (export, import), and join runs (stitch).
+"""wordystore: record training trajectories (train), inspect them (info, report, compare), convert
+to and from the seed notebook's safetensors layout (export, import), and join runs (stitch).
 
 A mistake in what was asked for (a missing store, a bad flag value, a full disk) prints one line,
 "wordystore COMMAND: error: what was wrong; what was expected", and exits with status 2. Set
@@ -178,12 +178,39 @@ def cmd_train(ns) -> None:
 
 
 def cmd_info(ns) -> None:
-    from wordystore import trajectory
+    from wordystore import display, trajectory
 
     t = trajectory.open(ns.store)
-    print(t)
+    print(display.text(t))
     if ns.config:
         print(json.dumps(t.config, indent=1))
+
+
+def _require_matplotlib(command: str) -> None:
+    """Exit 2 with one line on installing the analysis extra if matplotlib is missing."""
+    from wordystore.report import MissingExtraError, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except MissingExtraError as exc:
+        print(f"wordystore {command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_report(ns) -> None:
+    _require_matplotlib("report")
+    from wordystore.report import write_report
+
+    path = write_report(ns.store, ns.out, progress=not ns.quiet)
+    print(f"wrote {path} and its plots")
+
+
+def cmd_compare(ns) -> None:
+    _require_matplotlib("compare")
+    from wordystore.report import write_comparison
+
+    text, out = write_comparison(ns.a, ns.b, ns.out, progress=not ns.quiet)
+    print(f"{text}\n\nwrote {out / 'compare.md'} and its plots")
 
 
 def cmd_export(ns) -> None:
@@ -231,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--config", action="store_true", help="also print the stored run config")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("report", help="PNG plots and a short report.md of a trajectory (needs the analysis extra)")
+    p.add_argument("store")
+    p.add_argument("--out", help="directory to write into (default: ./<store name>-report)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="overlay two trajectories' plots and print their config differences")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--out", help="directory to write into (default: ./<a>-vs-<b>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="write a trajectory in the seed notebook's single-safetensors layout")
     p.add_argument("store")

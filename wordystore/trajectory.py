@@ -179,6 +179,15 @@ class Trajectory:
         lines.append(f"  token sets: {sets or 'none'}")
         return "\n".join(lines)
 
+    def uncached(self) -> "Trajectory":
+        """The same rows, read without the chunk cache: for one-pass scans (analyses, exports)
+        whose memory must not grow with the store."""
+        other = object.__new__(Trajectory)
+        other.__dict__.update(self.__dict__)
+        other._reader = reading.ChunkReader(self._store, reading.ChunkCache(0), main_layouts=self._reader.main_layouts)
+        other._views = {name: KindView(other, name, kind) for name, kind in self._kinds.items()}
+        return other
+
     def close(self) -> None:
         """Stop the read threads and drop the chunk cache (also done when the object is collected)."""
         self._reader.close()
@@ -189,6 +198,11 @@ class Trajectory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _repr_html_(self) -> str:
+        from wordystore.display import trajectory_html
+
+        return trajectory_html(self)
 
     # -- out-of-core analysis --------------------------------------------------------------------
 
@@ -228,6 +242,11 @@ class KindView:
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
         return f"<KindView {self.name!r} {self.kind.dtype} [{dims}]>"
+
+    def _repr_html_(self) -> str:
+        from wordystore.display import kind_html
+
+        return kind_html(self)
 
     def __getitem__(self, index) -> torch.Tensor:
         return numpy_to_torch(self.numpy(index))
