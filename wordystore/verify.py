@@ -25,11 +25,15 @@ What is checked, in this order:
 A store whose commit record is missing or unreadable is checked all the same: its rows are
 inferred from the arrays (each main array's ``zarr.json`` shape, and the hot blocks present).
 
-``repair=True`` never deletes or rewrites data. It rebuilds the documents that the metadata
-determines (an array's ``zarr.json``, a group's) when they are damaged, then writes a commit record
-admitting the longest prefix of rows that verifies in every array (at most the rows the old record
-admitted), keeping each replaced document's old bytes under ``<key>.<UTC time>.bak``. What it
-could not save is listed. Rows past the new record stay on disk until a writer appends over them.
+``repair=True`` never deletes or rewrites a chunk. It rebuilds the documents that the metadata
+determines (an array's ``zarr.json``, a group's) when they are missing or unreadable (one that
+disagrees with the metadata is left alone, and so is the record: which of the two is wrong cannot
+be told), then writes a commit record admitting the longest prefix of rows that verifies in every
+array, at most the rows the old record admitted: the main tier's rows below the old record's
+``compacted_rows``, and past it while no hot block holds the row (a writer deletes hot copies only
+after committing their compaction), then the hot tier's. Each replaced document's old bytes are
+kept under ``<key>.<UTC time>.bak``; what could not be saved is listed. Rows past the new record
+stay on disk until a writer appends over them: copying the backup over ``commit.json`` undoes it.
 
 Every run records its outcome in ``verified.json`` (``{"committed_rows", "time", "problems"}``),
 which ``wordystore info`` shows; :func:`missing_shards` is the cheap check ``info`` makes itself.
