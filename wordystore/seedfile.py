@@ -20,6 +20,7 @@ import numpy as np
 
 import wordystore
 from wordystore.kinds import Kind
+from wordystore.tokensets import token_sets_from_mask_file
 from wordystore.trajectory import Trajectory
 
 STEP_KINDS = ("embeddings", "grads", "momentum", "variance", "logits", "losses")
@@ -149,8 +150,6 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
         scalars.update({n: int(f.get_tensor(n)) for n in COUNT_SCALARS})
         sets = None
         if token_masks is not None:
-            from trainer.data import token_sets_from_mask_file
-
             sets = token_sets_from_mask_file(token_masks, V)
         config = {"seed_scalars": scalars, "imported_from": str(path.resolve())}
         with wordystore.create(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
