@@ -17,7 +17,7 @@ WRITER = textwrap.dedent("""
     import sys, numpy as np, wordystore
     from wordystore import Kind
     kinds = {"emb": Kind((300, 8), "float32", ("token", "dim")), "loss": Kind((), "float32", ())}
-    with wordystore.create(sys.argv[1], kinds, steps_per_chunk=4) as w:
+    with wordystore.create(sys.argv[1], kinds, block_rows=4, chunk_rows=8) as w:
         for step in range(10**6):
             w.append(step, emb=np.full((300, 8), step, np.float32), loss=float(step))
             if w.committed >= 12:
@@ -35,7 +35,7 @@ def test_kill_minus_9_keeps_every_committed_step_and_resume_goes_on(tmp_path):
 
     t = trajectory.open(path)
     n = len(t)
-    assert n >= 12 and n % 4 == 0  # whole blocks of steps_per_chunk steps
+    assert n >= 12 and n % 4 == 0  # whole blocks of block_rows rows
     np.testing.assert_array_equal(t.steps, np.arange(n))
     np.testing.assert_array_equal(t.emb[:, 5, 3].numpy(), np.arange(n, dtype=np.float32))
     np.testing.assert_array_equal(t.loss[:].numpy(), np.arange(n, dtype=np.float32))

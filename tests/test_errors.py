@@ -17,7 +17,7 @@ def good(step):
 
 @pytest.fixture
 def writer(tmp_path):
-    w = wordystore.create(tmp_path / "t.zarr", KINDS, steps_per_chunk=2)
+    w = wordystore.create(tmp_path / "t.zarr", KINDS, block_rows=2, chunk_rows=4)
     w.append(0, **good(0))
     w.append(1, **good(1))
     w.flush()
@@ -67,7 +67,7 @@ def test_writes_to_read_only_stores_are_refused(writer, tmp_path):
 
 def test_create_refuses_an_existing_store_and_bad_declarations(writer, tmp_path):
     writer.close()
-    with pytest.raises(FileExistsError, match="overwrite=True or use resume"):
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
         wordystore.create(tmp_path / "t.zarr", KINDS)
     with pytest.raises(ValueError, match="kind dtype 'complex32' is not supported"):
         Kind((2,), "complex32")
@@ -94,14 +94,14 @@ def test_a_corrupt_chunk_names_the_array_and_the_chunk(writer, tmp_path):
     data[5] ^= 0xFF  # inside the first inner chunk's compressed bytes
     shard.write_bytes(bytes(data))
     t = trajectory.open(tmp_path / "t.zarr")
-    with pytest.raises(wordystore.CorruptChunkError, match=r"array 'emb'.*chunk \(0, 0, 0\).*step 0\.\.1"):
+    with pytest.raises(wordystore.CorruptChunkError, match=r"array 'emb' chunk \(0, 0, 0\) \(step 0\.\.3, token 0\.\.5"):
         t.emb[:, 0]
     assert t.loss[:].tolist() == [0.0, 1.0]  # other arrays still read
 
 
 def test_a_background_failure_surfaces_in_the_caller(tmp_path):
-    w = wordystore.create(tmp_path / "t.zarr", KINDS, steps_per_chunk=1)
-    w._arrays["emb"] = None  # sabotage the background write of the next block
+    w = wordystore.create(tmp_path / "t.zarr", KINDS, block_rows=1, chunk_rows=2)
+    w._hot["emb"] = None  # sabotage the background write of the next block
     w.append(0, **good(0))
     with pytest.raises(wordystore.WriterFailedError, match="background writer"):
         w.flush()

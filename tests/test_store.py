@@ -30,7 +30,8 @@ def write(path, n_steps, vocab, dim, steps_per_chunk=3, rng=None, step_numbers=N
            "losses": rng.standard_normal(n_steps).astype(np.float32)}
     steps = step_numbers if step_numbers is not None else np.arange(n_steps) * 5
     sets = {"even": np.arange(0, vocab, 2), "odd": np.arange(1, vocab, 2)}
-    with wordystore.create(path, kinds, token_sets=sets, config={"vocab": vocab}, steps_per_chunk=steps_per_chunk) as w:
+    with wordystore.create(path, kinds, token_sets=sets, config={"vocab": vocab},
+                           block_rows=steps_per_chunk, chunk_rows=2 * steps_per_chunk) as w:
         for i in range(n_steps):
             w.append(int(steps[i]), embeddings=numpy_to_torch(ref["embeddings"][i]), logits=ref["logits"][i],
                      losses=float(ref["losses"][i]))
@@ -86,9 +87,6 @@ def test_bfloat16_is_stored_bit_for_bit_and_read_as_bfloat16(tmp_path):
     t = trajectory.open(tmp_path / "t.zarr")
     assert same_bits(t.embeddings[:], ref["embeddings"]) and same_bits(t.logits[:], ref["logits"])
     assert t.embeddings[:].dtype == torch.bfloat16 and t.losses[:].dtype == torch.float32
-    import zarr
-    raw = zarr.open_array(tmp_path / "t.zarr" / "embeddings", mode="r")
-    assert raw.metadata.data_type.to_json(3) == "bfloat16"
 
 
 def test_token_set_names_torch_masks_and_step_labels(tmp_path):
@@ -140,7 +138,7 @@ def test_dask_and_xarray_views(tmp_path):
 
 def test_reader_sees_a_committed_prefix_and_refreshes(tmp_path):
     kinds = {"x": Kind((4,), "float32", ("token",))}
-    w = wordystore.create(tmp_path / "t.zarr", kinds, steps_per_chunk=2)
+    w = wordystore.create(tmp_path / "t.zarr", kinds, block_rows=2, chunk_rows=4)
     for step in range(3):
         w.append(step, x=np.full(4, step, dtype=np.float32))
     w.flush()
@@ -156,7 +154,7 @@ def test_reader_sees_a_committed_prefix_and_refreshes(tmp_path):
 
 def test_resume_appends_after_the_last_committed_step(tmp_path):
     kinds = {"x": Kind((2,), "float32", ("token",))}
-    with wordystore.create(tmp_path / "t.zarr", kinds, steps_per_chunk=4) as w:
+    with wordystore.create(tmp_path / "t.zarr", kinds, block_rows=4, chunk_rows=8) as w:
         for step in range(5):
             w.append(step, x=np.full(2, step, dtype=np.float32))
     with wordystore.resume(tmp_path / "t.zarr") as w:
@@ -169,9 +167,9 @@ def test_resume_appends_after_the_last_committed_step(tmp_path):
 
 
 def test_writer_memory_does_not_grow_with_steps(tmp_path):
-    """The ring buffer is allocated once: steps_per_chunk + 1 slots per kind."""
+    """The ring buffer is allocated once: block_rows + 1 slots per kind."""
     kinds = {"m": Kind((256, 64), "bfloat16", ("token", "dim"))}
-    w = wordystore.create(tmp_path / "t.zarr", kinds, steps_per_chunk=4)
+    w = wordystore.create(tmp_path / "t.zarr", kinds, block_rows=4, chunk_rows=8)
     buffers = [id(b) for b in w._slots.values()]
     for step in range(40):
         w.append(step, m=torch.randn(256, 64).bfloat16())

@@ -53,11 +53,12 @@ def test_extra_scalars_and_the_resolved_config(small_runs):
     expected = 1e-3 * (1 - np.arange(steps) / steps)
     np.testing.assert_allclose(lr, expected, rtol=1e-6)
     pre, post = t.grad_norm[1:].numpy(), t.grad_norm_clipped[1:].numpy()
-    assert (pre > 0).all() and (post <= np.minimum(pre, 1.0) * (1 + 1e-3)).all()
+    # clipping scales bfloat16 gradients, each rounded again to bfloat16: relative error up to 2**-8
+    assert (pre > 0).all() and (post <= np.minimum(pre, 1.0) * (1 + 2**-8)).all()
     args = t.config["training_arguments"]
     assert args["lr_scheduler_type"] == "linear" and args["max_grad_norm"] == 1.0 and args["max_steps"] == steps
     assert t.config["run"]["steps"] == steps and t.config["data"]["vocab_size"] == SMALL["vocab_size"]
-    assert "torch" in t.metadata["versions"] and t.metadata["format_version"] == 1
+    assert "torch" in t.metadata["versions"] and t.metadata["format_version"] == 2
 
 
 def test_token_sets_partition_the_vocabulary_by_corpus_occurrence(small_runs):

@@ -25,7 +25,7 @@ from wordystore.errors import (
 )
 from wordystore.kinds import Kind, seed_kinds
 from wordystore.trajectory import Trajectory
-from wordystore.writer import TrajectoryWriter, create, resume
+from wordystore.writer import TrajectoryWriter, create, load_state, resume
 
 open = trajectory.open  # noqa: A001
 
@@ -33,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
     "Trajectory", "TrajectoryWriter", "WordystoreError", "WriterFailedError",
-    "create", "open", "resume", "seed_kinds", "trajectory",
+    "create", "load_state", "open", "resume", "seed_kinds", "trajectory",
 ]

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 
 
-DENSE_FACTOR = 4  # ids covering at least 1/4 of their span are read as one slice
-
 
 @dataclass
 class Plan:
@@ -40,8 +38,10 @@ def _as_array(index) -> np.ndarray | None:
     return None
 
 
-def _axis_plan(index, length: int, axis_name: str, resolve_name: Callable[[str, str], np.ndarray]):
-    """(fetch, local) for one axis; local is None when numpy would drop the axis' own index."""
+def _axis_plan(index, length: int, axis_name: str, resolve_name: Callable[[str, str], np.ndarray],
+               only_advanced: bool = False):
+    """(fetch, local) for one axis. ``only_advanced``: this is the expression's one advanced index
+    (no other array or int), so a sorted unique array needs no second, numpy-side gather."""
     if isinstance(index, str):
         index = resolve_name(index, axis_name)
     if isinstance(index, (bool, np.bool_)):
@@ -78,13 +78,10 @@ def _axis_plan(index, length: int, axis_name: str, resolve_name: Callable[[str, 
         bad = array[(array < -length) | (array >= length)][0]
         raise IndexError(f"index {bad} is out of range for axis '{axis_name}' of length {length}")
     array = np.where(array < 0, array + length, array)
+    if only_advanced and array.ndim == 1 and np.all(array[1:] > array[:-1]):  # e.g. a token set
+        return array, slice(None)
     unique = np.unique(array)
-    local = np.searchsorted(unique, array)
-    if unique.size and (unique[-1] - unique[0] + 1) <= DENSE_FACTOR * unique.size:
-        # dense (e.g. the untrained tokens): read the bounding slice and pick in numpy, far faster
-        # than zarr's per-element orthogonal selection
-        return slice(int(unique[0]), int(unique[-1]) + 1), array - unique[0]
-    return unique, local
+    return unique, np.searchsorted(unique, array)
 
 
 def plan(index, shape: tuple[int, ...], axis_names: tuple[str, ...], resolve_name) -> Plan:
@@ -102,9 +99,12 @@ def plan(index, shape: tuple[int, ...], axis_names: tuple[str, ...], resolve_nam
     if len(index) > len(shape):
         raise IndexError(f"too many indices: {len(index)} given for {len(shape)} axes {axis_names}")
     index = index + (slice(None),) * (len(shape) - len(index))
+    basic = [isinstance(i, slice) for i in index]
+    advanced = [not b and not isinstance(i, (int, np.integer)) for i, b in zip(index, basic)]
+    single = sum(advanced) == 1 and sum(basic) == len(index) - 1
     fetch, local = [], []
-    for i, length, name in zip(index, shape, axis_names):
-        f, loc = _axis_plan(i, length, name, resolve_name)
+    for i, length, name, adv in zip(index, shape, axis_names, advanced):
+        f, loc = _axis_plan(i, length, name, resolve_name, only_advanced=single and adv)
         fetch.append(f)
         local.append(loc)
     fetch_shape = tuple(len(range(*f.indices(n))) if isinstance(f, slice) else len(f) for f, n in zip(fetch, shape))

@@ -1,5 +1,9 @@
-"""Where a trajectory lives: a zarr store, opened from a path, a URL or a ready store; and the
-single-writer lock."""
+"""Where a trajectory lives: a zarr store, opened from a path, a URL or a ready store; bytes in and
+out of it; and the single-writer lock.
+
+Everything goes through zarr's ``Store`` API (synchronous shortcuts where the store has them), so
+the same code serves a local directory today and object storage later.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import fcntl
 import os
 from pathlib import Path
 
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from wordystore.errors import StoreLockedError
@@ -35,6 +41,73 @@ def local_root(store: Store) -> Path | None:
 def describe(store: Store) -> str:
     root = local_root(store)
     return str(root) if root is not None else repr(store)
+
+
+def get(store: Store, key: str, suffix: int | None = None, byte_range: tuple[int, int] | None = None) -> bytes | None:
+    """The value of ``key`` (or its last ``suffix`` bytes, or bytes ``[start, end)``); None if absent."""
+    request = SuffixByteRequest(suffix) if suffix is not None else None
+    if byte_range is not None:
+        request = RangeByteRequest(*byte_range)
+    prototype = default_buffer_prototype()
+    if isinstance(store, LocalStore):
+        buffer = store.get_sync(key, prototype=prototype, byte_range=request)
+    else:
+        buffer = sync(store.get(key, prototype=prototype, byte_range=request))
+    return None if buffer is None else buffer.to_bytes()
+
+
+def get_ranges(store: Store, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Several byte ranges ``[start, end)`` of one key."""
+    values = [get(store, key, byte_range=r) for r in ranges]
+    if any(v is None for v in values):
+        raise FileNotFoundError(f"{key} disappeared from {describe(store)} while being read")
+    return values
+
+
+def put(store: Store, key: str, data: bytes) -> None:
+    """Replace ``key`` atomically (LocalStore writes a temporary file and renames it; object
+    stores replace objects whole)."""
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
+    if isinstance(store, LocalStore):
+        store.set_sync(key, buffer)
+    else:
+        sync(store.set(key, buffer))
+
+
+def delete(store: Store, key: str) -> None:
+    """Delete ``key`` (absent is fine); local stores also drop the directories it leaves empty."""
+    if isinstance(store, LocalStore):
+        store.delete_sync(key)
+        parent = (store.root / key).parent
+        while parent != store.root and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    else:
+        sync(store.delete(key))
+
+
+def exists(store: Store, key: str) -> bool:
+    return sync(store.exists(key))
+
+
+def list_prefix(store: Store, prefix: str) -> list[str]:
+    async def collect():
+        return [key async for key in store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def sync_to_disk(store: Store, keys: list[str]) -> None:
+    """fsync the files of ``keys`` (local stores; object stores are durable once a put returns)."""
+    root = local_root(store)
+    if root is None:
+        return
+    for key in keys:
+        fd = os.open(root / key, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class WriterLock:
@@ -70,19 +143,12 @@ class WriterLock:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self):  # a writer dropped without close() must not keep the store locked
+        self.release()
+
 
 def clear_store(store: Store) -> None:
     """Delete every key of the store but the writer lock (which the caller holds)."""
-    from zarr.core.sync import collect_aiterator, sync
-
-    for key in sync(collect_aiterator(store.list())):
+    for key in list_prefix(store, ""):
         if key != LOCK_FILE:
-            sync(store.delete(key))
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            delete(store, key)

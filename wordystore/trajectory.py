@@ -11,53 +11,96 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 
 import numpy as np
 import torch
-import zarr
 
-from wordystore import indexing, layout
-from wordystore.errors import CorruptChunkError, ReadOnlyError
+from wordystore import format, indexing, reading
+from wordystore.errors import CorruptChunkError, FormatError, ReadOnlyError
 from wordystore.kinds import Kind, numpy_to_torch
 from wordystore.storage import as_store, describe
 
 
-def open(where) -> "Trajectory":  # noqa: A001 - the natural name, as zarr.open and h5py.File
-    """Open the trajectory at ``where`` (a directory path, a URL or a zarr store) for reading."""
-    store = as_store(where, read_only=True)
-    try:
-        group = zarr.open_group(store, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise FileNotFoundError(f"no trajectory at {describe(store)}: {exc}") from None
-    return Trajectory(store, group)
+def open(where, *, cache_bytes: int = reading.DEFAULT_CACHE_BYTES) -> "Trajectory":  # noqa: A001 - as zarr.open
+    """Open the trajectory at ``where`` (a directory path, a URL or a zarr store) for reading.
+
+    ``cache_bytes`` bounds the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``).
+    """
+    return Trajectory(as_store(where, read_only=True), cache_bytes)
 
 
 class Trajectory:
     """One recorded run: kinds as attributes (``t.embeddings``), token sets, steps and config."""
 
-    def __init__(self, store, group: zarr.Group):
-        self._store, self._group = store, group
-        self._meta = layout.read_metadata(group, describe(store))
-        self._kinds = {name: Kind.from_json(spec) for name, spec in self._meta["kinds"].items()}
-        self._views = {name: KindView(self, name, kind, group[name]) for name, kind in self._kinds.items()}
+    def __init__(self, store, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
+        self._store = store
+        self._meta = format.read_metadata(store)
+        self._kinds = dict(self._meta.kinds)
+        self._reader = reading.ChunkReader(store, reading.ChunkCache(cache_bytes))
+        self._views = {name: KindView(self, name, kind) for name, kind in self._kinds.items()}
         self._token_sets: dict[str, np.ndarray] = {}
         self.refresh()
 
     def refresh(self) -> "Trajectory":
         """Re-read the commit record, to see steps a writer committed since."""
-        self._length = layout.read_committed_steps(self._store)
-        steps_array = zarr.open_array(self._store, path=layout.STEPS_ARRAY, mode="r")
-        self._steps = steps_array[: self._length] if self._length else np.zeros(0, dtype=np.int64)
-        for view in self._views.values():
-            view._reopen()
+        record = format.read_commit(self._store)
+        layouts = {}
+        for name in self._meta.arrays():
+            main, hot = (format.read_layout(self._store, path) for path in (name, f"{format.HOT_GROUP}/{name}"))
+            if main.shape[0] < record.compacted_rows or (record.committed_rows > record.compacted_rows
+                                                         and hot.shape[0] < record.committed_rows):
+                raise FormatError(
+                    f"{describe(self._store)}: {format.COMMIT_KEY} admits {record.committed_rows} rows "
+                    f"({record.compacted_rows} compacted) but array '{name}' holds {main.shape[0]} compacted and "
+                    f"{hot.shape[0]} hot rows; run `wordystore verify {describe(self._store)}`")
+            layouts[name] = (main, hot)
+        self._record, self._layouts = record, layouts
+        self._steps = self._read(format.STEPS_ARRAY, (slice(0, record.committed_rows, 1),), (record.committed_rows,))
+        if np.any(np.diff(self._steps) <= 0):
+            raise FormatError(f"{describe(self._store)}: recorded_steps are not increasing; the store is damaged "
+                              f"(run `wordystore verify {describe(self._store)}`)")
         return self
+
+    def _tiers(self, name: str) -> list[reading.Tier]:
+        main, hot = self._layouts[name]
+        compacted, committed = self._record.compacted_rows, self._record.committed_rows
+        return [reading.Tier(main, 0, compacted), reading.Tier(hot, compacted, committed)]
+
+    def _read(self, name: str, fetch: tuple, fetch_shape: tuple[int, ...]) -> np.ndarray:
+        """The orthogonal selection ``fetch`` of array ``name``, decoded straight into a new array."""
+        out = reading.empty(fetch_shape, self._meta.arrays()[name].numpy_dtype)
+        self.read_into(name, fetch, out)
+        return out
+
+    def read_into(self, name: str, fetch: tuple, out: np.ndarray) -> None:
+        """Fill ``out`` with the orthogonal selection ``fetch`` (per axis a slice with step >= 1 or
+        sorted unique positions) of array ``name``: the primitive under every read, export and convert."""
+        if not out.size:
+            return
+        try:
+            self._reader.read_into(reading.plan_reads(self._tiers(name), fetch), out)
+        except CorruptChunkError:
+            if not self._catch_up_compaction():
+                raise
+            self._reader.read_into(reading.plan_reads(self._tiers(name), fetch), out)
+
+    def _catch_up_compaction(self) -> bool:
+        """A running writer compacted rows since our commit record and deleted their hot copies:
+        read those rows from the main tier now (the row count stays until ``refresh()``)."""
+        record = format.read_commit(self._store)
+        if record.compacted_rows <= self._record.compacted_rows:
+            return False
+        compacted = min(record.compacted_rows, self._record.committed_rows)
+        self._record = dataclasses.replace(self._record, compacted_rows=compacted)
+        self._layouts = {name: (format.read_layout(self._store, name), hot) for name, (_, hot) in self._layouts.items()}
+        return True
 
     # -- what the trajectory holds ---------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._length
+        return self._record.committed_rows
 
     @property
     def steps(self) -> np.ndarray:
@@ -70,12 +113,21 @@ class Trajectory:
 
     @property
     def config(self) -> dict:
-        return self._meta["config"]
+        return self._meta.config
+
+    @property
+    def profile(self) -> str:
+        """``compact`` or ``portable`` (see docs/format.md)."""
+        return self._meta.profile
 
     @property
     def metadata(self) -> dict:
         """The whole metadata document: format version, library versions, creation time, config."""
-        return self._meta
+        return self._meta.to_json()
+
+    @property
+    def commit_record(self) -> format.CommitRecord:
+        return self._record
 
     @property
     def segments(self) -> list[dict]:
@@ -83,19 +135,23 @@ class Trajectory:
         first and last step, config. An ordinary recording is one segment."""
         if "segments" in self.config:
             return self.config["segments"]
-        span = [int(self._steps[0]), int(self._steps[-1])] if self._length else []
-        return [{"source": describe(self._store), "rows": [0, self._length], "steps": span, "config": self.config}]
+        span = [int(self._steps[0]), int(self._steps[-1])] if len(self) else []
+        return [{"source": describe(self._store), "rows": [0, len(self)], "steps": span, "config": self.config}]
 
     @property
     def token_sets(self) -> dict[str, np.ndarray]:
         """Named token-id sets (sorted int64), read on first use."""
-        return {name: self.token_set(name) for name in self._meta["token_sets"]}
+        return {name: self.token_set(name) for name in self._meta.token_sets}
 
     def token_set(self, name: str) -> np.ndarray:
-        if name not in self._meta["token_sets"]:
-            raise KeyError(f"no token set {name!r}; this trajectory has {self._meta['token_sets']}")
+        if name not in self._meta.token_sets:
+            raise KeyError(f"no token set {name!r}; this trajectory has {list(self._meta.token_sets)}")
         if name not in self._token_sets:
-            self._token_sets[name] = self._group[layout.TOKEN_SETS_GROUP][name][:]
+            layout = format.read_layout(self._store, f"{format.TOKEN_SETS_GROUP}/{name}")
+            ids = reading.empty(layout.shape, np.int64)
+            self._reader.read_into(reading.plan_reads([reading.Tier(layout, 0, layout.shape[0])],
+                                                      (slice(0, layout.shape[0], 1),)), ids)
+            self._token_sets[name] = ids
         return self._token_sets[name]
 
     def __getattr__(self, name: str) -> "KindView":
@@ -113,14 +169,25 @@ class Trajectory:
         return [*super().__dir__(), *self._views]
 
     def __repr__(self) -> str:
-        span = f"steps {self._steps[0]}..{self._steps[-1]}" if self._length else "no steps yet"
-        lines = [f"<wordystore.Trajectory {describe(self._store)}: {self._length} rows, {span}>"]
+        span = f"steps {self._steps[0]}..{self._steps[-1]}" if len(self) else "no steps yet"
+        lines = [f"<wordystore.Trajectory {describe(self._store)}: {len(self)} rows, {span}, {self.profile} profile>"]
         for name, kind in self._kinds.items():
-            dims = ", ".join(f"{d}={n}" for d, n in zip(("step", *kind.dims), (self._length, *kind.shape)))
+            dims = ", ".join(f"{d}={n}" for d, n in zip(("step", *kind.dims), (len(self), *kind.shape)))
             lines.append(f"  {name:<18} {kind.dtype:<9} [{dims}]")
-        sets = ", ".join(f"{name} ({len(self.token_set(name))})" for name in self._meta["token_sets"])
+        sets = ", ".join(f"{name} ({len(self.token_set(name))})" for name in self._meta.token_sets)
         lines.append(f"  token sets: {sets or 'none'}")
         return "\n".join(lines)
+
+    def close(self) -> None:
+        """Stop the read threads and drop the chunk cache (also done when the object is collected)."""
+        self._reader.close()
+        self._reader.cache.clear()
+
+    def __enter__(self) -> "Trajectory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- out-of-core analysis --------------------------------------------------------------------
 
@@ -139,11 +206,8 @@ class Trajectory:
 class KindView:
     """A lazy [step, ...] view of one kind; index it like a numpy array to read a torch tensor."""
 
-    def __init__(self, trajectory: Trajectory, name: str, kind: Kind, array: zarr.Array):
-        self._t, self.name, self.kind, self._array = trajectory, name, kind, array
-
-    def _reopen(self) -> None:
-        self._array = zarr.open_array(self._t._store, path=self.name, mode="r")
+    def __init__(self, trajectory: Trajectory, name: str, kind: Kind):
+        self._t, self.name, self.kind = trajectory, name, kind
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -168,12 +232,17 @@ class KindView:
         return numpy_to_torch(self.numpy(index))
 
     def __setitem__(self, index, value) -> None:
-        raise ReadOnlyError(f"trajectory views are read-only; to record steps use wordystore.resume(path).append(...)")
+        raise ReadOnlyError("trajectory views are read-only; to record steps use wordystore.resume(path).append(...)")
+
+    def __iter__(self):
+        """Row after row (each a torch tensor); every chunk is decoded once, through the cache."""
+        for row in range(len(self)):
+            yield self[row]
 
     def numpy(self, index=()) -> np.ndarray:
         """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
         plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set)
-        return indexing.finish(self._read(plan.fetch, plan.fetch_shape), plan)
+        return indexing.finish(self._t._read(self.name, plan.fetch, plan.fetch_shape), plan)
 
     @property
     def loc(self) -> "_StepLabelIndexer":
@@ -182,12 +251,13 @@ class KindView:
         return _StepLabelIndexer(self)
 
     def to_dask(self):
-        """A dask array over the committed rows, one dask chunk per stored shard."""
+        """A dask array over the committed rows: one dask chunk per main chunk of rows and shard of
+        tokens; selections on it reach the reader, which decodes only the chunks they touch."""
         import dask.array as da
 
-        shards = self._array.shards or self._array.chunks
-        chunks = tuple(min(c, max(n, 1)) for c, n in zip(shards, self.shape))
-        return da.from_array(_CommittedRows(self), chunks=chunks, asarray=True, fancy=False,
+        main = self._t._layouts[self.name][0]
+        chunks = tuple(min(c, max(n, 1)) for c, n in zip((main.chunk[0], *main.shard[1:]), self.shape))
+        return da.from_array(_CommittedRows(self), chunks=chunks, asarray=True, fancy=True,
                              name=f"wordystore-{self.name}-{len(self)}-{id(self._t)}")
 
     # -- internals -------------------------------------------------------------------------------
@@ -196,37 +266,6 @@ class KindView:
         if axis != "token":
             raise IndexError(f"token-set name {name!r} used on axis '{axis}'; names index the 'token' axis only")
         return self._t.token_set(name)
-
-    def _read(self, fetch: tuple, fetch_shape: tuple[int, ...]) -> np.ndarray:
-        if 0 in fetch_shape:
-            return np.zeros(fetch_shape, dtype=self.kind.numpy_dtype)
-        selection = tuple(f for f in fetch)
-        try:
-            if all(isinstance(f, slice) for f in selection):
-                return self._array[selection]
-            return self._array.oindex[selection]
-        except Exception as exc:  # find which chunk is broken, and say so
-            bad = self._find_corrupt_chunk(fetch)
-            if bad is None:
-                raise
-            raise CorruptChunkError(bad) from exc
-
-    def _find_corrupt_chunk(self, fetch: tuple) -> str | None:
-        """Decode each chunk the selection touches, one by one; describe the first that fails."""
-        chunks = self._array.chunks
-        ranges = []
-        for f, size, n in zip(fetch, chunks, self._array.shape):
-            positions = np.arange(*f.indices(n)) if isinstance(f, slice) else f
-            ranges.append(sorted(set((positions // size).tolist())))
-        for coords in itertools.product(*ranges):
-            region = tuple(slice(c * s, min((c + 1) * s, n)) for c, s, n in zip(coords, chunks, self._array.shape))
-            try:
-                self._array[region]
-            except Exception as exc:
-                where = ", ".join(f"{d} {r.start}..{r.stop - 1}" for d, r in zip(self.dims, region))
-                return (f"corrupt chunk in array '{self.name}' of {describe(self._t._store)}: chunk {coords} "
-                        f"({where}) cannot be decoded: {exc}")
-        return None
 
 
 class _StepLabelIndexer:

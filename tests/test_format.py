@@ -1,0 +1,112 @@
+"""The format against independent readers: zarr-python decodes both profiles' arrays itself,
+tensorstore the portable one, bit for bit; convert keeps every bit; the read plan covers a
+selection exactly once."""
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wordystore
+from wordystore import Kind, format, reading
+from wordystore.convert import convert
+
+from test_store import random_bf16
+
+KINDS = {
+    "embeddings": Kind((300, 8), "bfloat16", ("token", "dim")),
+    "logits": Kind((300,), "bfloat16", ("token",)),
+    "losses": Kind((), "float32", ()),
+}
+
+
+def fill(path, rows, profile, rng, close=True, **rows_args):
+    ref = {name: (random_bf16(rng, (rows, *k.shape)) if k.dtype == "bfloat16"
+                  else rng.standard_normal((rows, *k.shape)).astype(np.float32)) for name, k in KINDS.items()}
+    w = wordystore.create(path, KINDS, profile=profile, token_sets={"low": np.arange(50)}, **rows_args)
+    for i in range(rows):
+        w.append(3 * i, **{name: v[i] for name, v in ref.items()})
+    if close:
+        w.close()
+    return w, ref
+
+
+def bits(a):
+    a = np.asarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+@pytest.mark.parametrize("profile", ["compact", "portable"])
+def test_zarr_python_reads_every_main_array_bit_for_bit(tmp_path, profile):
+    _, ref = fill(tmp_path / "t.zarr", 45, profile, np.random.default_rng(1), block_rows=4, chunk_rows=8)
+    for name, data in ref.items():
+        array = zarr.open_array(tmp_path / "t.zarr" / name, mode="r")
+        assert array.shape == data.shape
+        assert np.array_equal(bits(array[:]), bits(data))
+        stored = array.metadata.data_type.to_json(3)
+        if profile == "compact" and data.dtype.itemsize == 2:  # bfloat16 as its uint16 bits
+            assert stored == "uint16" and array.attrs["wordystore"] == {"view_as": "bfloat16"}
+        else:
+            assert stored == KINDS[name].dtype
+    steps = zarr.open_array(tmp_path / "t.zarr" / "recorded_steps", mode="r")[:]
+    np.testing.assert_array_equal(steps, np.arange(45) * 3)
+
+
+def test_tensorstore_reads_the_portable_profile(tmp_path):
+    ts = pytest.importorskip("tensorstore")
+    _, ref = fill(tmp_path / "t.zarr", 40, "portable", np.random.default_rng(2), block_rows=4, chunk_rows=8)
+    for name, data in ref.items():
+        array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "t.zarr" / name)}}).result()
+        assert np.array_equal(bits(array.read().result()), bits(data)), name
+
+
+@pytest.mark.parametrize("source_profile, target_profile", [("compact", "portable"), ("portable", "compact")])
+def test_convert_keeps_every_bit_and_all_metadata(tmp_path, source_profile, target_profile):
+    _, ref = fill(tmp_path / "a.zarr", 37, source_profile, np.random.default_rng(3), block_rows=2, chunk_rows=8)
+    t = convert(tmp_path / "a.zarr", tmp_path / "b.zarr", profile=target_profile, progress=False)
+    assert t.profile == target_profile and len(t) == 37 and t.commit_record.compacted_rows == 37
+    for name, data in ref.items():
+        assert np.array_equal(bits(t[name].numpy()), bits(data)), name
+    np.testing.assert_array_equal(t.token_set("low"), np.arange(50))
+    np.testing.assert_array_equal(t.steps, np.arange(37) * 3)
+
+
+def test_reads_span_the_hot_and_main_tiers_while_a_writer_runs(tmp_path):
+    w, ref = fill(tmp_path / "t.zarr", 29, "compact", np.random.default_rng(4), close=False, block_rows=2, chunk_rows=4)
+    w.flush()
+    w._wait_compaction()
+    t = wordystore.open(tmp_path / "t.zarr")
+    record = t.commit_record
+    assert record.committed_rows == 29 and 0 < record.compacted_rows < 29  # both tiers in use
+    assert np.array_equal(bits(t.embeddings.numpy((slice(None), [0, 299, 7]))), bits(ref["embeddings"][:, [0, 299, 7]]))
+    w.close()
+    assert np.array_equal(bits(t.embeddings.numpy()), bits(ref["embeddings"]))  # hot copies gone: caught up
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_read_plan_covers_the_selection_exactly_once(data):
+    """Pure planning, no I/O: every selected position of every axis lands once in the output."""
+    rows, vocab = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 50))
+    chunk_rows, tok = data.draw(st.sampled_from([1, 2, 4, 8])), data.draw(st.integers(1, 9))
+    compacted = data.draw(st.integers(0, rows))
+    layout = format.ArrayLayout("x", "int64", (rows, vocab), (chunk_rows, tok * 2), (chunk_rows, tok),
+                                format.ChunkCodecs(None, format.Bytes(), ()), ("step", "token"))
+    hot = format.ArrayLayout("hot/x", "int64", (rows, vocab), (2, tok * 2), (2, tok),
+                             format.ChunkCodecs(None, format.Bytes(), ()), ("step", "token"))
+    start = data.draw(st.integers(0, rows - 1))
+    sel_rows = slice(start, data.draw(st.integers(start + 1, rows)), data.draw(st.integers(1, 3)))
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, vocab - 1), min_size=1))), dtype=np.int64)
+    reads = reading.plan_reads([reading.Tier(layout, 0, compacted), reading.Tier(hot, compacted, rows)], (sel_rows, ids))
+    full = np.arange(rows * vocab).reshape(rows, vocab)
+    out = np.full((len(range(*sel_rows.indices(rows))), len(ids)), -1)
+    for r in reads:
+        origin = [c * n for c, n in zip(r.coords, r.layout.chunk)]
+        chunk = full[origin[0]:origin[0] + r.layout.chunk[0], origin[1]:origin[1] + r.layout.chunk[1]]
+        chunk = np.pad(chunk, [(0, a - b) for a, b in zip(r.layout.chunk, chunk.shape)], constant_values=-2)
+        assert (out[r.out] == -1).all()  # each output position written once
+        out[r.out] = chunk[np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(r.local, r.layout.chunk)])]
+        rows_read = origin[0] + np.arange(r.layout.chunk[0])[r.local[0]]
+        assert (rows_read < compacted).all() if r.layout is layout else (rows_read >= compacted).all()
+    np.testing.assert_array_equal(out, full[sel_rows][:, ids])

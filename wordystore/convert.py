@@ -1,0 +1,74 @@
+"""``wordystore convert``: rewrite a trajectory in another profile, or a format-1 store in today's
+format, bit for bit.
+
+Every row is read once and encoded straight into the new store's main tier, a chunk of rows and a
+shard at a time on every core, so memory stays at a few shards whatever the store's size.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from wordystore import format, storage
+from wordystore.errors import FormatError
+from wordystore.kinds import Kind
+from wordystore.trajectory import Trajectory, open as open_trajectory
+from wordystore.writer import building
+
+
+class FormatOneStore:
+    """A format-1 store (wordystore 0.1), read through zarr-python: its arrays are plain zarr v3."""
+
+    def __init__(self, where):
+        import zarr
+
+        self.store = storage.as_store(where, read_only=True)
+        group = zarr.open_group(self.store, mode="r")
+        meta = group.attrs[format.ATTRS_KEY]
+        commit = json.loads(storage.get(self.store, format.COMMIT_KEY) or b'{"committed_steps": 0}')
+        self.rows = int(commit["committed_steps"])
+        self.kinds = {name: Kind.from_json(spec) for name, spec in meta["kinds"].items()}
+        self.config = meta["config"]
+        self.token_sets = {name: group[f"{format.TOKEN_SETS_GROUP}/{name}"][:] for name in meta["token_sets"]}
+        self._arrays = {name: group[name] for name in self.kinds}
+        self.steps = group[format.STEPS_ARRAY][: self.rows] if self.rows else np.zeros(0, np.int64)
+
+    def read_tile(self, name: str, fetch: tuple, out: np.ndarray) -> None:
+        out[...] = self._arrays[name][fetch]
+
+
+class TrajectorySource:
+    """A format-2 trajectory as a source of tiles."""
+
+    def __init__(self, t: Trajectory):
+        self.kinds, self.config, self.token_sets, self.steps = t.kinds, t.config, t.token_sets, t.steps
+        self.read_tile = t.read_into
+
+
+def open_source(where):
+    """Today's trajectory or a format-1 store, as a source of tiles for :func:`convert`."""
+    try:
+        return TrajectorySource(open_trajectory(where, cache_bytes=0))
+    except FormatError as exc:
+        if "format-1" not in str(exc):
+            raise
+        return FormatOneStore(where)
+
+
+def convert(source, out, *, profile: str = "compact", overwrite: bool = False, progress: bool = True) -> Trajectory:
+    """Write the trajectory at ``source`` (format 1 or 2, any profile) to ``out`` in ``profile``.
+
+    >>> wordystore.convert("runs/wb1b.zarr", "runs/wb1b-portable.zarr", profile="portable")
+    """
+    from tqdm.auto import tqdm
+
+    format.Profile(profile)
+    src = open_source(source)
+    config = {**src.config, "converted_from": storage.describe(storage.as_store(source, read_only=True))}
+    with building(out, src.kinds, token_sets=src.token_sets, config=config, profile=profile,
+                  overwrite=overwrite) as w, tqdm(total=len(src.steps), desc="convert", unit="row",
+                                                  disable=not progress) as bar:
+        w.bulk_append(src.steps, src.read_tile, progress=bar.update)
+    return open_trajectory(out)
