@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from transformers import TrainerCallback
 
 from trainer import state as run_state
@@ -43,12 +43,8 @@ class Watch(TrainerCallback):
 
 
 def through_files(tensors, info):
-    """The state as the store would keep it: a safetensors blob and a JSON text."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        save_file(tensors, f"{d}/state.safetensors")
-        return load_file(f"{d}/state.safetensors"), json.loads(json.dumps(info, allow_nan=False))
+    """The state as the store keeps it: safetensors bytes and a JSON text."""
+    return load(save(tensors)), json.loads(json.dumps(info, allow_nan=False))
 
 
 def run(tmp_path, max_steps, *, capture_at=(), resume=None, extension=None):
@@ -110,7 +106,7 @@ def test_a_state_for_another_model_is_refused(uninterrupted):
 def test_extensions_follow_their_lr_policy_and_go_on_exactly_otherwise(uninterrupted, tmp_path, policy):
     tensors, info = uninterrupted.states[24]
     last_lr = uninterrupted.steps[24]["lr"].item()  # step 24's: 1e-3 / 24, the linear schedule's last
-    extension = {"from_step": 24, "to_step": 30, "lr_policy": policy, "seam_lr": last_lr}
+    extension = {"seam_step": 24, "to_step": 30, "lr_policy": policy, "seam_lr": last_lr}
     extended = run(tmp_path, 30, resume=(tensors, info), extension=extension)
     assert sorted(extended.steps) == list(range(25, 31))
     used = [extended.steps[s]["lr"].item() for s in range(25, 31)]

@@ -76,16 +76,31 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
         """Read a JSON file whose keys are field names; unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(cls.read_file(path), source=str(path))
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict:
+        """Just the parameters a JSON file sets (to lay over others), its keys checked."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of run parameters, got {type(data).__name__}")
+        cls._check_keys(data, str(path))
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        cls._check_keys(data, source)
+        return cls(**data)
+
+    @classmethod
+    def _check_keys(cls, data: dict, source: str) -> None:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -182,9 +182,9 @@ class TrajectoryCallback(TrainerCallback):
         self.last_lr = optimizer.param_groups[0]["lr"]  # the scheduler moves it on before on_step_end
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.between_steps = True  # before the append: the writer may ask for the run's state in it
         last = state.global_step == state.max_steps
         self.recorder.record_step(state.global_step, optimizer, self.last_lr, self._grad_norm_clipped, last=last)
-        self.between_steps = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.remove()

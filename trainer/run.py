@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
 from trainer import state as run_state
@@ -35,6 +35,7 @@ from trainer.data import TokenDataset, load_corpus, load_tokenizer, tokenize_cac
 from trainer.model import build_model, pick_device
 from trainer.recording import TrajectoryCallback, kinds_for
 from wordystore.tokensets import token_sets_from_ids, token_sets_from_mask_file
+
 
 class SeedTrainer(Trainer):
     """The notebook's Trainer, plus going on from a state held in memory.
@@ -61,7 +62,7 @@ class SeedTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.extension is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        steps = self.extension["to_step"] - self.extension["from_step"]
+        steps = self.extension["to_step"] - self.extension["seam_step"]
         policy = self.extension["lr_policy"]
         if policy == "restart":
             return super().create_scheduler(steps, optimizer)
@@ -84,7 +85,7 @@ class SeedTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         tensors, info = self.resume_state
         run_state.restore_optimizer(self.optimizer, tensors, info)
-        if self.extension is not None and self.extension["from_step"] == info["global_step"]:
+        if self.extension is not None and self.extension["seam_step"] == info["global_step"]:
             # at the seam the extension's new schedule sets the learning rate, not the saved one
             for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
@@ -264,8 +265,8 @@ def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = T
     ``overrides`` are run parameters given again (e.g. by command-line flags); any that differ
     from the stored run's are refused, as is a corpus or tokenizer that changed since.
     """
-    cfg, inputs, stored, (tensors, info, step) = _reopen(out, overrides)
-    planned, extension = planned_steps(stored)
+    cfg, inputs, config, (tensors, info, step) = _reopen(out, overrides)
+    planned, extension = planned_steps(config)
     if step >= planned:
         raise ValueError(f"{out}: the run is finished (step {step} of {planned}); --extend-to N goes on past it")
     return _go_on(out, cfg, inputs, tensors, info, step, planned, extension, progress)
@@ -282,14 +283,14 @@ def extend(
     """
     if lr_policy not in LR_POLICIES:
         raise ValueError(f"unknown LR policy {lr_policy!r}; expected one of {sorted(LR_POLICIES)}")
-    cfg, inputs, stored, (tensors, info, step) = _reopen(out, overrides)
-    planned, _ = planned_steps(stored)
+    cfg, inputs, config, (tensors, info, step) = _reopen(out, overrides)
+    planned, _ = planned_steps(config)
     if step < planned:
         raise ValueError(f"{out}: the run stopped at step {step} of {planned}; finish it first with --resume")
     if not isinstance(to_step, int) or to_step <= step:
         raise ValueError(f"--extend-to must be a step after the run's last step {step}, got {to_step}")
     extension = {
-        "from_step": step,
+        "seam_step": step,
         "to_step": to_step,
         "lr_policy": lr_policy,
         "lr_policy_means": LR_POLICIES[lr_policy],
@@ -307,21 +308,22 @@ def planned_steps(config: dict) -> tuple[int, dict | None]:
     return config["run"]["steps"], None
 
 
-def _reopen(out, overrides: dict | None):
-    """The stored run's config with ``overrides`` checked against it, its inputs, and its newest state."""
+def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple[dict, dict, int]]:
+    """The stored run's parameters (``overrides`` must agree with them), its inputs checked against
+    the stored fingerprint, the store's config, and its newest state ``(tensors, info, step)``."""
     t = wordystore.open(out)
     if "run" not in t.config:
         raise ValueError(f"{out} was not recorded by wordystore train: it has no run config to go on with")
     stored = RunConfig.from_dict(t.config["run"])
-    given = RunConfig.from_dict({**stored.to_dict(), **(overrides or {})})
-    differences = [f"{k}: stored {v!r}, given {given.to_dict()[k]!r}" for k, v in stored.to_dict().items()
-                   if given.to_dict()[k] != v]
+    given = RunConfig.from_dict({**stored.to_dict(), **(overrides or {})}).to_dict()
+    differences = [f"{k}: stored {v!r}, given {given[k]!r}" for k, v in stored.to_dict().items() if given[k] != v]
     if differences:
         raise ValueError(f"{out} was recorded with other parameters ({'; '.join(differences)}); "
                          "leave them out to go on with the stored ones")
     inputs = prepare_inputs(stored)
-    changed = [f"{k}: stored {v!r}, now {inputs.data.get(k)!r}" for k, v in t.config["data"].items()
-               if inputs.data.get(k) != v]
+    then = {**t.config["data"], "device": t.config.get("device")}
+    now = {**inputs.data, "device": inputs.device}
+    changed = [f"{k}: stored {v!r}, now {now.get(k)!r}" for k, v in then.items() if now.get(k) != v]
     if changed:
         raise ValueError(f"{out}: the run's inputs changed since it was recorded ({'; '.join(changed)})")
     saved = wordystore.load_state(out)
@@ -402,7 +404,7 @@ def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict
 
 def main_summary(summary: dict) -> str:
     """The command's last line."""
-    done = f"steps {summary['start']}..{summary['steps']}" if summary["start"] else f"{summary['steps']} steps"
+    done = f"steps {summary['start'] + 1}..{summary['steps']}" if summary["start"] else f"{summary['steps']} steps"
     line = (
         f"recorded {summary['rows']} rows ({done}) into {summary['store']} "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s); "

@@ -29,7 +29,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_overrides(ns: argparse.Namespace) -> dict:
     """The run parameters given: the --config file's, then the flags' on top."""
-    data = RunConfig.from_file(ns.config).to_dict() if ns.config else {}
+    data = RunConfig.read_file(ns.config) if ns.config else {}
     for field in dataclasses.fields(RunConfig):
         value = getattr(ns, field.name, None)
         if value is not None and field.name != "training_args":
