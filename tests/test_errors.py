@@ -1,5 +1,6 @@
 """Bad input gets a clear error, and nothing committed is lost by it."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -67,8 +68,11 @@ def test_writes_to_read_only_stores_are_refused(writer, tmp_path):
 
 def test_create_refuses_an_existing_store_and_bad_declarations(writer, tmp_path):
     writer.close()
+    before = sorted((p, p.stat().st_size) for p in (tmp_path / "t.zarr").rglob("*"))
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         wordystore.create(tmp_path / "t.zarr", KINDS)
+    assert sorted((p, p.stat().st_size) for p in (tmp_path / "t.zarr").rglob("*")) == before  # untouched
+    assert trajectory.open(tmp_path / "t.zarr").loss[:].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="kind dtype 'complex32' is not supported"):
         Kind((2,), "complex32")
     with pytest.raises(ValueError, match="kind name 'recorded_steps' is not allowed"):
@@ -110,3 +114,43 @@ def test_a_background_failure_surfaces_in_the_caller(tmp_path):
     with pytest.raises(wordystore.WriterFailedError):
         w.close()
     assert len(trajectory.open(tmp_path / "t.zarr")) == 0
+
+
+def test_create_with_overwrite_replaces_the_store(writer, tmp_path):
+    writer.close()
+    path = tmp_path / "t.zarr"
+    new = {"other": Kind((3,), "int32", ("token",))}
+    with wordystore.create(path, new, overwrite=True) as w:
+        w.append(7, other=np.arange(3, dtype=np.int32))
+    t = trajectory.open(path)
+    assert t.kinds == new and t.steps.tolist() == [7] and t.other[0].tolist() == [0, 1, 2]
+    assert not any(p.is_file() for p in (path / "emb").rglob("*"))  # the old kind's files are gone
+
+
+def test_append_refuses_steps_past_int64(writer):
+    with pytest.raises(wordystore.AppendError, match=r"append\(step=9223372036854775808\): steps must lie in \[0, 2\*\*63\)"):
+        writer.append(2**63, **good(2))
+    writer.append(2**63 - 1, **good(2))  # the largest step an int64 holds
+    writer.flush()
+
+
+def test_scalar_kinds_refuse_values_they_cannot_hold_and_take_numpy_scalars(tmp_path):
+    kinds = {"f32": Kind((), "float32"), "bf16": Kind((), "bfloat16"), "i8": Kind((), "int8")}
+    with wordystore.create(tmp_path / "s.zarr", kinds) as w:
+        for value, kind, message in [(1e39, "f32", "1e\\+39 overflows float32"), (-1e39, "bf16", "-1e\\+39 overflows bfloat16"),
+                                     (300, "i8", "300 does not fit in int8"), (1.5, "i8", "1.5 does not fit in int8"),
+                                     (True, "f32", "a float32 kind takes numbers, not bools")]:
+            row = {"f32": 0.0, "bf16": 0.0, "i8": 0, kind: value}
+            with pytest.raises(wordystore.AppendError, match=rf"append\(step=0\): kind '{kind}': {message}"):
+                w.append(0, **row)
+        w.append(0, f32=np.float32(0.25), bf16=ml_dtypes.bfloat16(1.5), i8=np.int64(-3))
+        w.append(1, f32=float("inf"), bf16=float("nan"), i8=2.0)  # infinity and NaN as given: no overflow
+    t = trajectory.open(tmp_path / "s.zarr")
+    assert t.f32[:].tolist() == [0.25, float("inf")] and t.i8[:].tolist() == [-3, 2]
+    assert t.bf16[0].item() == 1.5 and np.isnan(t.bf16[1].item())
+
+
+def test_resume_of_a_missing_store_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no trajectory at {tmp_path / 'missing.zarr'} to resume"):
+        wordystore.resume(tmp_path / "missing.zarr")
+    assert not (tmp_path / "missing.zarr").exists()

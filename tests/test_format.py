@@ -110,3 +110,55 @@ def test_a_read_plan_covers_the_selection_exactly_once(data):
         rows_read = origin[0] + np.arange(r.layout.chunk[0])[r.local[0]]
         assert (rows_read < compacted).all() if r.layout is layout else (rows_read >= compacted).all()
     np.testing.assert_array_equal(out, full[sel_rows][:, ids])
+
+
+def test_predicted_moments_round_trip_bit_for_bit(tmp_path):
+    """Moments from torch's own bfloat16 Adam update (clipped), plus some bits flipped so that
+    residuals are not all zero: stored as residuals, read back exactly, in any order, uncached."""
+    import torch
+
+    vocab, dim, rows = 300, 8, 45
+    kinds = wordystore.seed_kinds(vocab, dim)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.zeros(vocab, dim, dtype=torch.bfloat16)
+    v = torch.zeros(vocab, dim, dtype=torch.bfloat16)
+    ref = {name: [] for name in ("grads", "momentum", "variance", "grad_norm")}
+    for r in range(rows):
+        g = (torch.randn(vocab, dim, generator=gen) * 0.1).bfloat16()
+        norm = g.float().pow(2).sum().sqrt()
+        clipped = g * torch.clamp(1.0 / (norm.bfloat16() + 1e-6), max=1.0)
+        m.lerp_(clipped, 0.1)
+        v.mul_(0.999).addcmul_(clipped, clipped, value=0.001)
+        if r % 7 == 3:  # an update the replay cannot predict
+            m.view(torch.int16)[r % vocab] ^= 1
+        for name, value in (("grads", g), ("momentum", m), ("variance", v), ("grad_norm", norm)):
+            ref[name].append(value.clone())
+    ref = {name: torch.stack(values) for name, values in ref.items()}
+    w = wordystore.create(tmp_path / "t.zarr", kinds, predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
+                          chunk_rows=16, block_rows=4)
+    for r in range(rows):
+        w.append(r, embeddings=ref["momentum"][r], grads=ref["grads"][r], momentum=ref["momentum"][r],
+                 variance=ref["variance"][r], logits=torch.zeros(vocab, dtype=torch.bfloat16), losses=0.0,
+                 learning_rate=0.0, grad_norm=ref["grad_norm"][r], grad_norm_clipped=0.0)
+    w.close()
+    raw = zarr.open_array(tmp_path / "t.zarr" / "momentum", mode="r")
+    assert raw.metadata.data_type.to_json(3) == "int16" and (raw[:] == 0).mean() > 0.5  # mostly predicted
+    for order in (["momentum", "variance"], ["variance", "momentum"]):
+        t = wordystore.open(tmp_path / "t.zarr", cache_bytes=0)
+        for name in order:
+            got = t[name][:, 17:260]
+            assert torch.equal(got.view(torch.int16), ref[name][:, 17:260].view(torch.int16)), (order, name)
+    portable = convert(tmp_path / "t.zarr", tmp_path / "p.zarr", profile="portable", progress=False)
+    assert zarr.open_array(tmp_path / "p.zarr" / "momentum", mode="r").metadata.data_type.to_json(3) == "bfloat16"
+    assert torch.equal(portable.variance[:].view(torch.int16), ref["variance"].view(torch.int16))
+
+
+def test_a_failed_overwriting_build_keeps_the_old_store_and_leaves_no_debris(tmp_path):
+    _, ref = fill(tmp_path / "old.zarr", 20, "compact", np.random.default_rng(5), block_rows=2, chunk_rows=4)
+    fill(tmp_path / "bad.zarr", 20, "compact", np.random.default_rng(6), block_rows=2, chunk_rows=4)
+    shard = tmp_path / "bad.zarr" / "embeddings" / "c" / "2" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:-30])  # truncated: its index is gone
+    with pytest.raises(wordystore.CorruptChunkError, match="shard index"):
+        convert(tmp_path / "bad.zarr", tmp_path / "old.zarr", overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zarr", "old.zarr"]  # no partial store left
+    assert np.array_equal(bits(wordystore.open(tmp_path / "old.zarr").embeddings.numpy()), bits(ref["embeddings"]))

@@ -74,7 +74,7 @@ def test_import_attaches_a_mask_file_as_token_sets(runs, tmp_path):
 
 
 def test_export_options_select_steps_tokens_and_kinds(runs, tmp_path):
-    cli(["export", str(runs / "run.zarr"), str(tmp_path / "part.safetensors"), "--steps", "1:4",
+    cli(["export", str(runs / "run.zarr"), str(tmp_path / "part.safetensors"), "--rows", "1:4",
          "--tokens", "untrained", "--kinds", "embeddings,losses"])
     part = load_file(str(tmp_path / "part.safetensors"))
     full = load_file(str(runs / "notebook.safetensors"))
@@ -111,8 +111,8 @@ def test_bad_inputs_get_clear_errors_and_leave_no_output(runs, tmp_path):
 def test_stitch_joins_runs_and_shows_the_seams(runs, tmp_path):
     full = wordystore.open(runs / "run.zarr")
     # two "runs": steps 0-3, and a resumed run that records step 3 again and goes on to 5
-    cli(["export", str(runs / "run.zarr"), str(tmp_path / "a.safetensors"), "--steps", "0:4"])
-    cli(["export", str(runs / "run.zarr"), str(tmp_path / "b.safetensors"), "--steps", "3:6"])
+    cli(["export", str(runs / "run.zarr"), str(tmp_path / "a.safetensors"), "--steps", "0:3"])
+    cli(["export", str(runs / "run.zarr"), str(tmp_path / "b.safetensors"), "--rows", "3:6"])
     import_seed_file(tmp_path / "a.safetensors", tmp_path / "a.zarr", progress=False)
     import_seed_file(tmp_path / "b.safetensors", tmp_path / "b.zarr", progress=False)
     assert cli(["stitch", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), str(tmp_path / "ab.zarr")]) == 0

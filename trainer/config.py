@@ -76,27 +76,16 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
         """Read a JSON file whose keys are field names; unknown keys are an error."""
-        return cls.from_dict(cls.read_file(path), source=str(path))
-
-    @classmethod
-    def read_file(cls, path: str | Path) -> dict:
-        """Just the parameters a JSON file sets (to lay over others), its keys checked."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of run parameters, got {type(data).__name__}")
-        cls._check_keys(data, str(path))
-        return data
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
-        cls._check_keys(data, source)
+        cls.check_keys(data, source)
         return cls(**data)
 
     @classmethod
-    def _check_keys(cls, data: dict, source: str) -> None:
+    def check_keys(cls, data: dict, source: str) -> None:
+        """Refuse keys that are not field names (a typo), naming ``source``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -255,7 +255,12 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
             "device": inputs.device,
         })
         kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
-        writer = wordystore.create(out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite)
+        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+        predictions = None
+        if cfg.record_every == 1 and args.optim.startswith("adamw"):
+            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+        writer = wordystore.create(out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite,
+                                   predictions=predictions)
         return _run(writer, Path(out), model, args, cfg, inputs, progress=progress)
 
 

@@ -23,6 +23,7 @@ from wordystore.errors import (
     WordystoreError,
     WriterFailedError,
 )
+from wordystore.format import AdamPrediction, adam_predictions
 from wordystore.kinds import Kind, seed_kinds
 from wordystore.trajectory import Trajectory
 from wordystore.writer import TrajectoryWriter, create, load_state, resume
@@ -31,7 +32,7 @@ open = trajectory.open  # noqa: A001
 
 __version__ = "0.1.0"
 __all__ = [
-    "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
+    "AdamPrediction", "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
     "Trajectory", "TrajectoryWriter", "WordystoreError", "WriterFailedError",
-    "create", "load_state", "open", "resume", "seed_kinds", "trajectory",
+    "adam_predictions", "create", "load_state", "open", "resume", "seed_kinds", "trajectory",
 ]

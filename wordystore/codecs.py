@@ -201,6 +201,8 @@ class ChunkCodecs:
     def decode_into(self, data, stored: np.ndarray) -> np.ndarray:
         """Decode into ``stored`` (a C-contiguous buffer of :meth:`stored_shape`); returns a view
         of it in the array's axis order."""
+        if not stored.flags.c_contiguous:  # reshape(-1) would decode into a copy, silently
+            raise ValueError("decode_into needs a C-contiguous buffer")
         for codec in reversed(self.compressors):
             data = codec.decode(data)
         self.serializer.decode_into(data, stored)

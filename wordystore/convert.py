@@ -32,6 +32,7 @@ class FormatOneStore:
         self.kinds = {name: Kind.from_json(spec) for name, spec in meta["kinds"].items()}
         self.config = meta["config"]
         self.token_sets = {name: group[f"{format.TOKEN_SETS_GROUP}/{name}"][:] for name in meta["token_sets"]}
+        self.predictions = {}
         self._arrays = {name: group[name] for name in self.kinds}
         self.steps = group[format.STEPS_ARRAY][: self.rows] if self.rows else np.zeros(0, np.int64)
 
@@ -44,6 +45,7 @@ class TrajectorySource:
 
     def __init__(self, t: Trajectory):
         self.kinds, self.config, self.token_sets, self.steps = t.kinds, t.config, t.token_sets, t.steps
+        self.predictions = t._meta.predictions
         self.read_tile = t.read_into
 
 
@@ -57,8 +59,10 @@ def open_source(where):
         return FormatOneStore(where)
 
 
-def convert(source, out, *, profile: str = "compact", overwrite: bool = False, progress: bool = True) -> Trajectory:
+def convert(source, out, *, profile: str = "compact", predictions=None, overwrite: bool = False,
+            progress: bool = True) -> Trajectory:
     """Write the trajectory at ``source`` (format 1 or 2, any profile) to ``out`` in ``profile``.
+    ``predictions`` (see :func:`wordystore.adam_predictions`) default to the source's.
 
     >>> wordystore.convert("runs/wb1b.zarr", "runs/wb1b-portable.zarr", profile="portable")
     """
@@ -67,8 +71,9 @@ def convert(source, out, *, profile: str = "compact", overwrite: bool = False, p
     format.Profile(profile)
     src = open_source(source)
     config = {**src.config, "converted_from": storage.describe(storage.as_store(source, read_only=True))}
+    predictions = src.predictions if predictions is None else predictions
     with building(out, src.kinds, token_sets=src.token_sets, config=config, profile=profile,
-                  overwrite=overwrite) as w, tqdm(total=len(src.steps), desc="convert", unit="row",
+                  predictions=predictions, overwrite=overwrite) as w, tqdm(total=len(src.steps), desc="convert", unit="row",
                                                   disable=not progress) as bar:
         w.bulk_append(src.steps, src.read_tile, progress=bar.update)
     return open_trajectory(out)

@@ -27,6 +27,7 @@ import numpy as np
 
 from wordystore.codecs import Blosc, Bytes, ChunkCodecs, Crc32c, PCodec, Transpose, encode_shard  # noqa: F401 (re-exported)
 from wordystore.errors import FormatError
+from wordystore.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
 from wordystore.kinds import Kind
 
 FORMAT_NAME = "wordystore.trajectory"
@@ -60,6 +61,97 @@ def _pcodec_takes(dtype: str) -> bool:
 
 
 @dataclass(frozen=True)
+class AdamPrediction:
+    """Adam's moment rows stored as residuals against a prediction (compact profile, main tier).
+
+    Row ``r`` of a moment is predicted from the row before it and the recorded *pre-clip*
+    gradient row, replaying one bfloat16 AdamW update in float32 (the first row of each main
+    chunk is predicted from zeros, so every chunk decodes on its own)::
+
+        c   = bf16(min(1, max_norm / (bf16(grad_norm[r]) + 1e-6)))      # 1 without max_norm
+        g   = bf16(grads[r] * c)                                          # the clipped gradient
+        exp_avg:    pred = bf16(prev + f32(1 - beta) * (g - prev))
+        exp_avg_sq: pred = bf16(bf16(prev * f32(beta)) + f32(1 - beta) * g * g)
+
+    all in float32 arithmetic, one rounding per operation (IEEE, round to nearest even). The
+    stored value is ``(bits(row) - bits(pred)) mod 2**16`` as int16; a reader adds it back. It is
+    lossless whatever the prediction's quality; on the seed run 97-99% of the residuals are 0.
+    """
+
+    moment: str  # "exp_avg" or "exp_avg_sq"
+    grads: str  # the kind holding the pre-clip gradient rows (same shape)
+    grad_norm: str  # the 0-d float32 kind holding the gradient's global L2 norm
+    beta: float
+    max_norm: float | None = None
+
+    def __post_init__(self):
+        if self.moment not in ("exp_avg", "exp_avg_sq"):
+            raise ValueError(f"AdamPrediction moment must be 'exp_avg' or 'exp_avg_sq', got {self.moment!r}")
+
+    def to_json(self) -> dict:
+        return {"moment": self.moment, "grads": self.grads, "grad_norm": self.grad_norm, "beta": self.beta,
+                "max_norm": self.max_norm}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "AdamPrediction":
+        return cls(doc["moment"], doc["grads"], doc["grad_norm"], float(doc["beta"]),
+                   None if doc.get("max_norm") is None else float(doc["max_norm"]))
+
+    def _predict(self, prev: np.ndarray, grad: np.ndarray, norm: np.float32) -> np.ndarray:
+        """float32 ``prev`` and a bfloat16 ``grad`` (or its uint16 bits, as the compact profile
+        stores it) -> the predicted row's bfloat16 bits (uint16)."""
+        f32 = np.float32
+        grad = grad.view(BFLOAT16) if grad.dtype == np.uint16 else grad
+        c = f32(1)
+        if self.max_norm is not None:
+            c = _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(norm) + f32(1e-6))))
+        g = _bf16(grad.astype(f32) * c)
+        if self.moment == "exp_avg":
+            pred = prev + f32(1 - self.beta) * (g - prev)
+        else:
+            pred = _bf16(prev * f32(self.beta)) + f32(1 - self.beta) * g * g
+        return pred.astype(BFLOAT16).view(np.uint16)
+
+    def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
+        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first)."""
+        result = np.empty(moment.shape, np.int16)  # C order, like its input
+        bits, grads, out = (np.moveaxis(a, axis, 0) for a in (moment.view(np.uint16), grads, result))
+        prev = np.zeros(bits.shape[1:], np.float32)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for r in range(bits.shape[0]):
+                out[r] = (bits[r] - self._predict(prev, grads[r], norms[r])).view(np.int16)
+                prev = bits[r].view(BFLOAT16).astype(np.float32)
+        return result
+
+    def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
+        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
+        result = np.empty(residuals.shape, np.uint16)  # C order, like its input
+        res, grads, out = (np.moveaxis(a, axis, 0) for a in (residuals.view(np.uint16), grads, result))
+        prev = np.zeros(res.shape[1:], np.float32)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for r in range(res.shape[0]):
+                np.add(self._predict(prev, grads[r], norms[r]), res[r], out=out[r])  # mod 2**16
+                prev = out[r].view(BFLOAT16).astype(np.float32)
+        return result
+
+
+def _bf16(x) -> np.ndarray:
+    """Round float32 to bfloat16 and back (nearest even): one bfloat16 operation's rounding."""
+    return np.asarray(x, np.float32).astype(BFLOAT16).astype(np.float32)
+
+
+def adam_predictions(beta1: float, beta2: float, max_norm: float | None, grads: str = "grads",
+                     grad_norm: str = "grad_norm") -> dict[str, AdamPrediction]:
+    """The predictions of the seed kinds ``momentum`` and ``variance`` for an AdamW run with these
+    betas and gradient clipping (``max_norm``; None for none), recorded every step.
+
+    >>> wordystore.create(path, kinds, predictions=wordystore.adam_predictions(0.9, 0.999, 1.0))
+    """
+    return {"momentum": AdamPrediction("exp_avg", grads, grad_norm, beta1, max_norm),
+            "variance": AdamPrediction("exp_avg_sq", grads, grad_norm, beta2, max_norm)}
+
+
+@dataclass(frozen=True)
 class ArrayLayout:
     """One zarr v3 array of the store: its key, stored dtype, shape, shards, inner chunks, codecs.
 
@@ -80,6 +172,12 @@ class ArrayLayout:
     @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype) if self.dtype == "uint16" else Kind((), self.dtype).numpy_dtype
+
+    @property
+    def prediction(self) -> AdamPrediction | None:
+        """Set when the array stores residuals of a predicted moment (see :class:`AdamPrediction`)."""
+        doc = self.attributes.get(ATTRS_KEY, {}).get("residual_of")
+        return None if doc is None else AdamPrediction.from_json(doc)
 
     @property
     def chunks_per_shard(self) -> tuple[int, ...]:
@@ -171,8 +269,14 @@ class Profile:
         if self.name not in PROFILES:
             raise ValueError(f"profile {self.name!r} is not one of {PROFILES}")
 
-    def main_layout(self, name: str, kind: Kind, rows: int, chunk_rows: int = CHUNK_ROWS) -> ArrayLayout:
+    def main_layout(self, name: str, kind: Kind, rows: int, chunk_rows: int = CHUNK_ROWS,
+                    prediction: AdamPrediction | None = None) -> ArrayLayout:
+        """``prediction`` (compact profile only): store the moment as residuals against it."""
         dtype = zarr_dtype(kind, self.name)
+        attributes = _view_attributes(kind, dtype)
+        if prediction is not None and self.name == "compact":
+            dtype = "int16"
+            attributes = {ATTRS_KEY: {"view_as": kind.dtype, "residual_of": prediction.to_json()}}
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
         if self.name == "compact" and _pcodec_takes(dtype):
@@ -180,8 +284,7 @@ class Profile:
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"
             codecs = ChunkCodecs(transpose, Bytes(), (Blosc("zstd", 1, shuffle, kind.numpy_dtype.itemsize), Crc32c()))
-        return ArrayLayout(name, dtype, (rows, *kind.shape), shard, chunk, codecs, ("step", *kind.dims),
-                           _view_attributes(kind, dtype))
+        return ArrayLayout(name, dtype, (rows, *kind.shape), shard, chunk, codecs, ("step", *kind.dims), attributes)
 
     def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS) -> ArrayLayout:
         """Hot rows: ``block_rows`` per chunk, blosc lz4 (fast to write, read back once to compact)."""
@@ -220,6 +323,16 @@ def token_set_layout(name: str, size: int) -> ArrayLayout:
     return ArrayLayout(f"{TOKEN_SETS_GROUP}/{name}", "int64", (size,), (chunk,), (chunk,), codecs, ("token",))
 
 
+def check_predictions(predictions: dict[str, AdamPrediction], kinds: dict[str, Kind]) -> None:
+    """A prediction rebuilds a bfloat16 kind from a gradient kind of the same shape and a 0-d norm."""
+    for name, p in predictions.items():
+        kind, grads, norm = kinds.get(name), kinds.get(p.grads), kinds.get(p.grad_norm)
+        if kind is None or kind.dtype != "bfloat16" or grads is None or grads.shape != kind.shape \
+                or grads.dtype != "bfloat16" or norm is None or norm.shape != () or name in (p.grads, p.grad_norm):
+            raise ValueError(f"prediction of {name!r} needs bfloat16 kinds {name!r} and {p.grads!r} of one shape "
+                             f"and a 0-d kind {p.grad_norm!r}; the kinds are {sorted(kinds)}")
+
+
 def check_rows(block_rows: int, chunk_rows: int) -> None:
     """Hot blocks must tile main chunks: ``block_rows`` divides ``chunk_rows``."""
     if not all(isinstance(n, int) and n >= 1 for n in (block_rows, chunk_rows)) or chunk_rows % block_rows:
@@ -238,6 +351,7 @@ class Metadata:
     versions: dict
     block_rows: int = BLOCK_ROWS
     chunk_rows: int = CHUNK_ROWS
+    predictions: dict[str, AdamPrediction] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -249,6 +363,7 @@ class Metadata:
             "created": self.created,
             "kinds": {name: kind.to_json() for name, kind in self.kinds.items()},
             "token_sets": list(self.token_sets),
+            "predictions": {name: p.to_json() for name, p in self.predictions.items()},
             "config": self.config,
             "versions": self.versions,
         }
@@ -272,6 +387,7 @@ class Metadata:
                 versions=doc.get("versions", {}),
                 block_rows=int(doc["block_rows"]),
                 chunk_rows=int(doc["chunk_rows"]),
+                predictions={name: AdamPrediction.from_json(p) for name, p in doc.get("predictions", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"{where}: the metadata document is damaged ({exc!r})") from None

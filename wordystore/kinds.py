@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -29,7 +30,7 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "bool": (np.dtype("bool"), torch.bool),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json"}
+RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json", "analysis"}  # analysis/: wordystore.analysis' cache
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,31 @@ def check_kind_name(name: str) -> str:
             f"(starting with a letter or '_'), and none of {sorted(RESERVED_NAMES)}"
         )
     return name
+
+
+def scalar_value(kind: Kind, value) -> np.ndarray:
+    """A Python or numpy scalar as a 0-d array of ``kind``'s dtype, refusing values it cannot hold.
+
+    Rounding to a float kind is fine (0.1 into bfloat16); overflowing to infinity (1e39 into
+    float32) or losing an integer (2**40 into int32, 1.5 into int64) raises ValueError.
+
+    >>> scalar_value(Kind((), "float32"), 0.5)
+    array(0.5, dtype=float32)
+    """
+    if isinstance(value, (bool, np.bool_)) != (kind.dtype == "bool"):
+        raise ValueError(f"a {kind.dtype} kind takes {'bools' if kind.dtype == 'bool' else 'numbers, not bools'}; got {value!r}")
+    number = value.item() if isinstance(value, np.generic) and value.dtype.kind in "biuf" else value
+    want = kind.numpy_dtype
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.asarray(value, dtype=want)
+    except (OverflowError, TypeError, ValueError):
+        array = None
+    if array is None or (want.kind in "iub" and array.item() != number):
+        raise ValueError(f"{value!r} does not fit in {kind.dtype}")
+    if want.kind not in "iub" and np.isfinite(float(number)) and not np.isfinite(array.astype(np.float64)):
+        raise ValueError(f"{value!r} overflows {kind.dtype} (largest finite value {float(ml_dtypes.finfo(want).max):.4g})")
+    return array
 
 
 def seed_kinds(vocab_size: int = 50257, hidden_dim: int = 64) -> dict[str, Kind]:

@@ -31,6 +31,7 @@ from wordystore.format import ArrayLayout
 
 HUGE_PAGE_MIN = 8 << 20  # outputs at least this large are backed by transparent huge pages
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
+THREADS = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,10 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 class ChunkCache:
     """A bounded LRU of decoded chunks (in stored order), keyed by array, chunk and valid rows.
 
-    Evicted buffers are reused for the next decodes of the same shape, so a long scan keeps
-    touching the same (already faulted-in) memory.
+    A decoding thread takes a buffer from :meth:`buffer`; if :meth:`put` declines it (a cache too
+    small, or disabled with ``max_bytes=0``) the thread hands it back with :meth:`release` once
+    done, and the next decode reuses that warm memory. Evicted entries are dropped, never reused,
+    since another thread may still be reading one it got from :meth:`get`.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
@@ -151,30 +154,31 @@ class ChunkCache:
             return array
 
     def buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A buffer to decode into: a recycled one of this shape if any."""
+        """A buffer to decode into: a released one of this shape if any."""
         with self._lock:
             free = self._free.get((shape, dtype.str))
             if free:
                 return free.pop()
         return np.empty(shape, dtype)
 
-    def put(self, key: tuple, array: np.ndarray) -> None:
-        """Keep ``array`` under ``key`` (or recycle it at once if the cache is too small)."""
+    def put(self, key: tuple, array: np.ndarray) -> bool:
+        """Keep ``array`` under ``key``; False if declined (then the caller may :meth:`release` it)."""
         with self._lock:
             if key in self._entries or array.nbytes > self.max_bytes:
-                self._recycle(array)
-                return
+                return False
             self._entries[key] = array
             self._bytes += array.nbytes
             while self._bytes > self.max_bytes:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= old.nbytes
-                self._recycle(old)
+            return True
 
-    def _recycle(self, array: np.ndarray) -> None:
-        free = self._free.setdefault((array.shape, array.dtype.str), [])
-        if len(free) < 2 * (os.cpu_count() or 1):  # enough for every decoding thread, no hoard
-            free.append(array)
+    def release(self, array: np.ndarray) -> None:
+        """Hand back a buffer nobody else holds, for reuse."""
+        with self._lock:
+            free = self._free.setdefault((array.shape, array.dtype.str), [])
+            if len(free) < 2 * THREADS:  # enough for every decoding thread, no hoard
+                free.append(array)
 
     def clear(self) -> None:
         with self._lock:
@@ -186,10 +190,12 @@ class ChunkCache:
 class ChunkReader:
     """Executes a read plan on a store: fetch, decode in parallel, copy into the output."""
 
-    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None):
+    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None,
+                 main_layouts: dict[str, ArrayLayout] | None = None):
         self.store = store
         self.cache = cache if cache is not None else ChunkCache(0)
-        self.threads = threads or os.cpu_count() or 1
+        self.main_layouts = main_layouts or {}  # name -> main-tier layout: what predicted arrays rebuild from
+        self.threads = threads or THREADS
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wordystore-read")
 
     def read_into(self, reads: list[ChunkRead], out: np.ndarray) -> None:
@@ -218,17 +224,57 @@ class ChunkReader:
         if not pending:
             return
         for read, data in zip(pending, self._fetch(pending)):
-            layout = read.layout
-            stored = self.cache.buffer(layout.codecs.stored_shape(layout.chunk), layout.numpy_dtype)
-            try:
-                layout.codecs.decode_into(data, stored)
-            except CorruptChunkError as exc:
-                raise CorruptChunkError(f"corrupt chunk: {read.describe()} of {storage.describe(self.store)}: {exc}") from None
-            except Exception as exc:  # a codec's own error on damaged bytes
-                raise CorruptChunkError(f"corrupt chunk: {read.describe()} of {storage.describe(self.store)} "
-                                        f"cannot be decoded: {exc}") from exc
+            stored = self._decoded(read, data)
             _copy(read, stored, out)
-            self.cache.put((layout.path, read.coords, read.valid_rows), stored)
+            if not self.cache.put((read.layout.path, read.coords, read.valid_rows), stored):
+                self.cache.release(stored)
+
+    def _decoded(self, read: ChunkRead, data) -> np.ndarray:
+        """The chunk's values in stored order (a predicted moment rebuilt from its residuals)."""
+        stored = self._decode(read, data)
+        if read.layout.prediction is None:
+            return stored
+        rebuilt = self._rebuild(read, stored)
+        self.cache.release(stored)
+        return rebuilt
+
+    def _decode(self, read: ChunkRead, data) -> np.ndarray:
+        layout = read.layout
+        stored = self.cache.buffer(layout.codecs.stored_shape(layout.chunk), layout.numpy_dtype)
+        try:
+            layout.codecs.decode_into(data, stored)
+        except CorruptChunkError as exc:
+            raise CorruptChunkError(f"corrupt chunk: {read.describe()} of {storage.describe(self.store)}: {exc}") from None
+        except Exception as exc:  # a codec's own error on damaged bytes
+            raise CorruptChunkError(f"corrupt chunk: {read.describe()} of {storage.describe(self.store)} "
+                                    f"cannot be decoded: {exc}") from exc
+        return stored
+
+    def _companion(self, name: str, coords: tuple[int, ...], valid_rows: int) -> tuple[np.ndarray, bool]:
+        """The decoded chunk (stored order) of another main-tier array at ``coords``, via the
+        cache; and whether the caller owns it (to release after use)."""
+        layout = self.main_layouts[name]
+        read = ChunkRead(layout, coords, (), (), valid_rows)
+        key = (layout.path, coords, valid_rows)
+        stored = self.cache.get(key)
+        if stored is not None:
+            return stored, False
+        (data,) = self._fetch([read])
+        stored = self._decoded(read, data)
+        return stored, not self.cache.put(key, stored)
+
+    def _rebuild(self, read: ChunkRead, residuals: np.ndarray) -> np.ndarray:
+        """A predicted moment's chunk from its residuals, the same chunk of the gradients and
+        the rows' gradient norms (the rows are the stored order's last axis when transposed)."""
+        prediction, layout = read.layout.prediction, read.layout
+        grads, own_grads = self._companion(prediction.grads, read.coords, read.valid_rows)
+        norms, own_norms = self._companion(prediction.grad_norm, read.coords[:1], read.valid_rows)
+        axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
+        rebuilt = prediction.rebuild(residuals, grads, norms, axis=axis)
+        for array, own in ((grads, own_grads), (norms, own_norms)):
+            if own:
+                self.cache.release(array)
+        return rebuilt
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
         """The encoded bytes of each chunk of one shard: the whole shard when most of it is needed."""

@@ -12,7 +12,6 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -57,6 +56,7 @@ class Trajectory:
                     f"{hot.shape[0]} hot rows; run `wordystore verify {describe(self._store)}`")
             layouts[name] = (main, hot)
         self._record, self._layouts = record, layouts
+        self._reader.main_layouts = {name: main for name, (main, _) in layouts.items()}
         self._steps = self._read(format.STEPS_ARRAY, (slice(0, record.committed_rows, 1),), (record.committed_rows,))
         if np.any(np.diff(self._steps) <= 0):
             raise FormatError(f"{describe(self._store)}: recorded_steps are not increasing; the store is damaged "
@@ -95,6 +95,7 @@ class Trajectory:
         compacted = min(record.compacted_rows, self._record.committed_rows)
         self._record = dataclasses.replace(self._record, compacted_rows=compacted)
         self._layouts = {name: (format.read_layout(self._store, name), hot) for name, (_, hot) in self._layouts.items()}
+        self._reader.main_layouts = {name: main for name, (main, _) in self._layouts.items()}
         return True
 
     # -- what the trajectory holds ---------------------------------------------------------------
@@ -178,6 +179,15 @@ class Trajectory:
         lines.append(f"  token sets: {sets or 'none'}")
         return "\n".join(lines)
 
+    def uncached(self) -> "Trajectory":
+        """The same rows, read without the chunk cache: for one-pass scans (analyses, exports)
+        whose memory must not grow with the store."""
+        other = object.__new__(Trajectory)
+        other.__dict__.update(self.__dict__)
+        other._reader = reading.ChunkReader(self._store, reading.ChunkCache(0), main_layouts=self._reader.main_layouts)
+        other._views = {name: KindView(other, name, kind) for name, kind in self._kinds.items()}
+        return other
+
     def close(self) -> None:
         """Stop the read threads and drop the chunk cache (also done when the object is collected)."""
         self._reader.close()
@@ -188,6 +198,11 @@ class Trajectory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _repr_html_(self) -> str:
+        from wordystore.display import trajectory_html
+
+        return trajectory_html(self)
 
     # -- out-of-core analysis --------------------------------------------------------------------
 
@@ -228,6 +243,11 @@ class KindView:
         dims = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
         return f"<KindView {self.name!r} {self.kind.dtype} [{dims}]>"
 
+    def _repr_html_(self) -> str:
+        from wordystore.display import kind_html
+
+        return kind_html(self)
+
     def __getitem__(self, index) -> torch.Tensor:
         return numpy_to_torch(self.numpy(index))
 
@@ -235,19 +255,25 @@ class KindView:
         raise ReadOnlyError("trajectory views are read-only; to record steps use wordystore.resume(path).append(...)")
 
     def __iter__(self):
-        """Row after row (each a torch tensor); every chunk is decoded once, through the cache."""
-        for row in range(len(self)):
-            yield self[row]
+        """Row after row (each a torch tensor), reading a main chunk's worth of rows at a time, so
+        every chunk is decoded once (memory: one block of ``chunk_rows`` rows)."""
+        block_rows = self._t._layouts[self.name][0].chunk[0]
+        for start in range(0, len(self), block_rows):
+            block = numpy_to_torch(self.numpy(slice(start, start + block_rows)))
+            yield from block
 
-    def numpy(self, index=()) -> np.ndarray:
-        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``)."""
-        plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set)
+    def numpy(self, index=(), orthogonal: bool = False) -> np.ndarray:
+        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``).
+        ``orthogonal=True``: index arrays select along their own axis each (zarr's ``oindex``):
+        ``numpy(([0, 5], [1, 2, 3]), orthogonal=True)`` has shape ``(2, 3, ...)``."""
+        plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set, orthogonal)
         return indexing.finish(self._t._read(self.name, plan.fetch, plan.fetch_shape), plan)
 
     @property
     def loc(self) -> "_StepLabelIndexer":
         """Select by training step number instead of row: ``loc[100]``, ``loc[100:200]`` (inclusive, as
-        pandas and xarray ``.loc``), ``loc[[0, 50, 100]]``; other axes index as usual."""
+        pandas and xarray ``.loc``; ``loc[100:200:10]`` every 10th row, ``loc[::-1]`` reversed),
+        ``loc[[0, 50, 100]]``; other axes index as usual. Rules: :func:`indexing.step_rows`."""
         return _StepLabelIndexer(self)
 
     def to_dask(self):
@@ -269,43 +295,16 @@ class KindView:
 
 
 class _StepLabelIndexer:
+    """``view.loc[...]``: the first axis by training step (see :func:`indexing.step_rows`), the rest as usual."""
+
     def __init__(self, view: KindView):
         self._view = view
 
     def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        rows = _rows_for_steps(self._view._t._steps, index[0])
-        return self._view[(rows, *index[1:])]
-
-
-def _rows_for_steps(steps: np.ndarray, label):
-    """Rows holding the given training step number(s)."""
-    if isinstance(label, slice):
-        lo = -math.inf if label.start is None else label.start
-        hi = math.inf if label.stop is None else label.stop
-        rows = np.flatnonzero((steps >= lo) & (steps <= hi))
-        if label.step is not None:
-            first = steps[rows[0]] if rows.size else 0
-            rows = rows[(steps[rows] - first) % label.step == 0]
-        # Evenly spaced rows (always, unless a stride skips irregularly) act as a slice: orthogonal
-        # to the other axes' indices, as a slice in numpy.
-        stride = int(rows[1] - rows[0]) if rows.size > 1 else 1
-        if rows.size == 0:
-            return slice(0, 0)
-        if np.all(np.diff(rows) == stride):
-            return slice(int(rows[0]), int(rows[-1]) + 1, stride)
-        return rows
-    if isinstance(label, torch.Tensor):
-        label = label.detach().cpu().numpy()
-    wanted = np.asarray(label)
-    if wanted.dtype.kind not in "iu":
-        raise TypeError(f"loc takes training step numbers (ints, slices, int arrays), got {label!r}")
-    rows = np.searchsorted(steps, wanted)
-    found = (rows < len(steps)) & (steps[np.minimum(rows, len(steps) - 1)] == wanted) if len(steps) else wanted != wanted
-    if not np.all(found):
-        missing = np.atleast_1d(wanted)[~np.atleast_1d(found)][:5].tolist()
-        raise KeyError(f"training step(s) {missing} not recorded; recorded steps run {steps[:1].tolist()}..{steps[-1:].tolist()}")
-    return int(rows) if rows.ndim == 0 else rows
+        index = list(indexing.full_index(index, self._view.dims))
+        at = 1 if index[0] is Ellipsis else 0  # an ellipsis standing for no axis: the step axis is next
+        index[at] = indexing.step_rows(self._view._t._steps, index[at])
+        return self._view[tuple(index)]
 
 
 class _CommittedRows:

@@ -32,7 +32,7 @@ import torch
 
 from wordystore import format, reading, storage
 from wordystore.errors import AppendError, FormatError, ReadOnlyError, WriterFailedError
-from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, torch_to_numpy
+from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, scalar_value, torch_to_numpy
 from wordystore.storage import WriterLock, as_store, describe, local_root
 
 StateProvider = Callable[[], "tuple[dict[str, torch.Tensor], dict]"]
@@ -82,6 +82,7 @@ def create(
     keep_states: int = 1,
     block_rows: int = format.BLOCK_ROWS,
     chunk_rows: int = format.CHUNK_ROWS,
+    predictions: Mapping[str, format.AdamPrediction] | None = None,
 ) -> "TrajectoryWriter":
     """Create a trajectory at ``where`` (a directory path, a URL or a zarr store) and open it for appending.
 
@@ -90,7 +91,9 @@ def create(
     ``"compact"`` (pcodec, the smallest) or ``"portable"`` (standard zarr codecs, for tensorstore).
     With ``durable``, data is fsynced before each commit record on local stores. The writer holds
     ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
-    compresses better, shorter makes one-row reads cheaper; docs/format.md). Everything is
+    compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
+    (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
+    residuals against a replay of the optimizer: several times smaller, still bit for bit. Everything is
     checked before anything is written; a create that fails leaves nothing behind.
 
     >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
@@ -101,6 +104,8 @@ def create(
     kinds = {check_kind_name(name): kind for name, kind in kinds.items()}
     format.Profile(profile)
     format.check_rows(block_rows, chunk_rows)
+    predictions = dict(predictions or {})
+    format.check_predictions(predictions, kinds)
     vocab = _vocab_size(kinds)
     sets = {name: _check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
     config = dict(config or {})
@@ -114,22 +119,26 @@ def create(
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot create a trajectory in {describe(store)}: the store is read-only")
+    _refuse_existing(store, overwrite)  # before the lock, whose file would change the store
     root = local_root(store)
     made_dir = root is not None and not root.exists()
     lock = WriterLock(store)
     try:
-        if storage.exists(store, "zarr.json") and not (overwrite or _abandoned(store)):
-            raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True "
-                                  "(--overwrite) to replace it, or use resume()")
+        _refuse_existing(store, overwrite)  # again, now that no other writer can be making it
+    except BaseException:
+        lock.release()
+        raise
+    try:
         storage.clear_store(store)
         meta = format.Metadata(
             kinds=kinds, profile=profile, token_sets=tuple(sorted(sets)), config=config, versions=library_versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            block_rows=block_rows, chunk_rows=chunk_rows,
+            block_rows=block_rows, chunk_rows=chunk_rows, predictions=predictions,
         )
         format.write_json(store, f"{format.HOT_GROUP}/zarr.json", format.GROUP_JSON)
         for name, kind in meta.arrays().items():
-            format.write_layout(store, format.Profile(profile).main_layout(name, kind, 0, chunk_rows))
+            format.write_layout(store, format.Profile(profile).main_layout(name, kind, 0, chunk_rows,
+                                                                           predictions.get(name)))
             format.write_layout(store, format.Profile(profile).hot_layout(name, kind, 0, block_rows))
         if sets:
             format.write_json(store, f"{format.TOKEN_SETS_GROUP}/zarr.json", format.GROUP_JSON)
@@ -138,7 +147,7 @@ def create(
         format.write_metadata(store, meta)
         format.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
         return TrajectoryWriter(store, lock, durable, keep_states)
-    except BaseException:
+    except BaseException:  # remove what this call wrote (the refusals above have written nothing)
         try:
             storage.clear_store(store)
         finally:
@@ -148,16 +157,27 @@ def create(
         raise
 
 
+def _refuse_existing(store, overwrite: bool) -> None:
+    if storage.exists(store, "zarr.json") and not (overwrite or _abandoned(store)):
+        raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True (--overwrite) "
+                              "to replace it")
+
+
 @contextlib.contextmanager
-def building(where, kinds: Mapping[str, Kind], **create_args):
-    """``create`` for commands that build a whole store (convert, import, stitch): if the block
-    fails, the new store is removed, so a failed command leaves nothing behind.
+def building(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, **create_args):
+    """``create`` for commands that build a whole store (convert, import, stitch). A local store
+    is built under a temporary name beside ``where`` and renamed into place when complete: a
+    failed build leaves nothing behind, and an existing store (with ``overwrite``) stays intact
+    until its replacement is whole.
 
     >>> with building("out.zarr", kinds, config=cfg) as w:
     ...     w.bulk_append(steps, read_tile)
     """
-    writer = create(where, kinds, **create_args)
-    root = local_root(writer._store)
+    final = as_store(where, read_only=False)
+    _refuse_existing(final, overwrite)
+    root = local_root(final)
+    target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
+    writer = create(target, kinds, overwrite=True, **create_args)
     try:
         yield writer
         writer.close()
@@ -169,8 +189,27 @@ def building(where, kinds: Mapping[str, Kind], **create_args):
             pass
         storage.clear_store(writer._store)
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
         raise
+    if root is not None:
+        _swap_into_place(target, root, overwrite)
+
+
+def _swap_into_place(built, root, overwrite: bool) -> None:
+    """Rename the built store to ``root``; an old store there is moved aside first (under its
+    writer lock, so no writer is using it) and deleted only once the new one is in place."""
+    if not root.exists():
+        os.replace(built, root)
+        return
+    old_lock = WriterLock(as_store(root, read_only=False))
+    try:
+        _refuse_existing(as_store(root, read_only=True), overwrite)
+        aside = root.with_name(f".{root.name}.{os.getpid()}.old")
+        os.replace(root, aside)
+        os.replace(built, root)
+    finally:
+        old_lock.release()
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _abandoned(store) -> bool:
@@ -196,9 +235,8 @@ def resume(where, *, durable: bool = True, keep_states: int = 1) -> "TrajectoryW
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
-    root = local_root(store)
-    if root is not None and not (root / "zarr.json").exists():
-        raise FileNotFoundError(f"no trajectory at {root} to resume")
+    if not storage.exists(store, "zarr.json"):  # before the lock, which would make the directory
+        raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = WriterLock(store)
     try:
         return TrajectoryWriter(store, lock, durable, keep_states)
@@ -425,17 +463,17 @@ class TrajectoryWriter:
         if self.last_step is not None and step <= self.last_step:
             raise AppendError(f"append(step={step}): steps must increase; the last step appended is {self.last_step}")
         if not 0 <= step < 2**63:
-            raise AppendError(f"append(step={step}): steps must lie in [0, 2**63)")
+            raise AppendError(f"append(step={step}): steps must lie in [0, 2**63) (stored as int64)")
         return step
 
     def _checked_value(self, step: int, name: str, value) -> torch.Tensor:
         """``value`` as a tensor of the kind's shape and dtype, or a clear AppendError."""
         kind = self.kinds[name]
-        if kind.shape == () and isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
-            converted = np.asarray(value).astype(kind.numpy_dtype)
-            if np.isfinite(np.float64(value)) and not np.isfinite(converted.astype(np.float64)):
-                raise AppendError(f"append(step={step}): kind {name!r} ({kind.dtype}) cannot hold {value!r}: it overflows")
-            return numpy_to_torch(converted)
+        if kind.shape == () and isinstance(value, (int, float, np.generic)):
+            try:
+                return numpy_to_torch(scalar_value(kind, value))
+            except ValueError as exc:
+                raise AppendError(f"append(step={step}): kind {name!r}: {exc}") from None
         if isinstance(value, torch.Tensor):
             shape, dtype, want = tuple(value.shape), value.dtype, kind.torch_dtype
         elif isinstance(value, np.ndarray):
@@ -459,7 +497,7 @@ class TrajectoryWriter:
         rows = self.committed - self._first_row
         if rows == 0:
             return
-        reader = reading.ChunkReader(self._store, threads=1)
+        reader = reading.ChunkReader(self._store, threads=1, main_layouts=self._main)
         tiers = {name: [reading.Tier(self._main[name], 0, self._record.compacted_rows),
                         reading.Tier(self._hot[name], self._record.compacted_rows, self.committed)]
                  for name in self._slots}
@@ -591,7 +629,7 @@ class TrajectoryWriter:
                 self._compact_rows(record, start, stop, pool)
 
     def _compact_rows(self, record: format.CommitRecord, start: int, stop: int, pool) -> None:
-        reader = reading.ChunkReader(self._store, threads=1)
+        reader = reading.ChunkReader(self._store, threads=1, main_layouts=self._main)
 
         def read_tile(name: str, fetch: tuple, out: np.ndarray) -> None:
             tiers = [reading.Tier(self._main[name], 0, record.compacted_rows),
@@ -642,6 +680,12 @@ def _encode_main_shard(store, layout: format.ArrayLayout, kind: Kind, read_tile:
     fetch = (slice(region[0].start, stop, 1), *(slice(r.start, r.stop, 1) for r in region[1:]))
     data = np.zeros((stop - region[0].start, *(r.stop - r.start for r in region[1:])), kind.numpy_dtype)
     read_tile(name, fetch, data)
+    prediction = layout.prediction
+    if prediction is not None:  # the shard's rows start a chunk: residuals count from there
+        grads, norms = np.empty_like(data), np.empty(len(data), np.float32)
+        read_tile(prediction.grads, fetch, grads)
+        read_tile(prediction.grad_norm, fetch[:1], norms)
+        data = prediction.residuals(data, grads, norms)
     key = layout.shard_key(coords)
     storage.put(store, key, layout.encode_shard(data))
     return key

@@ -1,0 +1,149 @@
+"""Describing a trajectory to a person: ``wordystore info`` (text) and Jupyter's HTML repr.
+
+>>> from wordystore import display
+>>> print(display.text(t))          # kinds, shapes, steps, token sets, size on disk vs raw, config
+>>> display.kind_sizes(t)["embeddings"]   # (bytes on disk, raw bytes)
+
+Sizes are measured through the zarr Store API (every key under ``<kind>/`` and ``hot/<kind>/``,
+the kind's two tiers), whatever the chunk layout; raw bytes are the committed rows' uncompressed size.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+
+import zarr
+
+from wordystore.storage import describe
+from wordystore.trajectory import KindView, Trajectory
+
+
+def stored_bytes(t: Trajectory, prefix: str = "") -> int:
+    """Bytes of every key under ``prefix`` in the trajectory's store (``""``: the whole store)."""
+    return zarr.core.sync.sync(t._store.getsize_prefix(prefix))
+
+
+def kind_sizes(t: Trajectory) -> dict[str, tuple[int, int]]:
+    """Per kind: (bytes on disk, raw bytes of the committed rows)."""
+    return {name: (stored_bytes(t, f"{name}/") + stored_bytes(t, f"hot/{name}/"), len(t) * kind.step_nbytes)
+            for name, kind in t.kinds.items()}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def ratio(disk: int, raw: int) -> str:
+    return f"{raw / disk:.1f}x" if disk else "-"
+
+
+def steps_span(t: Trajectory) -> str:
+    steps = t.steps
+    return f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps yet"
+
+
+TRAINER_RUN_KEYS = {"steps", "batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+                    "seed", "record_every", "hidden_dim", "n_layer", "n_head", "max_seq_len", "init_scale"}
+
+
+def config_summary(config: dict) -> list[str]:
+    """A few lines on what was run: the trainer's parameters, data, stitch segments or import source."""
+    lines = []
+    run, args = config.get("run"), config.get("training_arguments") or {}
+    if not (isinstance(run, dict) and TRAINER_RUN_KEYS <= set(run)):
+        run = None  # not the trainer's: shown with the other entries below
+    if run:
+        warmup = args.get("warmup_steps") or args.get("warmup_ratio")
+        schedule = " ".join(str(x) for x in (args.get("lr_scheduler_type"), warmup and f"(warmup {warmup})") if x)
+        lines.append(
+            f"run: {run['steps']} steps, batch {run['batch_size']}, lr {run['learning_rate']:g}{' ' * bool(schedule)}{schedule}, "
+            f"Adam ({run['adam_beta1']}, {run['adam_beta2']}, {run['adam_epsilon']:g}), weight decay {run['weight_decay']:g}, "
+            f"grad clip {args.get('max_grad_norm')}, seed {run['seed']}, recorded every {run['record_every']}, "
+            f"device {config.get('device')}"
+        )
+        lines.append(f"model: dim {run['hidden_dim']}, {run['n_layer']} layers, {run['n_head']} heads, "
+                     f"sequence {run['max_seq_len']}, init N(0, {run['init_scale']})")
+        data = config.get("data")
+        if isinstance(data, dict):
+            lines.append(f"data: {data.get('corpus')} ({data.get('corpus_tokens')} tokens), tokenizer {data.get('tokenizer')}")
+    for seg in config.get("segments", []):
+        lines.append(f"segment: rows {seg['rows'][0]}..{seg['rows'][1] - 1}, steps {seg['steps'][0]}..{seg['steps'][1]} "
+                     f"from {seg['source']}")
+    if "imported_from" in config:
+        lines.append(f"imported from {config['imported_from']}")
+    if "seed_scalars" in config and not run:
+        lines.append("scalars: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in config["seed_scalars"].items()))
+    known = {"segments", "stitched_from", "imported_from", "seed_scalars"}
+    if run:
+        known |= {"run", "training_arguments", "model", "data", "device", "summary"}
+    other = [key for key in config if key not in known]
+    if other:
+        lines.append("config: " + ", ".join(_short(key, config[key]) for key in other))
+    return lines
+
+
+def _short(key: str, value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return f"{key}={text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _rows(t: Trajectory) -> list[tuple[str, str, str, str, str, str]]:
+    """(kind, dtype, shape, on disk, raw, ratio) per kind, then the total."""
+    sizes = kind_sizes(t)
+    rows = [(name, kind.dtype, "[" + ", ".join(str(n) for n in t[name].shape) + "]",
+             human_bytes(sizes[name][0]), human_bytes(sizes[name][1]), ratio(*sizes[name]))
+            for name, kind in t.kinds.items()]
+    disk, raw = stored_bytes(t), sum(r for _, r in sizes.values())
+    rows.append(("total", "", "", human_bytes(disk), human_bytes(raw), ratio(disk, raw)))
+    return rows
+
+
+def _token_sets(t: Trajectory) -> str:
+    return ", ".join(f"{name} ({len(ids)})" for name, ids in t.token_sets.items()) or "none"
+
+
+def text(t: Trajectory) -> str:
+    """What ``wordystore info`` prints."""
+    lines = [f"{describe(t._store)}: {len(t)} rows, {steps_span(t)}"]
+    header = ("kind", "dtype", "shape [step, ...]", "on disk", "raw", "ratio")
+    table = [header, *_rows(t)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    lines.append(f"  token sets: {_token_sets(t)}")
+    lines.extend("  " + line for line in config_summary(t.config))
+    return "\n".join(lines)
+
+
+def trajectory_html(t: Trajectory) -> str:
+    """The notebook view of a trajectory: a kinds table with sizes, token sets, config folded."""
+    e = html.escape
+    head = "".join(f"<th style='text-align:{'left' if i < 3 else 'right'}'>{e(h)}</th>"
+                   for i, h in enumerate(("kind", "dtype", "shape [step, ...]", "on disk", "raw", "ratio")))
+    body = "".join("<tr>" + "".join(f"<td style='text-align:{'left' if i < 3 else 'right'}'>{e(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in _rows(t))
+    summary = "".join(f"<li>{e(line)}</li>" for line in config_summary(t.config))
+    return (
+        f"<div class='wordystore-trajectory'><b>wordystore.Trajectory</b> <code>{e(describe(t._store))}</code>: "
+        f"{len(t)} rows, {e(steps_span(t))}"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f"<div>token sets: {e(_token_sets(t))}</div><ul>{summary}</ul>"
+        f"<details><summary>config</summary><pre>{e(json.dumps(t.config, indent=1))}</pre></details></div>"
+    )
+
+
+def kind_html(view: KindView) -> str:
+    """The notebook view of one kind: dims, shape, dtype, steps, size on disk and ratio."""
+    e = html.escape
+    disk, raw = stored_bytes(view._t, f"{view.name}/"), len(view) * view.kind.step_nbytes
+    dims = ", ".join(f"{d}: {n}" for d, n in zip(view.dims, view.shape))
+    return (
+        f"<div class='wordystore-kind'><b>KindView</b> <code>{e(view.name)}</code> {e(view.kind.dtype)} [{e(dims)}], "
+        f"{e(steps_span(view._t))}; {human_bytes(disk)} on disk, {human_bytes(raw)} raw ({ratio(disk, raw)})</div>"
+    )
