@@ -150,8 +150,10 @@ def test_bad_train_flags_are_refused_up_front_and_leave_nothing(tmp_path, capsys
 
 
 def test_flags_take_their_type_from_the_run_config(tmp_path):
-    ns = build_parser().parse_args(["train", "x", "--vocab-size", "300", "--learning-rate", "1e-2", "--corpus", "c"])
-    assert (ns.vocab_size, ns.learning_rate, ns.corpus) == (300, 0.01, "c")
+    (tmp_path / "c.txt").write_text("a corpus")
+    corpus = str(tmp_path / "c.txt")
+    ns = build_parser().parse_args(["train", "x", "--vocab-size", "300", "--learning-rate", "1e-2", "--corpus", corpus])
+    assert (ns.vocab_size, ns.learning_rate, ns.corpus) == (300, 0.01, corpus)
     config = RunConfig.from_dict(_run_overrides(ns))
     assert config.vocab_size == 300 and config.learning_rate == 0.01
     # a --config file gives only what it sets (a resumed run's stored values fill the rest), flags win
