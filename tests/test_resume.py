@@ -14,7 +14,7 @@ import pytest
 import wordystore
 from trainer import run
 from trainer.config import RunConfig
-from wordystore import trajectory
+from wordystore import display, report, trajectory
 
 STEPS = 120
 SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=4, max_seq_len=16)
@@ -116,6 +116,9 @@ def test_extend_to_records_the_seam_and_holds_the_last_learning_rate(uninterrupt
     np.testing.assert_allclose(ext["seam_lr"], 1e-3 / STEPS, rtol=1e-12)  # the linear schedule's last step
     np.testing.assert_array_equal(t.learning_rate.numpy(slice(STEPS + 1, None)), np.float32(ext["seam_lr"]))
     assert t.config["run"]["steps"] == STEPS  # the original plan stays as it was
+    # what info, report and compare show of it
+    assert f"extension: steps {STEPS + 1}..{STEPS + 8}, lr policy hold" in "\n".join(display.config_summary(t.config))
+    assert report.Run("ext", t, curves=None).seams == [STEPS + 1]
     assert wordystore.load_state(path)[2] == STEPS + 8
 
     with pytest.raises(ValueError, match=f"after the run's last step {STEPS + 8}"):
