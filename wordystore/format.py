@@ -56,8 +56,7 @@ def zarr_dtype(kind: Kind, profile: str) -> str:
     return kind.dtype
 
 
-def _pcodec_takes(dtype: str) -> bool:
-    return np.dtype(Kind((), dtype).numpy_dtype if dtype != "uint16" else dtype).itemsize >= 2 and dtype != "bool"
+PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ class ArrayLayout:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype) if self.dtype == "uint16" else Kind((), self.dtype).numpy_dtype
+        return BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
     def prediction(self) -> AdamPrediction | None:
@@ -285,7 +284,7 @@ class Profile:
             attributes = {ATTRS_KEY: {"view_as": kind.dtype, "residual_of": prediction.to_json()}}
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
-        if self.name == "compact" and _pcodec_takes(dtype):
+        if self.name == "compact" and dtype in PCODEC_DTYPES:
             codecs = ChunkCodecs(transpose, PCodec(PCODEC_LEVEL), (Crc32c(),))
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"
