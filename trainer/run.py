@@ -237,8 +237,10 @@ def prepare_inputs(cfg: RunConfig) -> Inputs:
     return Inputs(device, vocab_size, token_sets, dataset, data)
 
 
-def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
+def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
+          record: bool = True) -> dict:
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
+    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
 
         >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
     """
@@ -246,6 +248,13 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
     model = build_model(cfg, inputs.vocab_size, inputs.device)
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
         args = training_arguments(cfg, scratch, inputs.device)
+        if not record:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            began = time.perf_counter()
+            trainer.train()
+            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
         arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
         config = run_state.jsonable({
             "run": cfg.to_dict(),

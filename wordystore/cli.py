@@ -282,6 +282,13 @@ def cmd_stitch(ns) -> None:
               f"from {seg['source']} (dropped {seg['dropped_repeated_steps']} repeated steps)")
 
 
+def cmd_convert(ns) -> None:
+    from wordystore.convert import convert
+
+    t = convert(ns.store, ns.out, profile=ns.profile, overwrite=ns.overwrite)
+    print(t)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wordystore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or WORDYSTORE_DEBUG=1)")
@@ -346,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the trajectory to create")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_stitch)
+
+    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 store in today's format")
+    p.add_argument("store")
+    p.add_argument("out", help="the trajectory to create")
+    p.add_argument("--profile", choices=("compact", "portable"), default="compact",
+                   help="compact: pcodec, smallest (default); portable: standard zarr codecs, read by tensorstore")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: keep one given before it)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
