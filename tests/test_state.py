@@ -14,7 +14,7 @@ from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import TokenDataset
 from trainer.model import build_model
-from trainer.run import SeedTrainer, training_arguments
+from trainer.run import SeedTrainer, checkpoint_directory, training_arguments
 
 # 64 windows of 17 tokens, batch 4: an epoch is 16 steps, so 24 steps cross an epoch boundary
 CFG = RunConfig(vocab_size=300, hidden_dim=8, batch_size=4, steps=24, max_seq_len=16,
@@ -53,15 +53,11 @@ def run(tmp_path, max_steps, *, capture_at=(), resume=None, extension=None):
     model = build_model(CFG, 300, "cpu")
     watch = Watch(capture_at)
     args = training_arguments(CFG, str(tmp_path / "out"), "cpu", max_steps=max_steps)
-    checkpoint = None
-    if resume is not None:
-        checkpoint = tmp_path / f"resume-{resume[1]['global_step']}"
-        checkpoint.mkdir()
-        (checkpoint / "trainer_state.json").write_text(json.dumps(resume[1]["trainer_state"]))
+    checkpoint = None if resume is None else checkpoint_directory(tmp_path / "resume", resume[1])
     trainer = SeedTrainer(model=model, args=args, train_dataset=TokenDataset(torch.tensor(IDS), 16),
                           callbacks=[watch], resume_state=resume, extension=extension)
     watch.trainer = trainer
-    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
+    trainer.train(resume_from_checkpoint=checkpoint)
     return watch
 
 

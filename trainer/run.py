@@ -354,17 +354,21 @@ def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, 
     model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
         args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)
-        # The Trainer reads its TrainerState (global step, epoch) from a checkpoint directory: a JSON
-        # file in the scratch directory; everything else comes from the store through SeedTrainer.
-        checkpoint = Path(scratch) / "resume"
-        checkpoint.mkdir()
-        (checkpoint / TRAINER_STATE_NAME).write_text(json.dumps(info["trainer_state"]))
+        checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
         writer = wordystore.resume(out)
         if new_extension:
             stored = wordystore.open(out).config
             writer.update_config(extensions=[*(stored.get("extensions") or []), extension])
         return _run(writer, Path(out), model, args, cfg, inputs, progress=progress,
-                    resume_state=(tensors, info), checkpoint=str(checkpoint), extension=extension, start=step)
+                    resume_state=(tensors, info), checkpoint=checkpoint, extension=extension, start=step)
+
+
+def checkpoint_directory(path: Path, info: dict) -> str:
+    """What ``SeedTrainer.train(resume_from_checkpoint=...)`` reads from disk: a directory holding only
+    the TrainerState (global step, epoch) as JSON; the rest of the state comes through ``resume_state``."""
+    path.mkdir()
+    (path / TRAINER_STATE_NAME).write_text(json.dumps(info["trainer_state"]))
+    return str(path)
 
 
 def _run(writer, out: Path, model, args, cfg, inputs, *, progress: bool, resume_state=None, checkpoint=None,
