@@ -10,7 +10,7 @@ page faults a second, more system time than training time on a 2-core machine).
 so the next step reuses the blocks the last one freed: after the first few steps almost no page
 faults are left. Measured on 8-step runs of the seed config (2 cores; CPU seconds per step after
 the first two): 1.2 user + 1.8 system by default, 1.4-1.6 user + 0.03 system with this. The price
-is peak resident memory, about 5-6 GB instead of 3.3 GB: the heap keeps its high-water mark, and
+is peak resident memory, about 5-7 GB instead of 3.3 GB: the heap keeps its high-water mark, and
 torch's 64-byte-aligned allocations leave holes that this glibc (2.36) cannot refill with a block
 of the same size, so the heap grows for a few steps before it settles. Transparent huge pages
 (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` or torch's ``THP_MEM_ALLOC_ENABLE=1``) cut the number
