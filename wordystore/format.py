@@ -116,28 +116,30 @@ class AdamPrediction:
 
     def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
         """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first)."""
-        result = np.empty(moment.shape, np.int16)  # C order, like its input
-        bits, grads, out = (np.moveaxis(a, axis, 0) for a in (moment.view(np.uint16), grads, result))
-        prev = np.zeros(bits.shape[1:], np.float32)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(bits.shape[0]):
-                out[r] = (bits[r] - self._predict(prev, grads[r], norms[r])).view(np.int16)
-                prev = bits[r].view(BFLOAT16).astype(np.float32)
-        return result
+        return self._replay(moment.view(np.uint16), grads, norms, axis, encode=True).view(np.int16)
 
     def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
         """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
-        result = np.empty(residuals.shape, np.uint16)  # C order, like its input
-        res, grads, out = (np.moveaxis(a, axis, 0) for a in (residuals.view(np.uint16), grads, result))
-        prev = np.zeros(res.shape[1:], np.float32)
+        return self._replay(residuals.view(np.uint16), grads, norms, axis, encode=False)
+
+    def _replay(self, data: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int, encode: bool) -> np.ndarray:
+        """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
+        moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
+        residual``), both mod 2**16. The result is C-ordered like ``data``."""
+        result = np.empty(data.shape, np.uint16)
+        rows, grads, out = (np.moveaxis(a, axis, 0) for a in (data, grads, result))
+        prev = np.zeros(rows.shape[1:], np.float32)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(res.shape[0]):
-                np.add(self._predict(prev, grads[r], norms[r]), res[r], out=out[r])  # mod 2**16
-                prev = out[r].view(BFLOAT16).astype(np.float32)
+            for r in range(rows.shape[0]):
+                pred = self._predict(prev, grads[r], norms[r])
+                if encode:
+                    np.subtract(rows[r], pred, out=out[r])
+                    moment = rows[r]
+                else:
+                    np.add(pred, rows[r], out=out[r])
+                    moment = out[r]
+                prev = moment.view(BFLOAT16).astype(np.float32)
         return result
-
-
-CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
 
 
 def _bf16(x) -> np.ndarray:
