@@ -142,6 +142,9 @@ class AdamPrediction:
         return result
 
 
+CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
+
+
 def _bf16(x) -> np.ndarray:
     """Round float32 to bfloat16 and back (nearest even): one bfloat16 operation's rounding."""
     return np.asarray(x, np.float32).astype(BFLOAT16).astype(np.float32)
