@@ -8,7 +8,8 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
 codec's own multi-threaded decode of the same chunks, the machine's plain file write and read
-speed, and the same training steps without recording. Results also go to bench/results/.
+speed, the same training steps without recording, and the notebook's own code path for the main
+job (bench/trainer_bench.py). Results also go to bench/results/.
 """
 
 from __future__ import annotations
@@ -311,6 +312,21 @@ def bench_recording(quick: bool) -> None:
         f"{closing:.1f} s", f"{closing / (step['none'] * args['steps']):.0%} of the training time")
 
 
+def bench_main_job(quick: bool) -> None:
+    """The seed job as the notebook runs it against ``wordystore train``: whole processes, the
+    same steps, tokenization included, alternating (bench/trainer_bench.py)."""
+    from bench.trainer_bench import medians, side_by_side
+
+    steps, repeats = (2, 1) if quick else (10, 3)
+    middle = medians(side_by_side(steps, repeats))
+    nb, ws = middle["notebook"], middle["wordystore"]
+    speedup = nb["wall_s"] / ws["wall_s"]
+    row("main job", f"seed job, {steps} steps, whole processes (median of {repeats})", f"{nb['wall_s']:.1f} s (notebook)",
+        f"{ws['wall_s']:.1f} s", f"{speedup:.2f}x as fast", ">= 2x", speedup >= 2)
+    row("main job", "peak RSS", f"{nb['peak_rss_gb']:.2f} GB (notebook)", f"{ws['peak_rss_gb']:.2f} GB",
+        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x")
+
+
 def write_results(quick: bool) -> None:
     lines = ["| section | measure | baseline | wordystore | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for section, measure, baseline, ours, ratio, target, met in ROWS:
@@ -339,6 +355,7 @@ def main() -> None:
     bench_export_import(store, seed)
     if not ns.skip_training:
         bench_recording(ns.quick)
+        bench_main_job(ns.quick)
     write_results(ns.quick)
 
 

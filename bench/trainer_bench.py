@@ -50,36 +50,44 @@ def run_process(argv: list[str], env: dict) -> dict:
             "minflt": usage.ru_minflt, "peak_rss_gb": usage.ru_maxrss / 1e6}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
-    ns = parser.parse_args()
+def side_by_side(steps: int, repeats: int) -> dict[str, list[dict]]:
+    """Each code path ``repeats`` times, alternating; per run, :func:`run_process`'s figures."""
     notebook = NOTEBOOK.format(root=str(ROOT), tests=str(ROOT / "tests"))
     results = {"notebook": [], "wordystore": []}
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp:
-        for repeat in range(ns.repeats):
+        for repeat in range(repeats):
             for mode in results:
                 out = Path(tmp) / f"{mode}-{repeat}"
                 env = {**os.environ, "WORDYSTORE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
                 if mode == "notebook":
                     out.mkdir()
-                    argv = [sys.executable, "-c", notebook, str(ns.steps), str(out)]
+                    argv = [sys.executable, "-c", notebook, str(steps), str(out)]
                 else:
                     argv = [sys.executable, "-m", "wordystore.cli", "train", str(out / "run.zarr"),
-                            "--steps", str(ns.steps), "--quiet"]
+                            "--steps", str(steps), "--quiet"]
                 results[mode].append(run_process(argv, env))
                 print(mode, {k: round(v, 2) for k, v in results[mode][-1].items()}, flush=True)
+    return results
+
+
+def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
+    return {mode: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for mode, rows in results.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    ns = parser.parse_args()
+    results = side_by_side(ns.steps, ns.repeats)
     print(f"\n{ns.steps} steps, whole processes, {ns.repeats} repeats (medians)\n")
     print("| code path | wall s | user s | sys s | minor faults | peak RSS GB |\n|---|---|---|---|---|---|")
-    medians = {}
-    for mode, rows in results.items():
-        medians[mode] = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-        m = medians[mode]
+    middle = medians(results)
+    for mode, m in middle.items():
         print(f"| {mode} | {m['wall_s']:.1f} | {m['user_s']:.1f} | {m['sys_s']:.1f} | {m['minflt']:,.0f} "
               f"| {m['peak_rss_gb']:.2f} |")
     ratios = [nb["wall_s"] / ws["wall_s"] for nb, ws in zip(results["notebook"], results["wordystore"])]
-    print(f"\nwordystore train is {medians['notebook']['wall_s'] / medians['wordystore']['wall_s']:.2f}x as fast "
+    print(f"\nwordystore train is {middle['notebook']['wall_s'] / middle['wordystore']['wall_s']:.2f}x as fast "
           f"as the notebook's code path (pairwise: {', '.join(f'{r:.2f}x' for r in ratios)})")
 
 
