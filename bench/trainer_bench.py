@@ -1,12 +1,17 @@
-"""Time per step and peak RSS of the seed experiment: no recording, wordystore recording, and the
-notebook's in-RAM recorder, each in its own process, in one run.
+"""The seed job two ways, each a whole process, side by side in one run: the notebook's own code path
+(its in-RAM recorder and InstrumentedTrainer, tests/notebook_reference.py, then its save_file) and
+``wordystore train``. Tokenization is included in both (wordystore's token cache starts empty).
 
-    python bench/trainer_bench.py --steps 24
+    python bench/trainer_bench.py --steps 10 --repeats 3
+
+Runs alternate (notebook, wordystore, notebook, ...) so that drift in the machine's load hits both;
+the ratio is the notebook's median wall time over wordystore's. Per process it also reports user
+and system CPU seconds, minor page faults and peak RSS (from wait4).
 """
 
 import argparse
-import json
-import resource
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,61 +20,75 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import json, sys, time, resource, numpy as np, torch
+NOTEBOOK = r"""
+import sys
 sys.path[:0] = [{root!r}, {tests!r}]
+from safetensors.torch import save_file
+from notebook_reference import run_notebook
 from trainer.config import RunConfig
-from trainer.data import load_corpus, load_tokenizer, tokenize_cached, TokenDataset
-from trainer.model import build_model
-from trainer.run import SeedTrainer, training_arguments, train
-from transformers import TrainerCallback
-mode, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-cfg = RunConfig(steps=steps)
-times = []
-class Clock(TrainerCallback):
-    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
-    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-if mode == "wordystore":
-    import trainer.run as run
-    orig = run.SeedTrainer.__init__
-    def init(self, *a, callbacks=(), **k): orig(self, *a, callbacks=[*callbacks, Clock()], **k)
-    run.SeedTrainer.__init__ = init
-    train(out, cfg, progress=False)
-else:
-    tok = load_tokenizer(); ids = tokenize_cached(load_corpus(), tok)
-    if mode == "notebook":
-        from notebook_reference import run_notebook, InstrumentedTrainer
-        orig = InstrumentedTrainer.__init__
-        def init(self, *a, **k): orig(self, *a, **k); self.add_callback(Clock())
-        InstrumentedTrainer.__init__ = init
-        run_notebook(cfg, ids, tok.vocab_size, out)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, tok.vocab_size, "cpu")
-        ds = TokenDataset(torch.tensor(ids), cfg.max_seq_len)
-        SeedTrainer(model=model, args=training_arguments(cfg, out, "cpu"), train_dataset=ds, callbacks=[Clock()]).train()
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"mode": mode, "median_step_s": float(np.median(times[2:])), "mean_step_s": float(np.mean(times[2:])), "peak_rss_mb": rss}}))
+from trainer.data import load_corpus, load_tokenizer
+steps, out = int(sys.argv[1]), sys.argv[2]
+tokenizer = load_tokenizer()
+ids = tokenizer.encode(load_corpus())  # the notebook tokenizes every time
+data = run_notebook(RunConfig(steps=steps), ids, tokenizer.vocab_size, out)
+save_file(data, out + "/recorded.safetensors")  # cell 15
 """
 
 
+def run_process(argv: list[str], env: dict) -> dict:
+    """Run ``argv`` to its end; its wall time and the kernel's accounting of it."""
+    with tempfile.TemporaryFile() as stderr:
+        began = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4, not proc.wait(): it also returns the child's rusage
+        wall = time.perf_counter() - began
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            stderr.seek(0)
+            raise SystemExit(f"{argv[:4]} failed ({proc.returncode}):\n{stderr.read().decode()[-2000:]}")
+    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+            "minflt": usage.ru_minflt, "peak_rss_gb": usage.ru_maxrss / 1e6}
+
+
+def side_by_side(steps: int, repeats: int) -> dict[str, list[dict]]:
+    """Each code path ``repeats`` times, alternating; per run, :func:`run_process`'s figures."""
+    notebook = NOTEBOOK.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    results = {"notebook": [], "wordystore": []}
+    with tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp:
+        for repeat in range(repeats):
+            for mode in results:
+                out = Path(tmp) / f"{mode}-{repeat}"
+                env = {**os.environ, "WORDYSTORE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+                if mode == "notebook":
+                    out.mkdir()
+                    argv = [sys.executable, "-c", notebook, str(steps), str(out)]
+                else:
+                    argv = [sys.executable, "-m", "wordystore.cli", "train", str(out / "run.zarr"),
+                            "--steps", str(steps), "--quiet"]
+                results[mode].append(run_process(argv, env))
+                print(mode, {k: round(v, 2) for k, v in results[mode][-1].items()}, flush=True)
+    return results
+
+
+def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
+    return {mode: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for mode, rows in results.items()}
+
+
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=24)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     ns = parser.parse_args()
-    code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("none", "wordystore", "notebook"):
-            out = Path(tmp) / f"{mode}.zarr"
-            proc = subprocess.run([sys.executable, "-c", code, mode, str(ns.steps), str(out)],
-                                  capture_output=True, text=True, check=True)
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(results[-1], flush=True)
-    base = results[0]["median_step_s"]
-    print(f"\n| mode | median s/step | vs no recording | peak RSS MB |\n|---|---|---|---|")
-    for r in results:
-        print(f"| {r['mode']} | {r['median_step_s']:.3f} | {100 * (r['median_step_s'] / base - 1):+.1f} % | {r['peak_rss_mb']:.0f} |")
+    results = side_by_side(ns.steps, ns.repeats)
+    print(f"\n{ns.steps} steps, whole processes, {ns.repeats} repeats (medians)\n")
+    print("| code path | wall s | user s | sys s | minor faults | peak RSS GB |\n|---|---|---|---|---|---|")
+    middle = medians(results)
+    for mode, m in middle.items():
+        print(f"| {mode} | {m['wall_s']:.1f} | {m['user_s']:.1f} | {m['sys_s']:.1f} | {m['minflt']:,.0f} "
+              f"| {m['peak_rss_gb']:.2f} |")
+    ratios = [nb["wall_s"] / ws["wall_s"] for nb, ws in zip(results["notebook"], results["wordystore"])]
+    print(f"\nwordystore train is {middle['notebook']['wall_s'] / middle['wordystore']['wall_s']:.2f}x as fast "
+          f"as the notebook's code path (pairwise: {', '.join(f'{r:.2f}x' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The project's trainer against the notebook's own recorder, reimplemented in notebook_reference."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from trainer.config import RunConfig
 from trainer.data import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore import trajectory
+from wordystore.cli import _run_overrides, build_parser
+from wordystore.cli import main as cli_main
 
 SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32)
 SEED_KINDS = ("recorded_steps", "embeddings", "grads", "momentum", "variance", "logits", "losses")
@@ -80,18 +83,83 @@ def test_gpt2_tokenizer_offline():
     assert load_tokenizer().encode("Hello world") == [15496, 995]
 
 
-def test_cli_end_to_end_with_the_real_gpt2_vocabulary(tmp_path):
-    out = tmp_path / "wb.zarr"
-    cmd = [sys.executable, "-m", "wordystore.cli", "train", str(out), "--steps", "2", "--batch-size", "4", "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "recorded 3 rows" in result.stdout
-    t = trajectory.open(out)
+def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_changes_no_bit(tmp_path):
+    """The command's default keeps freed memory for reuse (trainer.memory); --low-memory does not.
+    With the real vocabulary the [4, 128, 50257] float32 logits (103 MB) are big enough that glibc
+    would otherwise map and unmap them each step."""
+    runs = {}
+    for name, extra in (("default", []), ("low_memory", ["--low-memory"])):
+        out = tmp_path / f"{name}.zarr"
+        cmd = [sys.executable, "-m", "wordystore.cli", "train", str(out), "--steps", "2", "--batch-size", "4",
+               "--quiet", *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert "recorded 3 rows" in result.stdout
+        runs[name] = trajectory.open(out)
+    t = runs["default"]
+    for kind in t.kinds:
+        assert t[kind].numpy(slice(None)).tobytes() == runs["low_memory"][kind].numpy(slice(None)).tobytes(), kind
     untrained = t.embeddings[0:3, "untrained"]
     assert untrained.shape == (3, 45087, 64) and untrained.dtype == torch.bfloat16
     assert t.config["model"]["vocab_size"] == 50257
-    info = subprocess.run([sys.executable, "-m", "wordystore.cli", "info", str(out)], capture_output=True, text=True)
+    info = subprocess.run([sys.executable, "-m", "wordystore.cli", "info", str(tmp_path / "default.zarr")],
+                          capture_output=True, text=True)
     assert "untrained (45087)" in info.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.zarr", "low_memory.zarr"]  # nothing else
+
+
+STEP_LIKE_ALLOCATIONS = """
+import resource, sys, torch
+from trainer.memory import keep_freed_memory
+assert sys.argv[1] == "default" or keep_freed_memory()
+faults = []
+for step in range(20):  # big blocks allocated and freed in the same order each time, as a training step does
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.ones(16 << 20); b = a.bfloat16(); c = a * 2; del a; c.sum(); del b, c
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory works on glibc")
+def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
+    faults = {}
+    for setting in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", STEP_LIKE_ALLOCATIONS, setting],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        faults[setting] = int(result.stdout)
+    # default: every repetition maps its 160 MB afresh (about 41,000 faults); kept: a few heap extensions
+    assert faults["keep"] < faults["default"] / 4, faults
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--steps", "-1"], "steps must be >= 1, got -1"),
+    (["--record-every", "0"], "record_every must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--hidden-dim", "63"], "hidden_dim (63) must be a multiple of n_head (2)"),
+    (["--resume", "--overwrite"], "--overwrite starts a new run"),
+    (["--extend-to", "300"], "--extend-to N and --lr-policy (hold, decay, restart) go together"),
+])
+def test_bad_train_flags_are_refused_up_front_and_leave_nothing(tmp_path, capsys, flags, message):
+    assert cli_main(["train", str(tmp_path / "x.zarr"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"wordystore train: error: {message}\n" or err.startswith(f"wordystore train: error: {message}")
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_flags_take_their_type_from_the_run_config(tmp_path):
+    (tmp_path / "c.txt").write_text("a corpus")
+    corpus = str(tmp_path / "c.txt")
+    ns = build_parser().parse_args(["train", "x", "--vocab-size", "300", "--learning-rate", "1e-2", "--corpus", corpus])
+    assert (ns.vocab_size, ns.learning_rate, ns.corpus) == (300, 0.01, corpus)
+    config = RunConfig.from_dict(_run_overrides(ns))
+    assert config.vocab_size == 300 and config.learning_rate == 0.01
+    # a --config file gives only what it sets (a resumed run's stored values fill the rest), flags win
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "seed": 1}))
+    ns = build_parser().parse_args(["train", "x", "--config", str(tmp_path / "c.json"), "--seed", "3"])
+    assert _run_overrides(ns) == {"steps": 5, "seed": 3}
 
 
 def test_config_file_with_an_unknown_key_is_refused(tmp_path):

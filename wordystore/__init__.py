@@ -31,7 +31,7 @@ from wordystore.writer import TrajectoryWriter, create, load_state, resume
 
 open = trajectory.open  # noqa: A001
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AdamPrediction", "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
     "Trajectory", "TrajectoryWriter", "VerifyReport", "WordystoreError", "WriterFailedError",

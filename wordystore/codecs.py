@@ -126,8 +126,9 @@ class Blosc:
         items = np.frombuffer(data, dtype=f"V{self.typesize}" if self.typesize > 1 else np.uint8)
         return self._codec().encode(items)
 
-    def decode(self, data) -> bytes:
-        return self._codec().decode(bytes(data))
+    def decode(self, data, out=None) -> bytes:
+        """The decompressed bytes; with ``out`` (a writable buffer of their size), written there."""
+        return self._codec().decode(data, out=out)
 
 
 @dataclass(frozen=True)
@@ -203,9 +204,15 @@ class ChunkCodecs:
         of it in the array's axis order."""
         if not stored.flags.c_contiguous:  # reshape(-1) would decode into a copy, silently
             raise ValueError("decode_into needs a C-contiguous buffer")
-        for codec in reversed(self.compressors):
-            data = codec.decode(data)
-        self.serializer.decode_into(data, stored)
+        compressors = list(self.compressors)
+        while compressors and isinstance(compressors[-1], Crc32c):
+            data = compressors.pop().decode(data)
+        if isinstance(self.serializer, Bytes) and len(compressors) == 1:  # blosc decompresses in place
+            compressors[0].decode(data, out=stored.reshape(-1).view(np.uint8))
+        else:
+            for codec in reversed(compressors):
+                data = codec.decode(data)
+            self.serializer.decode_into(data, stored)
         return self.transpose.to_logical(stored) if self.transpose else stored
 
 

@@ -73,6 +73,9 @@ def config_summary(config: dict) -> list[str]:
     for seg in config.get("segments", []):
         lines.append(f"segment: rows {seg['rows'][0]}..{seg['rows'][1] - 1}, steps {seg['steps'][0]}..{seg['steps'][1]} "
                      f"from {seg['source']}")
+    for ext in config.get("extensions", []):  # wordystore train --extend-to
+        lines.append(f"extension: steps {ext['seam_step'] + 1}..{ext['to_step']}, lr policy {ext['lr_policy']} "
+                     f"(seam after step {ext['seam_step']}, whose lr was {ext['seam_lr']:g})")
     if "imported_from" in config:
         lines.append(f"imported from {config['imported_from']}")
     if "seed_scalars" in config and not run:
@@ -80,7 +83,7 @@ def config_summary(config: dict) -> list[str]:
                                              for k, v in config["seed_scalars"].items()))
     known = {"segments", "stitched_from", "imported_from", "seed_scalars"}
     if run:
-        known |= {"run", "training_arguments", "model", "data", "device", "summary"}
+        known |= {"run", "training_arguments", "model", "data", "device", "summary", "extensions"}
     other = [key for key in config if key not in known]
     if other:
         lines.append("config: " + ", ".join(_short(key, config[key]) for key in other))

@@ -56,8 +56,7 @@ def zarr_dtype(kind: Kind, profile: str) -> str:
     return kind.dtype
 
 
-def _pcodec_takes(dtype: str) -> bool:
-    return np.dtype(Kind((), dtype).numpy_dtype if dtype != "uint16" else dtype).itemsize >= 2 and dtype != "bool"
+PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ class AdamPrediction:
         exp_avg:    pred = bf16(prev + f32(1 - beta) * (g - prev))
         exp_avg_sq: pred = bf16(bf16(prev * f32(beta)) + f32(1 - beta) * g * g)
 
-    all in float32 arithmetic, one rounding per operation (IEEE, round to nearest even). The
+    all in float32 arithmetic, one rounding per operation (IEEE, round to nearest even), a NaN
+    prediction taken as the bits 0x7FC0. The
     stored value is ``(bits(row) - bits(pred)) mod 2**16`` as int16; a reader adds it back. It is
     lossless whatever the prediction's quality; on the seed run 97-99% of the residuals are 0.
     """
@@ -110,29 +110,39 @@ class AdamPrediction:
             pred = prev + f32(1 - self.beta) * (g - prev)
         else:
             pred = _bf16(prev * f32(self.beta)) + f32(1 - self.beta) * g * g
-        return pred.astype(BFLOAT16).view(np.uint16)
+        bits = pred.astype(BFLOAT16).view(np.uint16)
+        bits[np.isnan(pred)] = CANONICAL_NAN  # NaN payloads from arithmetic differ between machines
+        return bits
 
     def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
         """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first)."""
-        result = np.empty(moment.shape, np.int16)  # C order, like its input
-        bits, grads, out = (np.moveaxis(a, axis, 0) for a in (moment.view(np.uint16), grads, result))
-        prev = np.zeros(bits.shape[1:], np.float32)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(bits.shape[0]):
-                out[r] = (bits[r] - self._predict(prev, grads[r], norms[r])).view(np.int16)
-                prev = bits[r].view(BFLOAT16).astype(np.float32)
-        return result
+        return self._replay(moment.view(np.uint16), grads, norms, axis, encode=True).view(np.int16)
 
     def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
         """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
-        result = np.empty(residuals.shape, np.uint16)  # C order, like its input
-        res, grads, out = (np.moveaxis(a, axis, 0) for a in (residuals.view(np.uint16), grads, result))
-        prev = np.zeros(res.shape[1:], np.float32)
+        return self._replay(residuals.view(np.uint16), grads, norms, axis, encode=False)
+
+    def _replay(self, data: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int, encode: bool) -> np.ndarray:
+        """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
+        moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
+        residual``), both mod 2**16. The result is C-ordered like ``data``."""
+        result = np.empty(data.shape, np.uint16)
+        rows, grads, out = (np.moveaxis(a, axis, 0) for a in (data, grads, result))
+        prev = np.zeros(rows.shape[1:], np.float32)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(res.shape[0]):
-                np.add(self._predict(prev, grads[r], norms[r]), res[r], out=out[r])  # mod 2**16
-                prev = out[r].view(BFLOAT16).astype(np.float32)
+            for r in range(rows.shape[0]):
+                pred = self._predict(prev, grads[r], norms[r])
+                if encode:
+                    np.subtract(rows[r], pred, out=out[r])
+                    moment = rows[r]
+                else:
+                    np.add(pred, rows[r], out=out[r])
+                    moment = out[r]
+                prev = moment.view(BFLOAT16).astype(np.float32)
         return result
+
+
+CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
 
 
 def _bf16(x) -> np.ndarray:
@@ -171,7 +181,7 @@ class ArrayLayout:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype) if self.dtype == "uint16" else Kind((), self.dtype).numpy_dtype
+        return BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
     def prediction(self) -> AdamPrediction | None:
@@ -279,7 +289,7 @@ class Profile:
             attributes = {ATTRS_KEY: {"view_as": kind.dtype, "residual_of": prediction.to_json()}}
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
-        if self.name == "compact" and _pcodec_takes(dtype):
+        if self.name == "compact" and dtype in PCODEC_DTYPES:
             codecs = ChunkCodecs(transpose, PCodec(PCODEC_LEVEL), (Crc32c(),))
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -29,7 +28,6 @@ from wordystore.codecs import EMPTY, decode_shard_index, shard_index_nbytes
 from wordystore.errors import CorruptChunkError
 from wordystore.format import ArrayLayout
 
-HUGE_PAGE_MIN = 8 << 20  # outputs at least this large are backed by transparent huge pages
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
 
@@ -114,16 +112,9 @@ def plan_reads(tiers: list[Tier], fetch: tuple) -> list[ChunkRead]:
 
 
 def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised array; large ones on transparent huge pages, so that first writing them
-    costs a few hundred page faults instead of hundreds of thousands."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    if count * dtype.itemsize < HUGE_PAGE_MIN:
-        return np.empty(shape, dtype)
-    buffer = mmap.mmap(-1, count * dtype.itemsize)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+    """An uninitialised output array. numpy already asks the kernel for transparent huge pages for
+    large allocations (madvise), which keeps the first write's page faults few."""
+    return np.empty(shape, dtype)
 
 
 class ChunkCache:

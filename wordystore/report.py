@@ -62,8 +62,9 @@ class Run:
 
     @property
     def seams(self) -> list[int]:
-        """First steps of the 2nd, 3rd... segments of a stitched run."""
-        return [seg["steps"][0] for seg in self.t.segments[1:]]
+        """First steps of the 2nd, 3rd... segments of a stitched run, and of each extension's new LR policy."""
+        extensions = [ext["seam_step"] + 1 for ext in self.t.config.get("extensions", [])]
+        return [seg["steps"][0] for seg in self.t.segments[1:]] + extensions
 
 
 def analyse(t: Trajectory, label: str, progress: bool = True) -> Run:
@@ -112,7 +113,7 @@ def plot_lines(path: Path, title: str, ylabel: str, panels: dict[str, list[Serie
         for step in seams:
             ax.axvline(step, color="gray", linestyle=":", linewidth=1)
         if seams:
-            ax.plot([], [], color="gray", linestyle=":", linewidth=1, label="seam (stitched runs)")
+            ax.plot([], [], color="gray", linestyle=":", linewidth=1, label="seam (stitched or extended runs)")
         ax.set(title=panel or None, xlabel=STEP_LABEL)
         ax.set_yscale("log" if log else "linear")
         if percent:

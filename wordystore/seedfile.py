@@ -24,6 +24,7 @@ import numpy as np
 import wordystore
 from wordystore.indexing import step_rows
 from wordystore.kinds import Kind
+from wordystore.tokensets import token_sets_from_mask_file
 from wordystore.trajectory import Trajectory
 from wordystore.writer import building
 
@@ -205,8 +206,6 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
     header, data_start = _read_header(path)
     sets = None
     if token_masks is not None:
-        from trainer.data import token_sets_from_mask_file
-
         sets = token_sets_from_mask_file(token_masks, V)
     config = {"seed_scalars": scalars, "imported_from": str(path.resolve())}
     fd = os.open(path, os.O_RDONLY)

@@ -1,0 +1,367 @@
+"""wordystore's benchmark: one table in which every figure is a ratio against a baseline measured in
+the same run, on the seed's 200-step run (trained once, then cached with its exports).
+
+    python -m bench               # the real 200-step seed run (first time: trains it, ~8 minutes)
+    python -m bench --quick       # a small run of every measurement, for CI (about a minute)
+    python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
+
+Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
+read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
+codec's own multi-threaded decode of the same chunks, the machine's plain file write and read
+speed, the same training steps without recording, and the notebook's own code path for the main
+job (bench/trainer_bench.py). Results also go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
+QUICK_RUN = ["--steps", "40", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
+ROWS: list[tuple] = []  # (section, measure, baseline, ours, ratio text, target text, met)
+
+
+def row(section, measure, baseline, ours, ratio, target="", met=None):
+    ROWS.append((section, measure, baseline, ours, ratio, target, met))
+    mark = "" if met is None else (" ok" if met else " MISSED")
+    print(f"  {measure}: {ours} vs {baseline} -> {ratio} {target}{mark}", flush=True)
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], check=True, **kwargs)
+
+
+def measured(argv: list[str], env=None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB, polled every 20 ms) of a child process."""
+    start = time.perf_counter()
+    proc = psutil.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    if proc.returncode:
+        raise RuntimeError(f"{argv} failed: {proc.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - start, peak / 1e6
+
+
+def evict(path: Path) -> None:
+    """Drop a file's or a directory's files from the page cache (cold reads)."""
+    for p in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def best(fn, repeat: int, before=None) -> float:
+    times = []
+    for _ in range(repeat):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def prepare(ns) -> tuple[Path, Path, Path]:
+    """The run's compact store, its portable conversion and its seed-layout file (made once, cached)."""
+    base = CACHE / ("quick" if ns.quick else "seed-200")
+    store = Path(ns.store) if ns.store else base / "wb1b.zarr"
+    if not ns.store and not (store / "commit.json").exists():
+        print(f"training the {'quick' if ns.quick else 'seed 200-step'} run into {store} (cached for later runs)")
+        cli("train", store, "--quiet", "--overwrite", *(QUICK_RUN if ns.quick else []))
+    portable, seed = store.with_name(store.stem + "-portable.zarr"), store.with_name(store.stem + ".safetensors")
+    if not (portable / "commit.json").exists():
+        cli("convert", store, portable, "--profile", "portable", "--overwrite", stdout=subprocess.DEVNULL)
+    if not seed.exists():
+        cli("export", store, seed, stdout=subprocess.DEVNULL)
+    return store, portable, seed
+
+
+def store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench_size(store: Path, portable: Path, seed: Path) -> None:
+    file_bytes = seed.stat().st_size
+    for label, path, target in (("compact", store, 4.5), ("portable", portable, None)):
+        ratio = file_bytes / store_bytes(path)
+        row("size", f"bytes on disk, {label} profile", f"{file_bytes / 1e6:,.0f} MB (seed file)",
+            f"{store_bytes(path) / 1e6:,.0f} MB", f"{ratio:.2f}x smaller",
+            f">= {target}x" if target else "", ratio >= target if target else None)
+
+
+def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
+    """The canonical reads of embeddings against the seed file, warm and cold, cached, iterated."""
+    import torch
+    from safetensors import safe_open
+
+    import wordystore
+
+    t = wordystore.open(store, cache_bytes=0)
+    rows, untrained = len(t), torch.from_numpy(t.token_set("untrained"))
+    mid, repeat = rows // 2, 2 if quick else 3
+
+    def from_file(index, copy):  # opened anew each time: pages a live mmap holds cannot be evicted
+        def read():
+            with safe_open(str(seed), "pt") as f:
+                out = f.get_slice("embeddings")[index[0]][index[1]]
+                return out.clone() if copy else out
+        return read
+
+    cases = {
+        "untrained slice, all steps": (from_file((slice(0, rows), (slice(None), untrained)), False),
+                                       lambda: t.embeddings[0:rows, "untrained"], 2.5, None),
+        "one token, all steps": (from_file((slice(None), (slice(None), slice(1234, 1235))), True),
+                                 lambda: t.embeddings[:, 1234], None, 0.010),
+        "one step": (from_file((slice(mid, mid + 1), slice(None)), True), lambda: t.embeddings[mid], None, 0.250),
+    }
+    untrained_seconds = None
+    for label, (file_read, store_read, warm_ratio, seconds) in cases.items():
+        assert torch.equal(file_read().squeeze().view(torch.int16), store_read().squeeze().view(torch.int16)), label
+        for cache in ("warm", "cold"):
+            evicting = cache == "cold"
+            a = best(file_read, repeat, (lambda: evict(seed)) if evicting else None)
+            b = best(store_read, repeat, (lambda: evict(store)) if evicting else None)
+            if label.startswith("untrained") and cache == "warm":
+                untrained_seconds = b
+            if warm_ratio and cache == "warm":
+                target, met = f"<= {warm_ratio}x the file", b / a <= warm_ratio
+            elif label.startswith("untrained"):
+                target, met = "faster than the file", b < a
+            elif seconds:
+                target, met = f"<= {seconds * 1e3:.0f} ms", b <= seconds
+            else:
+                target, met = "", None
+            row(f"read, {cache} page cache", label, f"{a * 1e3:,.1f} ms (file)", f"{b * 1e3:,.1f} ms",
+                f"{b / a:.2f}x the file's time", target, met)
+
+    cached = wordystore.open(store)
+    cached.embeddings[0:rows, "untrained"]  # fills the chunk cache
+    a, b = best(cases["untrained slice, all steps"][0], repeat), best(lambda: cached.embeddings[0:rows, "untrained"], repeat)
+    row("read, repeated", "untrained slice through the chunk cache", f"{a * 1e3:,.1f} ms (file, warm)",
+        f"{b * 1e3:,.1f} ms", f"{b / a:.2f}x", "no slower than the file warm", b <= a)
+    cached.close()
+
+    def iterate():
+        for _ in wordystore.open(store, cache_bytes=0).embeddings:
+            pass
+    it = best(iterate, 1 if not quick else 1)
+    row("read, warm page cache", "iterate over all steps in order", f"{untrained_seconds * 1e3:,.0f} ms (untrained slice)",
+        f"{it * 1e3:,.0f} ms", f"{it / untrained_seconds:.2f}x", "<= 1.5x the untrained slice", it <= 1.5 * untrained_seconds)
+
+
+def bench_peer(portable: Path, quick: bool) -> None:
+    """wordystore against tensorstore on the same portable arrays."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        row("peer", "tensorstore", "not installed", "-", "-")
+        return
+    import wordystore
+
+    t = wordystore.open(portable, cache_bytes=0)
+    rows, untrained, mid = len(t), t.token_set("untrained"), len(t) // 2
+    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(portable / "embeddings")},
+                     "context": {"cache_pool": {"total_bytes_limit": 0}}}).result()
+    cases = {
+        "untrained slice, all steps": (lambda: array.oindex[0:rows, untrained].read().result(),
+                                       lambda: t.embeddings.numpy((slice(0, rows), "untrained"))),
+        "one token, all steps": (lambda: array[:, 1234].read().result(), lambda: t.embeddings.numpy((slice(None), 1234))),
+        "one step": (lambda: array[mid].read().result(), lambda: t.embeddings.numpy(mid)),
+    }
+    for label, (theirs, ours) in cases.items():
+        assert np.array_equal(np.asarray(theirs()).view(np.uint16), ours().view(np.uint16)), label
+        a, b = best(theirs, 2 if quick else 3), best(ours, 2 if quick else 3)
+        row("peer (portable profile)", label, f"{a * 1e3:,.1f} ms (tensorstore)", f"{b * 1e3:,.1f} ms",
+            f"{b / a:.2f}x tensorstore's time", "<= 1x", b <= a)
+
+
+def bench_efficiency(store: Path) -> None:
+    """Bytes decoded per second by the untrained read against the codec's own multi-threaded decode
+    of the same chunks (compressed bytes already in memory, no copying into an output). The read
+    goes into an output already written once: a fresh one costs the same page faults whatever
+    fills it (the read rows above include them, for the file and the store alike)."""
+    import wordystore
+    from wordystore import storage
+    from wordystore.codecs import decode_shard_index, shard_index_nbytes
+
+    t = wordystore.open(store, cache_bytes=0)
+    layout = t._layouts["embeddings"][0]
+    n_chunks = int(np.prod(layout.chunks_per_shard))
+    chunks = []
+    for coords in np.ndindex(*layout.shard_grid()):
+        data = storage.get(t._store, layout.shard_key(coords))
+        index = decode_shard_index(data[-shard_index_nbytes(n_chunks):], n_chunks)
+        chunks += [data[o : o + n] for o, n in index.tolist() if o != 2**64 - 1]
+    stored_shape = layout.codecs.stored_shape(layout.chunk)
+
+    def decode_all(part):
+        buffer = np.empty(stored_shape, layout.numpy_dtype)
+        for data in part:
+            layout.codecs.decode_into(data, buffer)
+
+    threads = os.cpu_count() or 1
+    parts = [chunks[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        seconds = best(lambda: list(pool.map(decode_all, parts)), 2)
+    decoded = len(chunks) * int(np.prod(stored_shape)) * layout.numpy_dtype.itemsize
+    ids = t.token_set("untrained")
+    out = np.zeros((len(t), len(ids), *t.kinds["embeddings"].shape[1:]), t.kinds["embeddings"].numpy_dtype)
+    fetch = (slice(0, len(t), 1), ids, *(slice(0, n, 1) for n in out.shape[2:]))
+    read_seconds = best(lambda: t.read_into("embeddings", fetch, out), 2)
+    codec_rate, read_rate = decoded / seconds, decoded / read_seconds
+    row("read efficiency", f"untrained slice: bytes decoded per second ({threads} threads)",
+        f"{codec_rate / 1e6:,.0f} MB/s (codec alone)", f"{read_rate / 1e6:,.0f} MB/s",
+        f"{read_rate / codec_rate:.0%} of the codec", ">= 80%", read_rate >= 0.8 * codec_rate)
+
+
+def bench_export_import(store: Path, seed: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
+    size = seed.stat().st_size
+    try:
+        blob = np.ones(64 << 20, np.uint8)
+        def plain_write():
+            with open(tmp / "plain", "wb") as f:
+                for _ in range(max(1, size // blob.nbytes)):
+                    f.write(blob)
+        write_s = best(plain_write, 1) * size / (max(1, size // blob.nbytes) * blob.nbytes)
+        (tmp / "plain").unlink()
+        evict(seed)
+        read_s = best(lambda: subprocess.run(["cat", str(seed)], stdout=subprocess.DEVNULL, check=True), 1)
+        export_s, export_rss = measured([sys.executable, "-m", "wordystore.cli", "export", str(store), str(tmp / "x.safetensors")])
+        row("export/import", "export to the seed layout: MB/s", f"{size / write_s / 1e6:,.0f} MB/s (plain file write)",
+            f"{size / export_s / 1e6:,.0f} MB/s", f"{write_s / export_s:.0%} of a plain write", ">= 400 MB/s",
+            size / export_s >= 400e6)
+        row("export/import", "export: peak RSS", "512 MB (budget)", f"{export_rss:,.0f} MB", f"{export_rss / 512:.0%}",
+            "<= 512 MB", export_rss <= 512)
+        (tmp / "x.safetensors").unlink()
+        import_s, import_rss = measured([sys.executable, "-m", "wordystore.cli", "import", str(seed), str(tmp / "i.zarr")])
+        row("export/import", "import from the seed layout: MB/s", f"{size / read_s / 1e6:,.0f} MB/s (plain file read, cold)",
+            f"{size / import_s / 1e6:,.0f} MB/s", f"{read_s / import_s:.0%} of a plain read")
+        row("export/import", "import: peak RSS", "512 MB (budget)", f"{import_rss:,.0f} MB", f"{import_rss / 512:.0%}",
+            "<= 512 MB", import_rss <= 512)
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+
+
+RECORDING = r"""
+import json, resource, sys, time
+sys.path[:0] = [{root!r}]
+import numpy as np
+from transformers import TrainerCallback
+import trainer.run as run
+import wordystore.writer
+from trainer.config import RunConfig
+mode, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+times, closing = [], []
+class Clock(TrainerCallback):
+    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
+    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
+init = run.SeedTrainer.__init__
+def with_clock(self, *a, callbacks=(), **k):
+    init(self, *a, callbacks=[*callbacks, Clock()], **k)
+run.SeedTrainer.__init__ = with_clock
+close = wordystore.writer.TrajectoryWriter.close
+def timed_close(self):
+    t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)
+wordystore.writer.TrajectoryWriter.close = timed_close
+run.train(out, RunConfig(**args), progress=False, record=(mode == "recording"))
+print(json.dumps({{"median_step_s": float(np.median(times[2:])), "close_s": sum(closing),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def bench_recording(quick: bool) -> None:
+    """The same training steps with and without recording, alternating, each a whole process."""
+    args = {"steps": 12} if not quick else {"steps": 10, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
+    script = RECORDING.format(root=str(ROOT))
+    results = {"none": [], "recording": []}
+    tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
+    try:
+        for repeat in range(1 if quick else 2):
+            for mode in ("none", "recording"):
+                out = subprocess.run([sys.executable, "-c", script, mode, str(tmp / f"{mode}{repeat}.zarr"),
+                                      json.dumps(args)], check=True, capture_output=True, text=True).stdout
+                results[mode].append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    step = {mode: float(np.median([r["median_step_s"] for r in rs])) for mode, rs in results.items()}
+    rss = {mode: max(r["peak_rss_mb"] for r in rs) for mode, rs in results.items()}
+    overhead = step["recording"] / step["none"] - 1
+    row("recording", f"median step time ({args['steps']} steps per process)", f"{step['none']:.3f} s (no recording)",
+        f"{step['recording']:.3f} s", f"{overhead:+.1%}", "<= +3%", overhead <= 0.03)
+    extra = rss["recording"] - rss["none"]
+    row("recording", "writer's extra peak RSS", f"{rss['none']:,.0f} MB (no recording)", f"{rss['recording']:,.0f} MB",
+        f"+{extra:,.0f} MB", "<= 300 MB", extra <= 300)
+    closing = float(np.median([r["close_s"] for r in results["recording"]]))
+    row("recording", "compaction and close after the last step", f"{step['none'] * args['steps']:.1f} s (training)",
+        f"{closing:.1f} s", f"{closing / (step['none'] * args['steps']):.0%} of the training time")
+
+
+def bench_main_job(quick: bool) -> None:
+    """The seed job as the notebook runs it against ``wordystore train``: whole processes, the
+    same steps, tokenization included, alternating (bench/trainer_bench.py)."""
+    from bench.trainer_bench import medians, side_by_side
+
+    steps, repeats = (2, 1) if quick else (10, 3)
+    middle = medians(side_by_side(steps, repeats))
+    nb, ws = middle["notebook"], middle["wordystore"]
+    speedup = nb["wall_s"] / ws["wall_s"]
+    row("main job", f"seed job, {steps} steps, whole processes (median of {repeats})", f"{nb['wall_s']:.1f} s (notebook)",
+        f"{ws['wall_s']:.1f} s", f"{speedup:.2f}x as fast", ">= 2x", speedup >= 2)
+    row("main job", "peak RSS", f"{nb['peak_rss_gb']:.2f} GB (notebook)", f"{ws['peak_rss_gb']:.2f} GB",
+        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x")
+
+
+def write_results(quick: bool) -> None:
+    lines = ["| section | measure | baseline | wordystore | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for section, measure, baseline, ours, ratio, target, met in ROWS:
+        lines.append(f"| {section} | {measure} | {baseline} | {ours} | {ratio} | {target} | "
+                     f"{'' if met is None else ('yes' if met else '**no**')} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / ("quick.md" if quick else "latest.md")).write_text(table + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run of every measurement (CI)")
+    parser.add_argument("--store", help="measure this trajectory instead of the cached seed run")
+    parser.add_argument("--skip-training", action="store_true", help="leave out the recording measurements")
+    ns = parser.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    store, portable, seed = prepare(ns)
+    bench_size(store, portable, seed)
+    bench_reads(store, portable, seed, ns.quick)
+    bench_efficiency(store)
+    bench_peer(portable, ns.quick)
+    bench_export_import(store, seed)
+    if not ns.skip_training:
+        bench_recording(ns.quick)
+        bench_main_job(ns.quick)
+    write_results(ns.quick)
+
+
+if __name__ == "__main__":
+    main()
