@@ -188,17 +188,9 @@ def test_a_write_refused_by_the_system_names_the_output_and_leaves_nothing(runs,
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A 4 KiB tmpfs: a real ENOSPC. Needs root (or CAP_SYS_ADMIN); skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (the EFBIG test above covers the same path)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+def full_disk(small_tmpfs):
+    """A 4 KiB tmpfs (conftest.small_tmpfs): a real ENOSPC."""
+    return small_tmpfs("4k", "the EFBIG test above covers the same path")
 
 
 def test_a_full_disk_during_export_names_the_output_and_leaves_nothing(tmp_path, full_disk):

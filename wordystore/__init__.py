@@ -26,6 +26,7 @@ from wordystore.errors import (
 from wordystore.format import AdamPrediction, adam_predictions
 from wordystore.kinds import Kind, seed_kinds
 from wordystore.trajectory import Trajectory
+from wordystore.verify import VerifyReport, verify
 from wordystore.writer import TrajectoryWriter, create, load_state, resume
 
 open = trajectory.open  # noqa: A001
@@ -33,6 +34,6 @@ open = trajectory.open  # noqa: A001
 __version__ = "0.2.0"
 __all__ = [
     "AdamPrediction", "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
-    "Trajectory", "TrajectoryWriter", "WordystoreError", "WriterFailedError",
-    "adam_predictions", "create", "load_state", "open", "resume", "seed_kinds", "trajectory",
+    "Trajectory", "TrajectoryWriter", "VerifyReport", "WordystoreError", "WriterFailedError",
+    "adam_predictions", "create", "load_state", "open", "resume", "seed_kinds", "trajectory", "verify",
 ]

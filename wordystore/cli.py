@@ -1,5 +1,6 @@
-"""wordystore: record training trajectories (train), inspect them (info, report, compare), convert
-to and from the seed notebook's safetensors layout (export, import), and join runs (stitch).
+"""wordystore: record training trajectories (train), inspect them (info, report, compare), check them
+(verify), convert to and from the seed notebook's safetensors layout (export, import), and join
+runs (stitch).
 
 A mistake in what was asked for (a missing store, a bad flag value, a full disk) prints one line,
 "wordystore COMMAND: error: what was wrong; what was expected", and exits with status 2. Set
@@ -227,6 +228,14 @@ def cmd_info(ns) -> None:
         print(json.dumps(t.config, indent=1))
 
 
+def cmd_verify(ns) -> int:
+    from wordystore.verify import verify
+
+    report = verify(ns.store, repair=ns.repair, progress=not ns.quiet)
+    print(report.summary())
+    return report.exit_status
+
+
 def _require_matplotlib(command: str) -> None:
     """Exit 2 with one line on installing the analysis extra if matplotlib is missing."""
     from wordystore.report import MissingExtraError, require_matplotlib
@@ -314,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="store_true", help="also print the stored run config")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("verify", help="check every chunk of a trajectory's committed rows; --repair rebuilds its "
+                                      "commit record from the rows that verify (exit status 1: damage found)")
+    p.add_argument("store")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild the commit record (and documents the metadata determines) from what verifies; "
+                        "deletes nothing, keeps the old record as commit.json.<time>.bak")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("report", help="PNG plots and a short report.md of a trajectory (needs the analysis extra)")
     p.add_argument("store")
     p.add_argument("--out", help="directory to write into (default: ./<store name>-report)")
@@ -381,8 +399,9 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, or 2 for a user error, 1 for a bug, 141 for a closed pipe,
-    128 + the signal's number for a training run stopped by SIGINT or SIGTERM)."""
+    """Run one command; returns the exit status (0, or 2 for a user error, 1 for a bug or for damage that
+    ``verify`` found, 141 for a closed pipe, 128 + the signal's number for a training run stopped by SIGINT
+    or SIGTERM)."""
     try:
         ns = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse's --help (0) or usage error (2, already printed): a status, not an exit

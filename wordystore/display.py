@@ -110,9 +110,21 @@ def _token_sets(t: Trajectory) -> str:
     return ", ".join(f"{name} ({len(ids)})" for name, ids in t.token_sets.items()) or "none"
 
 
+def integrity(t: Trajectory) -> str:
+    """When the store was last verified, and whether a shard that committed rows need is missing."""
+    from wordystore.verify import missing_shards, verification_status
+
+    missing = missing_shards(t)
+    line = verification_status(t)
+    if missing:
+        line = (f"DAMAGED: {len(missing)} shard(s) of committed rows are missing (e.g. {missing[0]}); "
+                f"run `wordystore verify {describe(t._store)}`; {line}")
+    return line
+
+
 def text(t: Trajectory) -> str:
     """What ``wordystore info`` prints."""
-    lines = [f"{describe(t._store)}: {len(t)} rows, {steps_span(t)}"]
+    lines = [f"{describe(t._store)}: {len(t)} rows, {steps_span(t)}", f"  {integrity(t)}"]
     header = ("kind", "dtype", "shape [step, ...]", "on disk", "raw", "ratio")
     table = [header, *_rows(t)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -411,6 +411,42 @@ class Metadata:
         """Every per-row array: the kinds and ``recorded_steps``."""
         return {**self.kinds, STEPS_ARRAY: STEPS_KIND}
 
+    def layouts(self, name: str, rows: int = 0) -> tuple[ArrayLayout, ArrayLayout]:
+        """The (main, hot) layouts this metadata determines for array ``name`` with ``rows`` rows."""
+        kind, profile = self.arrays()[name], Profile(self.profile)
+        return (profile.main_layout(name, kind, rows, self.chunk_rows, self.predictions.get(name)),
+                profile.hot_layout(name, kind, rows, self.block_rows))
+
+
+def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
+    """How an array's zarr.json disagrees with the layout the metadata determines, in what reading
+    it depends on (None if it agrees; inner chunks along other axes may differ: readers follow them)."""
+    def counts(values) -> bool:
+        return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in values)
+
+    if len(actual.shape) != len(expected.shape) or not (len(actual.chunk) == len(actual.shard) == len(actual.shape)) \
+            or not counts((*actual.shape, *actual.chunk, *actual.shard)) \
+            or not all(c > 0 and s % c == 0 for c, s in zip(actual.chunk, actual.shard)):
+        return (f"has shape {list(actual.shape)}, shards {list(actual.shard)} and chunks {list(actual.chunk)}; "
+                f"expected {len(expected.shape)} axes and chunks dividing shards")
+    try:
+        prediction = actual.prediction
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return f"has a damaged prediction attribute ({exc!r})"
+    checks = {
+        "data type": (actual.dtype, expected.dtype),
+        "shape per row": (actual.shape[1:], expected.shape[1:]),
+        "dimension names": (actual.dims, expected.dims),
+        "rows per chunk and shard": ((actual.chunk[0], actual.shard[0]), (expected.chunk[0], expected.shard[0])),
+        "transpose": (actual.codecs.transpose, expected.codecs.transpose),
+        "serializer": (type(actual.codecs.serializer).__name__, type(expected.codecs.serializer).__name__),
+        "Adam prediction": (prediction, expected.prediction),
+    }
+    for what, (got, want) in checks.items():
+        if got != want:
+            return f"has {what} {got}; the metadata says {want}"
+    return None
+
 
 @dataclass(frozen=True)
 class CommitRecord:
@@ -501,11 +537,34 @@ def read_commit(store) -> CommitRecord:
     from wordystore import storage
 
     where = storage.describe(store)
-    doc = read_json(store, COMMIT_KEY)
-    if doc is None:
-        raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was "
-                          f"lost; `wordystore verify {where} --repair` rebuilds it from the rows that verify")
-    return CommitRecord.from_json(doc, where)
+    try:
+        doc = read_json(store, COMMIT_KEY)
+        if doc is None:
+            raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was lost")
+        return CommitRecord.from_json(doc, where)
+    except FormatError as exc:  # every damaged record: say how to rebuild it
+        raise FormatError(f"{exc}; `wordystore verify {where} --repair` rebuilds it from the rows that verify") from None
+
+
+def check_arrays(store, meta: Metadata, record: CommitRecord,
+                 layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
+    """The arrays (name -> (main, hot) layouts) agree with the metadata and hold every row the
+    record admits; else a FormatError naming the first that does not."""
+    from wordystore import storage
+
+    where = storage.describe(store)
+    for name, (main, hot) in layouts.items():
+        for actual, expected in zip((main, hot), meta.layouts(name)):
+            mismatch = layout_mismatch(actual, expected)
+            if mismatch:
+                raise FormatError(f"{where}: array '{actual.path}': its zarr.json {mismatch}; "
+                                  f"run `wordystore verify {where}`")
+        if main.shape[0] < record.compacted_rows or (record.committed_rows > record.compacted_rows
+                                                     and hot.shape[0] < record.committed_rows):
+            raise FormatError(
+                f"{where}: {COMMIT_KEY} admits {record.committed_rows} rows ({record.compacted_rows} compacted) but "
+                f"array '{name}' holds {main.shape[0]} compacted and {hot.shape[0]} hot rows; "
+                f"run `wordystore verify {where} --repair`")
 
 
 def write_commit(store, record: CommitRecord, durable: bool = False) -> None:
@@ -519,6 +578,18 @@ def read_layout(store, path: str) -> ArrayLayout:
     if doc is None:
         raise FormatError(f"{storage.describe(store)}: array '{path}' is missing (no {path}/zarr.json)")
     return ArrayLayout.from_zarr_json(path, doc)
+
+
+def read_token_set_layout(store, name: str) -> ArrayLayout:
+    """The layout of ``token_sets/<name>``, refused unless it is exactly a token set's: an edited
+    shape must not read as a shorter set."""
+    from wordystore import storage
+
+    layout = read_layout(store, f"{TOKEN_SETS_GROUP}/{name}")
+    if len(layout.shape) != 1 or not isinstance(layout.shape[0], int) or layout != token_set_layout(name, layout.shape[0]):
+        raise FormatError(f"{storage.describe(store)}: array '{layout.path}': its zarr.json is not a token set's "
+                          "(int64 ids on one axis, in chunks of min(size, 65536), blosc and crc32c)")
+    return layout
 
 
 def write_layout(store, layout: ArrayLayout, durable: bool = False) -> None:

@@ -30,7 +30,8 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "bool": (np.dtype("bool"), torch.bool),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json", "analysis"}  # analysis/: wordystore.analysis' cache
+# keys of the store's root (docs/format.md); analysis/: wordystore.analysis' cache
+RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json", "analysis", "hot", "state", "verified.json"}
 
 
 @dataclass(frozen=True)

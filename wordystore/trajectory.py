@@ -45,16 +45,9 @@ class Trajectory:
     def refresh(self) -> "Trajectory":
         """Re-read the commit record, to see steps a writer committed since."""
         record = format.read_commit(self._store)
-        layouts = {}
-        for name in self._meta.arrays():
-            main, hot = (format.read_layout(self._store, path) for path in (name, f"{format.HOT_GROUP}/{name}"))
-            if main.shape[0] < record.compacted_rows or (record.committed_rows > record.compacted_rows
-                                                         and hot.shape[0] < record.committed_rows):
-                raise FormatError(
-                    f"{describe(self._store)}: {format.COMMIT_KEY} admits {record.committed_rows} rows "
-                    f"({record.compacted_rows} compacted) but array '{name}' holds {main.shape[0]} compacted and "
-                    f"{hot.shape[0]} hot rows; run `wordystore verify {describe(self._store)}`")
-            layouts[name] = (main, hot)
+        layouts = {name: tuple(format.read_layout(self._store, path) for path in (name, f"{format.HOT_GROUP}/{name}"))
+                   for name in self._meta.arrays()}
+        format.check_arrays(self._store, self._meta, record, layouts)
         self._record, self._layouts = record, layouts
         self._reader.main_layouts = {name: main for name, (main, _) in layouts.items()}
         self._steps = self._read(format.STEPS_ARRAY, (slice(0, record.committed_rows, 1),), (record.committed_rows,))
@@ -148,7 +141,7 @@ class Trajectory:
         if name not in self._meta.token_sets:
             raise KeyError(f"no token set {name!r}; this trajectory has {list(self._meta.token_sets)}")
         if name not in self._token_sets:
-            layout = format.read_layout(self._store, f"{format.TOKEN_SETS_GROUP}/{name}")
+            layout = format.read_token_set_layout(self._store, name)
             ids = reading.empty(layout.shape, np.int64)
             self._reader.read_into(reading.plan_reads([reading.Tier(layout, 0, layout.shape[0])],
                                                       (slice(0, layout.shape[0], 1),)), ids)

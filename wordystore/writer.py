@@ -213,9 +213,10 @@ def _swap_into_place(built, root, overwrite: bool) -> None:
 
 
 def _abandoned(store) -> bool:
-    """A create that was killed before its commit record: metadata, maybe, but never any data."""
+    """A create that was killed before its commit record: metadata and token sets (which create
+    writes), maybe, but never a row."""
     return not storage.exists(store, format.COMMIT_KEY) and not any(
-        "/c/" in key for key in storage.list_prefix(store, ""))
+        "/c/" in key and not key.startswith(f"{format.TOKEN_SETS_GROUP}/") for key in storage.list_prefix(store, ""))
 
 
 def _write_token_set(store, name: str, ids: np.ndarray) -> None:
@@ -270,6 +271,7 @@ class TrajectoryWriter:
         self.last_step = self._record.last_step
         self._hot = {name: format.read_layout(store, f"{format.HOT_GROUP}/{name}") for name in self._meta.arrays()}
         self._main = {name: format.read_layout(store, name) for name in self._meta.arrays()}
+        format.check_arrays(store, self._meta, self._record, {name: (self._main[name], self._hot[name]) for name in self._main})
 
         # Ring of host buffers: slot i holds row ``self._first_row + i``; the first rows of a block
         # stay in the ring until the block is complete (a flushed partial block is rewritten whole).
@@ -719,5 +721,12 @@ def load_state(where) -> tuple[dict[str, torch.Tensor], dict, int] | None:
     data = storage.get(store, newest["key"])
     if data is None:
         raise FormatError(f"{describe(store)}: resume state {newest['key']} named by {format.COMMIT_KEY} is missing")
-    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])  # safetensors: u64 length, JSON
-    return load(data), json.loads(header["__metadata__"]["info"]), int(newest["step"])
+    try:
+        header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]  # u64 length, JSON
+        if (int(header["row"]), int(header["step"])) != (newest["row"], newest["step"]):
+            raise ValueError(f"it holds row {header['row']}, step {header['step']}; {format.COMMIT_KEY} says "
+                             f"row {newest['row']}, step {newest['step']}")
+        return load(data), json.loads(header["info"]), int(newest["step"])
+    except Exception as exc:  # damaged bytes: safetensors raises its own SafetensorError, json and struct theirs
+        raise FormatError(f"{describe(store)}: resume state {newest['key']} is damaged ({type(exc).__name__}: {exc}); "
+                          f"`wordystore verify {describe(store)} --repair` drops it from {format.COMMIT_KEY}") from None
