@@ -162,3 +162,32 @@ def test_a_failed_overwriting_build_keeps_the_old_store_and_leaves_no_debris(tmp
         convert(tmp_path / "bad.zarr", tmp_path / "old.zarr", overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zarr", "old.zarr"]  # no partial store left
     assert np.array_equal(bits(wordystore.open(tmp_path / "old.zarr").embeddings.numpy()), bits(ref["embeddings"]))
+
+
+def test_a_live_store_can_be_listed_and_measured_while_its_writer_compacts(tmp_path):
+    """The trainer's progress bar and `info` size a store whose writer deletes hot shards and their
+    emptied directories meanwhile (a walk that fails on a vanished directory once ended a run)."""
+    import threading
+
+    from wordystore import storage
+
+    w = wordystore.create(tmp_path / "t.zarr", {"e": KINDS["embeddings"]}, block_rows=1, chunk_rows=2)
+    store, errors, done = storage.as_store(tmp_path / "t.zarr", read_only=True), [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                storage.size(store)
+                storage.list_prefix(store, "hot/")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    rng = np.random.default_rng(7)
+    for row in range(120):
+        w.append(row, e=random_bf16(rng, (300, 8)))
+    w.close()
+    done.set()
+    watcher.join()
+    assert errors == [] and storage.list_prefix(store, "hot/e/c/") == []  # compacted: no hot chunks left

@@ -29,6 +29,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
+from wordystore import storage
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
 from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
@@ -191,7 +192,8 @@ class StopOnSignal(TrainerCallback):
 
 
 def store_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Bytes on disk, counted while the writer writes and compacts (see wordystore.storage.size)."""
+    return storage.size(storage.as_store(path, read_only=True))
 
 
 @dataclasses.dataclass

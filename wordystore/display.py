@@ -13,15 +13,14 @@ from __future__ import annotations
 import html
 import json
 
-import zarr
-
+from wordystore import storage
 from wordystore.storage import describe
 from wordystore.trajectory import KindView, Trajectory
 
 
 def stored_bytes(t: Trajectory, prefix: str = "") -> int:
     """Bytes of every key under ``prefix`` in the trajectory's store (``""``: the whole store)."""
-    return zarr.core.sync.sync(t._store.getsize_prefix(prefix))
+    return storage.size(t._store, prefix)
 
 
 def kind_sizes(t: Trajectory) -> dict[str, tuple[int, int]]:

@@ -91,10 +91,28 @@ def exists(store: Store, key: str) -> bool:
 
 
 def list_prefix(store: Store, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (a directory-like prefix such as ``"embeddings/"``)."""
+    root = local_root(store)
+    if root is not None:  # zarr's rglob fails when a running writer removes a compacted directory
+        return [os.path.relpath(os.path.join(folder, name), root)
+                for folder, _, names in os.walk(root / prefix) for name in names]  # os.walk skips vanished ones
+
     async def collect():
         return [key async for key in store.list_prefix(prefix)]
 
     return sync(collect())
+
+
+def size(store: Store, prefix: str = "") -> int:
+    """Bytes of every key under ``prefix``; a key that vanishes meanwhile (a writer compacting)
+    counts 0."""
+    root, total = local_root(store), 0
+    for key in list_prefix(store, prefix):
+        try:
+            total += os.path.getsize(root / key) if root is not None else sync(store.getsize(key))
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def sync_to_disk(store: Store, keys: list[str]) -> None:
