@@ -125,9 +125,10 @@ class AdamPrediction:
     def _replay(self, data: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int, encode: bool) -> np.ndarray:
         """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
         moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
-        residual``), both mod 2**16. The result is C-ordered like ``data``."""
-        result = np.empty(data.shape, np.uint16)
-        rows, grads, out = (np.moveaxis(a, axis, 0) for a in (data, grads, result))
+        residual``), both mod 2**16. The result is C-ordered like ``data``. The walk runs on
+        row-major copies: in a chunk's stored order each row is strided, and 5x slower to compute on."""
+        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (data, grads))
+        out = np.empty(rows.shape, np.uint16)
         prev = np.zeros(rows.shape[1:], np.float32)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for r in range(rows.shape[0]):
@@ -139,7 +140,7 @@ class AdamPrediction:
                     np.add(pred, rows[r], out=out[r])
                     moment = out[r]
                 prev = moment.view(BFLOAT16).astype(np.float32)
-        return result
+        return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
 CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
