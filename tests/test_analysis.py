@@ -6,7 +6,6 @@ and freeze steps have an exact ground truth that does not go through the code un
 """
 
 import json
-import os
 import subprocess
 import sys
 import tracemalloc

@@ -365,7 +365,7 @@ def test_verify_command_exit_status_and_listing(pristine, tmp_path, capsys):
     assert main(["verify", "--quiet", str(good)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{good}: 10 rows committed (8 compacted); 26 chunks checked",
-        f"ok: every row verifies (rows 0..9, training steps 1..28)"]
+        "ok: every row verifies (rows 0..9, training steps 1..28)"]
 
     bad = damaged_copy(pristine, tmp_path)
     assert main(["verify", "--quiet", str(bad)]) == 1
