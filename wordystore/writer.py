@@ -285,9 +285,12 @@ class TrajectoryWriter:
         self._state_provider: StateProvider | None = None
         self._pending_state: _State | None = None
         self._in_flight: tuple[Future, int] | None = None  # (future, rows it writes)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordystore-writer")
+        # Both threads yield to training. Writing a block takes a few percent of a core, so at nice
+        # 10 (a tenth of a core under contention) it keeps up; compaction waits for idle time.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordystore-writer",
+                                        initializer=_lower_priority, initargs=(10,))
         self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordystore-compact",
-                                             initializer=_lower_priority)
+                                             initializer=_lower_priority, initargs=(19,))
         self._compaction: Future | None = None
         self._failure: BaseException | None = None
         self._closed = False
@@ -416,6 +419,7 @@ class TrajectoryWriter:
             if self._failure is None:
                 self.flush()
                 self._wait_compaction()
+                self._slots.clear()  # every row is committed: the ring's memory serves compaction instead
                 self._compact(final=True)
         except BaseException as exc:
             self._failure = self._failure or exc
@@ -697,10 +701,10 @@ def _state_entry(state: _State) -> dict:
     return {"row": state.row, "step": state.step, "key": f"{format.STATE_PREFIX}/{state.row:012d}.safetensors"}
 
 
-def _lower_priority() -> None:
-    """Compaction yields to training: it runs at the lowest CPU priority (Linux: per thread)."""
+def _lower_priority(niceness: int) -> None:
+    """Lower the calling thread's CPU priority (Linux sets it per thread; elsewhere nothing)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError):
         pass
 
