@@ -317,16 +317,7 @@ def _copy(read: ChunkRead, stored: np.ndarray, out: np.ndarray) -> None:
     if out.dtype != stored.dtype:
         out = out.view(stored.dtype)
     chunk = read.layout.codecs.transpose.to_logical(stored) if read.layout.codecs.transpose else stored
-    local, arrays = read.local, [axis for axis, s in enumerate(read.local) if not isinstance(s, slice)]
-    if len(arrays) == 1:  # one index array (a token set): copy its runs of neighbours as slices, no temporary
-        axis, positions = arrays[0], read.local[arrays[0]]
-        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-        first = read.out[axis].start
-        for a, b in zip((0, *breaks.tolist()), (*breaks.tolist(), len(positions))):
-            source = local[:axis] + (slice(int(positions[a]), int(positions[b - 1]) + 1),) + local[axis + 1:]
-            target = read.out[:axis] + (slice(first + a, first + b),) + read.out[axis + 1:]
-            out[target] = chunk[source]
-        return
-    if arrays:  # several index arrays: orthogonal
+    local = read.local
+    if sum(1 for s in local if not isinstance(s, slice)) > 1:  # several index arrays: orthogonal
         local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, chunk.shape)])
     out[read.out] = chunk[local]
