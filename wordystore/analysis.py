@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
 
+from wordystore import format
+from wordystore.errors import FormatError
 from wordystore.trajectory import Trajectory
 
 Table = dict[str, np.ndarray]
@@ -36,7 +36,7 @@ Tokens = str | Sequence[int] | np.ndarray | None
 MAX_BYTES = 64 * 2**20  # default memory budget of one streaming pass, in bytes
 ROWS_PER_BLOCK = 32  # at most this many rows are held at once
 WORK_BYTES_PER_VALUE = 24  # float32 copies, differences and lattice indices of one value while a tile is worked on
-READ_BYTES_PER_VALUE = 16  # measured: zarr's compressed, decoded and transposed chunks, the fetched and the picked block
+READ_BYTES_PER_VALUE = 16  # measured: the reader's compressed, decoded and transposed chunks, the fetched and the picked block
 CACHE_PREFIX = "analysis"  # cached results live under analysis/<name>-<digest>.json in the store
 CACHE_VERSION = 1
 
@@ -420,20 +420,19 @@ def _cached(t: Trajectory, name: str, args: dict, compute: Callable, result_type
     computed over as many rows as ``t`` has (rows are only ever appended, never changed). A store
     that cannot be written (read-only, remote without credentials) simply is not cached into."""
     key = f"{CACHE_PREFIX}/{name}-{_digest(json.dumps(args, sort_keys=True))}.json"
-    store = t._store
-    buffer = zarr.core.sync.sync(store.get(key, prototype=default_buffer_prototype()))
-    if buffer is not None:
-        document = json.loads(buffer.to_bytes())
-        if document.get("version") == CACHE_VERSION and document.get("rows") == len(t):
-            result = _decode(document["result"])
-            return result_type(**result) if result_type is not dict else result
+    try:
+        document = format.read_json(t._store, key)
+    except FormatError:  # a damaged cache entry is recomputed and replaced
+        document = None
+    if document is not None and document.get("version") == CACHE_VERSION and document.get("rows") == len(t):
+        result = _decode(document["result"])
+        return result_type(**result) if result_type is not dict else result
     result = compute()
     document = {"version": CACHE_VERSION, "rows": len(t), "args": args,
                 "result": _encode(asdict(result) if result_type is not dict else result)}
-    data = default_buffer_prototype().buffer.from_bytes(json.dumps(document).encode())
     try:
-        zarr.core.sync.sync(store.with_read_only(False).set(key, data))
-    except (OSError, NotImplementedError):
+        format.write_json(t._store.with_read_only(False), key, document)
+    except (OSError, NotImplementedError):  # read-only media; a kind of store that cannot reopen writable
         pass
     return result
 
