@@ -201,16 +201,16 @@ def bench_efficiency(store: Path) -> None:
     fills it (the read rows above include them, for the file and the store alike)."""
     import wordystore
     from wordystore import storage
-    from wordystore.codecs import decode_shard_index, shard_index_nbytes
+    from wordystore.codecs import ShardIndex
 
     t = wordystore.open(store, cache_bytes=0)
-    layout = t._layouts["embeddings"][0]
+    layout = t.layouts["embeddings"][0]
     n_chunks = int(np.prod(layout.chunks_per_shard))
     chunks = []
     for coords in np.ndindex(*layout.shard_grid()):
-        data = storage.get(t._store, layout.shard_key(coords))
-        index = decode_shard_index(data[-shard_index_nbytes(n_chunks):], n_chunks)
-        chunks += [data[o : o + n] for o, n in index.tolist() if o != 2**64 - 1]
+        data = storage.get(t.store, layout.shard_key(coords))
+        index = ShardIndex.decode(data[-ShardIndex.nbytes(n_chunks):], n_chunks)
+        chunks += [data[start:end] for start, end in filter(None, map(index.span, range(n_chunks)))]
     stored_shape = layout.codecs.stored_shape(layout.chunk)
 
     def decode_all(part):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import wordystore
-from wordystore import AdamPrediction, Kind, storage
+from wordystore import AdamPrediction, Kind, reading, storage
 
 VOCAB = 6
 KINDS = {
@@ -186,14 +186,14 @@ def reader(path: str, number: int, out: str) -> None:
     reference. Writes its counts to ``out``."""
     reference = rows(READ_STEPS)
     catch_ups = []
-    original = wordystore.Trajectory._catch_up_compaction
+    original = reading.StoreReader.catch_up_compaction
 
     def counted(self):  # counts the retries the reader makes when a writer compacted rows under it
         moved = original(self)
         catch_ups.append(moved)
         return moved
 
-    wordystore.Trajectory._catch_up_compaction = counted
+    reading.StoreReader.catch_up_compaction = counted
     reads, seen, t = 0, [], None
     while True:
         done = os.path.exists(path + ".done")  # before reading: the last read sees every row

@@ -251,7 +251,7 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_working_set(tmp_path):
     assert seen
     # the budget, a few float32 rows of the selection (docs/analysis.md), and the reader's fixed decode
     # buffers: up to three chunks per thread (one decoding, two kept for reuse), whatever the store's size
-    chunk = t._layouts["embeddings"][0].chunk
+    chunk = t.layouts["embeddings"][0].chunk
     bound = 2**21 + 4 * vocab * dim * 4 + 3 * reading.THREADS * int(np.prod(chunk)) * 2
     assert stats_peak < bound and norms_peak < bound and 4 * bound < raw, (stats_peak, norms_peak, raw)
     assert s.table["frozen_fraction"][-1] == pytest.approx((vocab // 2 + 16 * (rows - 1)) / vocab)
@@ -376,7 +376,7 @@ def test_the_docs_example_script_runs_around_a_seam(joined, tmp_path):
     doc = (Path(__file__).parents[1] / "docs" / "analysis.md").read_text()
     script = doc.split("## Example script")[1].split("```python\n")[1].split("```")[0]
     (tmp_path / "around_a_step.py").write_text(script)
-    proc = subprocess.run([sys.executable, str(tmp_path / "around_a_step.py"), str(joined._store.root), "odd"],
+    proc = subprocess.run([sys.executable, str(tmp_path / "around_a_step.py"), str(joined.store.root), "odd"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

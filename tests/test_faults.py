@@ -24,10 +24,10 @@ import zarr
 
 import faults_writer as fw
 import wordystore
-from wordystore import CorruptChunkError, FormatError, format, storage
+from wordystore import CorruptChunkError, FormatError, documents, format, storage
 from wordystore.cli import main
 from wordystore.codecs import EMPTY, Crc32c, decode_shard_index, shard_index_nbytes
-from wordystore.verify import VERIFIED_KEY
+from wordystore.format import VERIFIED_KEY
 
 DRIVER = Path(fw.__file__)
 
@@ -153,7 +153,7 @@ def pristine(tmp_path_factory):
     fw.append(w, fw.STEPS[:ROWS])
     w.flush()
     store, deadline = storage.as_store(path, read_only=True), time.monotonic() + 120
-    while format.read_commit(store).compacted_rows < 8 or any((path / "hot" / name / "c" / "3").exists()
+    while documents.read_commit(store).compacted_rows < 8 or any((path / "hot" / name / "c" / "3").exists()
                                                               for name in [*fw.KINDS, "recorded_steps"]):
         assert time.monotonic() < deadline, "the background compaction did not finish"
         time.sleep(0.01)

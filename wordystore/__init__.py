@@ -23,15 +23,16 @@ from wordystore.errors import (
     WordystoreError,
     WriterFailedError,
 )
-from wordystore.format import AdamPrediction, adam_predictions
 from wordystore.kinds import Kind, seed_kinds
+from wordystore.lifecycle import create, resume
+from wordystore.prediction import AdamPrediction, adam_predictions
+from wordystore.resume_state import load_state
 from wordystore.trajectory import Trajectory
 from wordystore.verify import VerifyReport, verify
-from wordystore.writer import TrajectoryWriter, create, load_state, resume
+from wordystore.version import __version__
+from wordystore.writer import TrajectoryWriter
 
 open = trajectory.open  # noqa: A001
-
-__version__ = "0.2.0"
 __all__ = [
     "AdamPrediction", "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
     "Trajectory", "TrajectoryWriter", "VerifyReport", "WordystoreError", "WriterFailedError",

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from wordystore import format
+from wordystore import documents, format
 from wordystore.errors import FormatError
 from wordystore.trajectory import Trajectory
 
@@ -37,7 +37,7 @@ MAX_BYTES = 64 * 2**20  # default memory budget of one streaming pass, in bytes
 ROWS_PER_BLOCK = 32  # at most this many rows are held at once
 WORK_BYTES_PER_VALUE = 24  # float32 copies, differences and lattice indices of one value while a tile is worked on
 READ_BYTES_PER_VALUE = 16  # measured: the reader's compressed, decoded and transposed chunks, the fetched and the picked block
-CACHE_PREFIX = "analysis"  # cached results live under analysis/<name>-<digest>.json in the store
+CACHE_PREFIX = format.ANALYSIS_PREFIX  # cached results live under analysis/<name>-<digest>.json in the store
 CACHE_VERSION = 1
 
 
@@ -421,7 +421,7 @@ def _cached(t: Trajectory, name: str, args: dict, compute: Callable, result_type
     that cannot be written (read-only, remote without credentials) simply is not cached into."""
     key = f"{CACHE_PREFIX}/{name}-{_digest(json.dumps(args, sort_keys=True))}.json"
     try:
-        document = format.read_json(t._store, key)
+        document = documents.read_json(t.store, key)
     except FormatError:  # a damaged cache entry is recomputed and replaced
         document = None
     if document is not None and document.get("version") == CACHE_VERSION and document.get("rows") == len(t):
@@ -431,7 +431,7 @@ def _cached(t: Trajectory, name: str, args: dict, compute: Callable, result_type
     document = {"version": CACHE_VERSION, "rows": len(t), "args": args,
                 "result": _encode(asdict(result) if result_type is not dict else result)}
     try:
-        format.write_json(t._store.with_read_only(False), key, document)
+        documents.write_json(t.store.with_read_only(False), key, document)
     except (OSError, NotImplementedError):  # read-only media; a kind of store that cannot reopen writable
         pass
     return result

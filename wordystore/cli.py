@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.errors import WordystoreError
-from wordystore.kinds import NAME_PATTERN
+from wordystore.format import NAME_PATTERN, PROFILES
 
 # What a user can get wrong: their own input, the store they point at, the disk. Other exceptions
 # are bugs, reported as such (exit status 1).
@@ -223,7 +223,7 @@ def cmd_info(ns) -> None:
     from wordystore import display, trajectory
 
     t = trajectory.open(ns.store)
-    print(display.text(t))
+    print(display.info_text(t))
     if ns.config:
         print(json.dumps(t.config, indent=1))
 
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 store in today's format")
     p.add_argument("store")
     p.add_argument("out", help="the trajectory to create")
-    p.add_argument("--profile", choices=("compact", "portable"), default="compact",
+    p.add_argument("--profile", choices=PROFILES, default="compact",
                    help="compact: pcodec, smallest (default); portable: standard zarr codecs, read by tensorstore")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)

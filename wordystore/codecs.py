@@ -3,8 +3,8 @@
 Each class knows its zarr v3 JSON (``to_dict``/``from_dict``, the names and configuration keys
 zarr-python, tensorstore and zarrs write) and how to run itself on numpy data. A
 :class:`ChunkCodecs` chain encodes one inner chunk to bytes and decodes bytes straight into a
-caller's buffer; :func:`encode_shard` and :func:`decode_shard_index` implement zarr's
-``sharding_indexed`` container (index at the end, ``bytes`` + ``crc32c`` index codecs).
+caller's buffer; :func:`encode_shard` and :class:`ShardIndex` implement zarr's ``sharding_indexed``
+container (index at the end, ``bytes`` + ``crc32c`` index codecs).
 
 Only the codecs below are understood; a store naming any other is refused with a clear error.
 """
@@ -216,28 +216,57 @@ class ChunkCodecs:
         return self.transpose.to_logical(stored) if self.transpose else stored
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index at the end of a ``sharding_indexed`` shard, as zarr-python's sharding codec keeps its
+    ``_ShardIndex``: per inner chunk (C order of the shard's chunk grid) its (offset, nbytes) in the
+    shard as two little-endian uint64, both :data:`EMPTY` for an absent chunk; then the CRC-32C of
+    that table (the index codecs ``bytes`` + ``crc32c``)."""
+
+    table: np.ndarray  # [chunks, 2] uint64: (offset, nbytes)
+
+    @staticmethod
+    def nbytes(n_chunks: int) -> int:
+        """Bytes of the index of a shard of ``n_chunks`` inner chunks: the table and its checksum."""
+        return 16 * n_chunks + 4
+
+    @classmethod
+    def of_sizes(cls, sizes: list[int | None]) -> "ShardIndex":
+        """The index of chunks of these sizes laid end to end from offset 0 (None: an absent chunk)."""
+        table, offset = [], 0
+        for size in sizes:
+            table.append((EMPTY, EMPTY) if size is None else (offset, size))
+            offset += size or 0
+        return cls(np.asarray(table, dtype="<u8").reshape(len(sizes), 2))
+
+    @classmethod
+    def decode(cls, tail, n_chunks: int) -> "ShardIndex":
+        """The index from a shard's last :meth:`nbytes` bytes; CorruptChunkError if they do not check."""
+        if len(tail) != cls.nbytes(n_chunks):
+            raise CorruptChunkError(f"shard index is {len(tail)} bytes; expected {cls.nbytes(n_chunks)}")
+        return cls(np.frombuffer(Crc32c().decode(tail), dtype="<u8").reshape(n_chunks, 2))
+
+    def encode(self) -> bytes:
+        return Crc32c().encode(np.asarray(self.table, dtype="<u8").tobytes())
+
+    def span(self, chunk: int) -> tuple[int, int] | None:
+        """Bytes ``[start, end)`` of inner chunk ``chunk`` in the shard; None if the chunk is absent."""
+        offset, nbytes = (int(n) for n in self.table[chunk])
+        return None if offset == EMPTY else (offset, offset + nbytes)
+
+
 def encode_shard(chunks: list[bytes | None]) -> bytes:
     """A ``sharding_indexed`` shard: the inner chunks (C order of the shard's chunk grid; None for
-    an absent one), then the index of (offset, nbytes) uint64 pairs and its crc32c."""
-    body, index, offset = [], [], 0
-    for data in chunks:
-        if data is None:
-            index.append((EMPTY, EMPTY))
-            continue
-        body.append(data)
-        index.append((offset, len(data)))
-        offset += len(data)
-    table = np.asarray(index, dtype="<u8").tobytes()
-    return b"".join(body) + Crc32c().encode(table)
+    an absent one), then their :class:`ShardIndex`."""
+    present = [data for data in chunks if data is not None]
+    index = ShardIndex.of_sizes([None if data is None else len(data) for data in chunks])
+    return b"".join(present) + index.encode()
 
 
-def shard_index_nbytes(n_chunks: int) -> int:
-    return 16 * n_chunks + 4
+# The raw (offset, nbytes) table, for tools that patch a shard's bytes (the fault tests, the benchmark).
+shard_index_nbytes = ShardIndex.nbytes
 
 
 def decode_shard_index(tail, n_chunks: int) -> np.ndarray:
-    """The [n_chunks, 2] (offset, nbytes) table from a shard's last :func:`shard_index_nbytes` bytes."""
-    if len(tail) != shard_index_nbytes(n_chunks):
-        raise CorruptChunkError(f"shard index is {len(tail)} bytes; expected {shard_index_nbytes(n_chunks)}")
-    table = Crc32c().decode(tail)
-    return np.frombuffer(table, dtype="<u8").reshape(n_chunks, 2)
+    """The [n_chunks, 2] (offset, nbytes) table of a shard's index (see :class:`ShardIndex`)."""
+    return ShardIndex.decode(tail, n_chunks).table

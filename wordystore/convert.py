@@ -7,15 +7,13 @@ shard at a time on every core, so memory stays at a few shards whatever the stor
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from wordystore import format, storage
+from wordystore import documents, format, storage
 from wordystore.errors import FormatError
 from wordystore.kinds import Kind
 from wordystore.trajectory import Trajectory, open as open_trajectory
-from wordystore.writer import building
+from wordystore.lifecycle import create_whole
 
 
 class FormatOneStore:
@@ -27,11 +25,11 @@ class FormatOneStore:
         self.store = storage.as_store(where, read_only=True)
         group = zarr.open_group(self.store, mode="r")
         meta = group.attrs[format.ATTRS_KEY]
-        commit = json.loads(storage.get(self.store, format.COMMIT_KEY) or b'{"committed_steps": 0}')
+        commit = documents.read_json(self.store, format.COMMIT_KEY) or {"committed_steps": 0}
         self.rows = int(commit["committed_steps"])
         self.kinds = {name: Kind.from_json(spec) for name, spec in meta["kinds"].items()}
         self.config = meta["config"]
-        self.token_sets = {name: group[f"{format.TOKEN_SETS_GROUP}/{name}"][:] for name in meta["token_sets"]}
+        self.token_sets = {name: group[format.token_set_path(name)][:] for name in meta["token_sets"]}
         self.predictions = {}
         self._arrays = {name: group[name] for name in self.kinds}
         self.steps = group[format.STEPS_ARRAY][: self.rows] if self.rows else np.zeros(0, np.int64)
@@ -45,7 +43,7 @@ class TrajectorySource:
 
     def __init__(self, t: Trajectory):
         self.kinds, self.config, self.token_sets, self.steps = t.kinds, t.config, t.token_sets, t.steps
-        self.predictions = t._meta.predictions
+        self.predictions = t.predictions
         self.read_tile = t.read_into
 
 
@@ -72,8 +70,8 @@ def convert(source, out, *, profile: str = "compact", predictions=None, overwrit
     src = open_source(source)
     config = {**src.config, "converted_from": storage.describe(storage.as_store(source, read_only=True))}
     predictions = src.predictions if predictions is None else predictions
-    with building(out, src.kinds, token_sets=src.token_sets, config=config, profile=profile,
-                  predictions=predictions, overwrite=overwrite) as w, tqdm(total=len(src.steps), desc="convert", unit="row",
-                                                  disable=not progress) as bar:
+    with create_whole(out, src.kinds, token_sets=src.token_sets, config=config, profile=profile,
+                      predictions=predictions, overwrite=overwrite) as w, \
+            tqdm(total=len(src.steps), desc="convert", unit="row", disable=not progress) as bar:
         w.bulk_append(src.steps, src.read_tile, progress=bar.update)
     return open_trajectory(out)

@@ -1,32 +1,44 @@
 """Describing a trajectory to a person: ``wordystore info`` (text) and Jupyter's HTML repr.
 
 >>> from wordystore import display
->>> print(display.text(t))          # kinds, shapes, steps, token sets, size on disk vs raw, config
+>>> print(display.info_text(t))     # kinds, shapes, steps, integrity, token sets, size on disk vs raw, config
 >>> display.kind_sizes(t)["embeddings"]   # (bytes on disk, raw bytes)
 
-Sizes are measured through the zarr Store API (every key under ``<kind>/`` and ``hot/<kind>/``,
-the kind's two tiers), whatever the chunk layout; raw bytes are the committed rows' uncompressed size.
+Sizes are measured through the zarr Store API (every key of a kind's two tiers, ``<kind>/`` and
+``hot/<kind>/``), whatever the chunk layout; raw bytes are the committed rows' uncompressed size.
+The integrity line (:func:`integrity`) is cheap: it reads ``verified.json`` and lists keys, and
+decodes nothing (``wordystore verify`` decodes every chunk).
 """
 
 from __future__ import annotations
 
 import html
 import json
+from typing import TYPE_CHECKING
 
-from wordystore import storage
+from wordystore import documents, storage
+from wordystore.errors import FormatError
+from wordystore.format import TIERS, VERIFIED_KEY, array_path
 from wordystore.storage import describe
-from wordystore.trajectory import KindView, Trajectory
+
+if TYPE_CHECKING:  # display is the trajectory's presentation: trajectory.py imports it, not the reverse
+    from wordystore.trajectory import KindView, Trajectory
 
 
 def stored_bytes(t: Trajectory, prefix: str = "") -> int:
     """Bytes of every key under ``prefix`` in the trajectory's store (``""``: the whole store)."""
-    return storage.size(t._store, prefix)
+    return storage.size(t.store, prefix)
+
+
+def kind_bytes(t: Trajectory, name: str) -> tuple[int, int]:
+    """(bytes on disk in both tiers, raw bytes of the committed rows) of one kind."""
+    disk = sum(stored_bytes(t, f"{array_path(name, tier)}/") for tier in TIERS)
+    return disk, len(t) * t.kinds[name].step_nbytes
 
 
 def kind_sizes(t: Trajectory) -> dict[str, tuple[int, int]]:
     """Per kind: (bytes on disk, raw bytes of the committed rows)."""
-    return {name: (stored_bytes(t, f"{name}/") + stored_bytes(t, f"hot/{name}/"), len(t) * kind.step_nbytes)
-            for name, kind in t.kinds.items()}
+    return {name: kind_bytes(t, name) for name in t.kinds}
 
 
 def human_bytes(n: float) -> str:
@@ -45,6 +57,7 @@ def steps_span(t: Trajectory) -> str:
     return f"steps {steps[0]}..{steps[-1]}" if len(steps) else "no steps yet"
 
 
+# The trainer's parameters (its RunConfig), which it stores as config["run"].
 TRAINER_RUN_KEYS = {"steps", "batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
                     "seed", "record_every", "hidden_dim", "n_layer", "n_head", "max_seq_len", "init_scale"}
 
@@ -52,20 +65,21 @@ TRAINER_RUN_KEYS = {"steps", "batch_size", "learning_rate", "adam_beta1", "adam_
 def config_summary(config: dict) -> list[str]:
     """A few lines on what was run: the trainer's parameters, data, stitch segments or import source."""
     lines = []
-    run, args = config.get("run"), config.get("training_arguments") or {}
-    if not (isinstance(run, dict) and TRAINER_RUN_KEYS <= set(run)):
-        run = None  # not the trainer's: shown with the other entries below
-    if run:
+    params, args = config.get("run"), config.get("training_arguments") or {}
+    if not (isinstance(params, dict) and TRAINER_RUN_KEYS <= set(params)):
+        params = None  # not the trainer's: shown with the other entries below
+    if params:
         warmup = args.get("warmup_steps") or args.get("warmup_ratio")
         schedule = " ".join(str(x) for x in (args.get("lr_scheduler_type"), warmup and f"(warmup {warmup})") if x)
+        p = params  # short, for the lines below
         lines.append(
-            f"run: {run['steps']} steps, batch {run['batch_size']}, lr {run['learning_rate']:g}{' ' * bool(schedule)}{schedule}, "
-            f"Adam ({run['adam_beta1']}, {run['adam_beta2']}, {run['adam_epsilon']:g}), weight decay {run['weight_decay']:g}, "
-            f"grad clip {args.get('max_grad_norm')}, seed {run['seed']}, recorded every {run['record_every']}, "
+            f"run: {p['steps']} steps, batch {p['batch_size']}, lr {p['learning_rate']:g}{' ' * bool(schedule)}{schedule}, "
+            f"Adam ({p['adam_beta1']}, {p['adam_beta2']}, {p['adam_epsilon']:g}), weight decay {p['weight_decay']:g}, "
+            f"grad clip {args.get('max_grad_norm')}, seed {p['seed']}, recorded every {p['record_every']}, "
             f"device {config.get('device')}"
         )
-        lines.append(f"model: dim {run['hidden_dim']}, {run['n_layer']} layers, {run['n_head']} heads, "
-                     f"sequence {run['max_seq_len']}, init N(0, {run['init_scale']})")
+        lines.append(f"model: dim {p['hidden_dim']}, {p['n_layer']} layers, {p['n_head']} heads, "
+                     f"sequence {p['max_seq_len']}, init N(0, {p['init_scale']})")
         data = config.get("data")
         if isinstance(data, dict):
             lines.append(f"data: {data.get('corpus')} ({data.get('corpus_tokens')} tokens), tokenizer {data.get('tokenizer')}")
@@ -77,11 +91,11 @@ def config_summary(config: dict) -> list[str]:
                      f"(seam after step {ext['seam_step']}, whose lr was {ext['seam_lr']:g})")
     if "imported_from" in config:
         lines.append(f"imported from {config['imported_from']}")
-    if "seed_scalars" in config and not run:
+    if "seed_scalars" in config and not params:
         lines.append("scalars: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in config["seed_scalars"].items()))
     known = {"segments", "stitched_from", "imported_from", "seed_scalars"}
-    if run:
+    if params:
         known |= {"run", "training_arguments", "model", "data", "device", "summary", "extensions"}
     other = [key for key in config if key not in known]
     if other:
@@ -111,19 +125,49 @@ def _token_sets(t: Trajectory) -> str:
 
 def integrity(t: Trajectory) -> str:
     """When the store was last verified, and whether a shard that committed rows need is missing."""
-    from wordystore.verify import missing_shards, verification_status
-
     missing = missing_shards(t)
     line = verification_status(t)
     if missing:
         line = (f"DAMAGED: {len(missing)} shard(s) of committed rows are missing (e.g. {missing[0]}); "
-                f"run `wordystore verify {describe(t._store)}`; {line}")
+                f"run `wordystore verify {describe(t.store)}`; {line}")
     return line
 
 
-def text(t: Trajectory) -> str:
+def verification_status(t: Trajectory) -> str:
+    """One line on when the trajectory ``t`` was last verified (from ``verified.json``)."""
+    try:
+        doc = documents.read_json(t.store, VERIFIED_KEY)
+        rows, time, problems = doc["committed_rows"], doc["time"], doc["problems"]
+    except (FormatError, TypeError, KeyError):
+        return "never verified (`wordystore verify` checks every chunk)"
+    found = "no problems" if problems == 0 else f"{problems} problem{'s' * (problems != 1)} found"
+    if rows == len(t):
+        return f"verified {time}: {found}"
+    if rows < len(t):
+        return f"not verified since rows were added (verified {time} at {rows} rows: {found})"
+    return f"not verified since the commit record changed (verified {time} at {rows} rows: {found})"
+
+
+def missing_shards(t: Trajectory) -> list[str]:
+    """The shard keys the committed rows of ``t`` need that the store lacks: a cheap check of the
+    trajectory's integrity (it lists keys, decodes nothing). A writer compacting meanwhile may
+    delete hot shards: if any are missing, the check is made again after ``t.refresh()``."""
+    for attempt in range(2):
+        present = set(storage.list_prefix(t.store, ""))
+        rows = t.commit_record.tiers
+        needed = [layout.shard_key(coords)
+                  for pair in t.layouts.values() for layout, tier in zip(pair, TIERS)
+                  for coords, _, _ in layout.shards_holding(*rows.span(tier))]
+        missing = [key for key in needed if key not in present]
+        if not missing or attempt:
+            return missing
+        t.refresh()
+    return missing
+
+
+def info_text(t: Trajectory) -> str:
     """What ``wordystore info`` prints."""
-    lines = [f"{describe(t._store)}: {len(t)} rows, {steps_span(t)}", f"  {integrity(t)}"]
+    lines = [f"{describe(t.store)}: {len(t)} rows, {steps_span(t)}", f"  {integrity(t)}"]
     header = ("kind", "dtype", "shape [step, ...]", "on disk", "raw", "ratio")
     table = [header, *_rows(t)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -144,7 +188,7 @@ def trajectory_html(t: Trajectory) -> str:
                                     for i, c in enumerate(row)) + "</tr>" for row in _rows(t))
     summary = "".join(f"<li>{e(line)}</li>" for line in config_summary(t.config))
     return (
-        f"<div class='wordystore-trajectory'><b>wordystore.Trajectory</b> <code>{e(describe(t._store))}</code>: "
+        f"<div class='wordystore-trajectory'><b>wordystore.Trajectory</b> <code>{e(describe(t.store))}</code>: "
         f"{len(t)} rows, {e(steps_span(t))}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
         f"<div>token sets: {e(_token_sets(t))}</div><ul>{summary}</ul>"
@@ -153,11 +197,11 @@ def trajectory_html(t: Trajectory) -> str:
 
 
 def kind_html(view: KindView) -> str:
-    """The notebook view of one kind: dims, shape, dtype, steps, size on disk and ratio."""
+    """The notebook view of one kind: dims, shape, dtype, steps, size on disk (both tiers, as ``info``) and ratio."""
     e = html.escape
-    disk, raw = stored_bytes(view._t, f"{view.name}/"), len(view) * view.kind.step_nbytes
+    disk, raw = kind_bytes(view.trajectory, view.name)
     dims = ", ".join(f"{d}: {n}" for d, n in zip(view.dims, view.shape))
     return (
         f"<div class='wordystore-kind'><b>KindView</b> <code>{e(view.name)}</code> {e(view.kind.dtype)} [{e(dims)}], "
-        f"{e(steps_span(view._t))}; {human_bytes(disk)} on disk, {human_bytes(raw)} raw ({ratio(disk, raw)})</div>"
+        f"{e(steps_span(view.trajectory))}; {human_bytes(disk)} on disk, {human_bytes(raw)} raw ({ratio(disk, raw)})</div>"
     )

@@ -1,9 +1,13 @@
-"""The wordystore trajectory format, version 2: its one implementation.
+"""The wordystore trajectory format, version 2: its facts, as small typed pieces, without I/O.
 
-``docs/format.md`` is the specification; every fact of it lives here once, as a small typed piece
-with ``to_json``/``from_json``: the metadata document (:class:`Metadata`), the commit record
-(:class:`CommitRecord`), the two profiles (:class:`Profile`) and the per-array encodings
-(:class:`ArrayLayout`). The writer, the reader, ``convert`` and ``verify`` all go through it.
+``docs/format.md`` is the specification; this module is where its facts live, each once: the
+store's key names, the names a kind may take, the metadata document (:class:`Metadata`), the
+commit record (:class:`CommitRecord`) and the tier rule it implies (:class:`RowTiers`), the two
+profiles (:class:`Profile`), the per-array encodings (:class:`ArrayLayout`), and the checks on
+each. Beside it, also pure: :mod:`wordystore.codecs` (the codecs and the shard index),
+:mod:`wordystore.prediction` (Adam's replay) and :mod:`wordystore.kinds` (the dtypes). Reading and
+writing the documents is :mod:`wordystore.documents`; the resume-state record is
+:mod:`wordystore.resume_state`.
 
 A trajectory keeps each kind in two tiers of zarr v3 arrays with the same row axis:
 
@@ -13,7 +17,7 @@ A trajectory keeps each kind in two tiers of zarr v3 arrays with the same row ax
   profile's codec, which is what makes the store small.
 
 The commit record says how many rows are committed and how many of those are compacted: rows
-below ``compacted_rows`` are read from the main tier, the rest from the hot tier.
+below ``compacted_rows`` are read from the main tier, the rest from the hot tier (:class:`RowTiers`).
 """
 
 from __future__ import annotations
@@ -21,24 +25,95 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
+from typing import Iterator, Mapping
 
 import numpy as np
 
-from wordystore.codecs import Blosc, Bytes, ChunkCodecs, Crc32c, PCodec, Transpose, encode_shard  # noqa: F401 (re-exported)
+from wordystore.codecs import Blosc, Bytes, ChunkCodecs, Crc32c, PCodec, Transpose, encode_shard
 from wordystore.errors import FormatError
-from wordystore.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
-from wordystore.kinds import Kind
+from wordystore.kinds import Kind, numpy_dtype
+from wordystore.prediction import AdamPrediction
 
 FORMAT_NAME = "wordystore.trajectory"
 FORMAT_VERSION = 2
 ATTRS_KEY = "wordystore"  # root group attribute holding the metadata document
+
+# -- keys (docs/format.md, "Keys") -------------------------------------------------------------------
+
+ZARR_JSON = "zarr.json"  # a group's or an array's document; the root's holds the metadata
 COMMIT_KEY = "commit.json"  # the commit record, a JSON document at the store's root
+VERIFIED_KEY = "verified.json"  # the outcome of the last `wordystore verify`
 STEPS_ARRAY = "recorded_steps"  # int64 [row]: the training step each row holds
 TOKEN_SETS_GROUP = "token_sets"
 HOT_GROUP = "hot"
-STATE_PREFIX = "state"  # resume states: state/<row>.safetensors
+STATE_PREFIX = "state"  # resume states: state/<row>.safetensors (wordystore.resume_state)
+ANALYSIS_PREFIX = "analysis"  # cached analysis results: analysis/<name>-<digest>.json
+CHUNK_DIR = "c"  # chunk key encoding "default" with "/": <array>/c/<i>/<j>/...
+RESERVED_NAMES = frozenset({STEPS_ARRAY, TOKEN_SETS_GROUP, COMMIT_KEY, ZARR_JSON, ANALYSIS_PREFIX, HOT_GROUP,
+                            STATE_PREFIX, VERIFIED_KEY})  # the store root's keys: no kind may take them
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")  # a kind's or token set's name
+GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}  # a plain group's zarr.json
+TIERS = ("main", "hot")
 STEPS_KIND = Kind((), "int64", ())
+
+
+def document_key(path: str) -> str:
+    """The key of the ``zarr.json`` of the group or array at ``path`` (``""``: the root)."""
+    return f"{path}/{ZARR_JSON}" if path else ZARR_JSON
+
+
+def array_path(name: str, tier: str = "main") -> str:
+    """Where array ``name`` (a kind or ``recorded_steps``) of ``tier`` lives: ``name`` or ``hot/name``."""
+    return name if tier == "main" else f"{HOT_GROUP}/{name}"
+
+
+def token_set_path(name: str) -> str:
+    return f"{TOKEN_SETS_GROUP}/{name}"
+
+
+def is_chunk_key(key: str) -> bool:
+    """Whether ``key`` holds chunk bytes (a shard) rather than a document."""
+    return f"/{CHUNK_DIR}/" in key
+
+
+def check_kind_name(name: str) -> str:
+    """A kind's or token set's name: letters, digits, ``_.-``, and none of the root's keys."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+        raise ValueError(
+            f"kind name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
+            f"(starting with a letter or '_'), and none of {sorted(RESERVED_NAMES)}"
+        )
+    return name
+
+
+# -- what the kinds imply -----------------------------------------------------------------------------
+
+
+def vocab_size(kinds: Mapping[str, Kind]) -> int | None:
+    """Length of the ``token`` axis shared by the kinds that have one (None if none has);
+    ValueError if they disagree."""
+    lengths = {k.shape[k.dims.index("token")] for k in kinds.values() if "token" in k.dims}
+    if len(lengths) > 1:
+        raise ValueError(f"kinds disagree on the length of the token axis: {sorted(lengths)}")
+    return lengths.pop() if lengths else None
+
+
+def is_token_set(ids: np.ndarray, vocab: int | None) -> bool:
+    """A token set is sorted, unique ids in ``[0, vocab)`` (any non-negative id without a token axis)."""
+    return not ids.size or bool(np.all(np.diff(ids) > 0) and ids[0] >= 0 and (vocab is None or ids[-1] < vocab))
+
+
+def check_config(config) -> None:
+    """The run's config is stored as JSON, without NaN."""
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config must be JSON-serialisable (no NaN): {exc}") from None
+
+
+# -- array encodings ------------------------------------------------------------------------------------
 
 BLOCK_ROWS = 8  # rows per hot chunk: what the writer buffers before writing
 CHUNK_ROWS = 32  # rows per main chunk: long runs of steps compress well (docs/format.md)
@@ -47,6 +122,7 @@ CHUNKS_PER_SHARD = 16  # inner chunks per shard along the first per-step axis (t
 PCODEC_LEVEL = 8
 PROFILES = ("compact", "portable")
 BITSHUFFLE_KINDS = frozenset({"grads", "momentum"})  # measured: bit shuffle wins on these
+PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
 def zarr_dtype(kind: Kind, profile: str) -> str:
@@ -54,112 +130,6 @@ def zarr_dtype(kind: Kind, profile: str) -> str:
     if kind.dtype == "bfloat16" and profile == "compact":
         return "uint16"
     return kind.dtype
-
-
-PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
-
-
-@dataclass(frozen=True)
-class AdamPrediction:
-    """Adam's moment rows stored as residuals against a prediction (compact profile, main tier).
-
-    Row ``r`` of a moment is predicted from the row before it and the recorded *pre-clip*
-    gradient row, replaying one bfloat16 AdamW update in float32 (the first row of each main
-    chunk is predicted from zeros, so every chunk decodes on its own)::
-
-        c   = bf16(min(1, max_norm / (bf16(grad_norm[r]) + 1e-6)))      # 1 without max_norm
-        g   = bf16(grads[r] * c)                                          # the clipped gradient
-        exp_avg:    pred = bf16(prev + f32(1 - beta) * (g - prev))
-        exp_avg_sq: pred = bf16(bf16(prev * f32(beta)) + f32(1 - beta) * g * g)
-
-    all in float32 arithmetic, one rounding per operation (IEEE, round to nearest even), a NaN
-    prediction taken as the bits 0x7FC0. The
-    stored value is ``(bits(row) - bits(pred)) mod 2**16`` as int16; a reader adds it back. It is
-    lossless whatever the prediction's quality; on the seed run 97-99% of the residuals are 0.
-    """
-
-    moment: str  # "exp_avg" or "exp_avg_sq"
-    grads: str  # the kind holding the pre-clip gradient rows (same shape)
-    grad_norm: str  # the 0-d float32 kind holding the gradient's global L2 norm
-    beta: float
-    max_norm: float | None = None
-
-    def __post_init__(self):
-        if self.moment not in ("exp_avg", "exp_avg_sq"):
-            raise ValueError(f"AdamPrediction moment must be 'exp_avg' or 'exp_avg_sq', got {self.moment!r}")
-
-    def to_json(self) -> dict:
-        return {"moment": self.moment, "grads": self.grads, "grad_norm": self.grad_norm, "beta": self.beta,
-                "max_norm": self.max_norm}
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "AdamPrediction":
-        return cls(doc["moment"], doc["grads"], doc["grad_norm"], float(doc["beta"]),
-                   None if doc.get("max_norm") is None else float(doc["max_norm"]))
-
-    def _predict(self, prev: np.ndarray, grad: np.ndarray, norm: np.float32) -> np.ndarray:
-        """float32 ``prev`` and a bfloat16 ``grad`` (or its uint16 bits, as the compact profile
-        stores it) -> the predicted row's bfloat16 bits (uint16)."""
-        f32 = np.float32
-        grad = grad.view(BFLOAT16) if grad.dtype == np.uint16 else grad
-        c = f32(1)
-        if self.max_norm is not None:
-            c = _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(norm) + f32(1e-6))))
-        g = _bf16(grad.astype(f32) * c)
-        if self.moment == "exp_avg":
-            pred = prev + f32(1 - self.beta) * (g - prev)
-        else:
-            pred = _bf16(prev * f32(self.beta)) + f32(1 - self.beta) * g * g
-        bits = pred.astype(BFLOAT16).view(np.uint16)
-        bits[np.isnan(pred)] = CANONICAL_NAN  # NaN payloads from arithmetic differ between machines
-        return bits
-
-    def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
-        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first)."""
-        return self._replay(moment.view(np.uint16), grads, norms, axis, encode=True).view(np.int16)
-
-    def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
-        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
-        return self._replay(residuals.view(np.uint16), grads, norms, axis, encode=False)
-
-    def _replay(self, data: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int, encode: bool) -> np.ndarray:
-        """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
-        moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
-        residual``), both mod 2**16. The result is C-ordered like ``data``. The walk runs on
-        row-major copies: in a chunk's stored order each row is strided, and 5x slower to compute on."""
-        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (data, grads))
-        out = np.empty(rows.shape, np.uint16)
-        prev = np.zeros(rows.shape[1:], np.float32)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(rows.shape[0]):
-                pred = self._predict(prev, grads[r], norms[r])
-                if encode:
-                    np.subtract(rows[r], pred, out=out[r])
-                    moment = rows[r]
-                else:
-                    np.add(pred, rows[r], out=out[r])
-                    moment = out[r]
-                prev = moment.view(BFLOAT16).astype(np.float32)
-        return np.ascontiguousarray(np.moveaxis(out, 0, axis))
-
-
-CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
-
-
-def _bf16(x) -> np.ndarray:
-    """Round float32 to bfloat16 and back (nearest even): one bfloat16 operation's rounding."""
-    return np.asarray(x, np.float32).astype(BFLOAT16).astype(np.float32)
-
-
-def adam_predictions(beta1: float, beta2: float, max_norm: float | None, grads: str = "grads",
-                     grad_norm: str = "grad_norm") -> dict[str, AdamPrediction]:
-    """The predictions of the seed kinds ``momentum`` and ``variance`` for an AdamW run with these
-    betas and gradient clipping (``max_norm``; None for none), recorded every step.
-
-    >>> wordystore.create(path, kinds, predictions=wordystore.adam_predictions(0.9, 0.999, 1.0))
-    """
-    return {"momentum": AdamPrediction("exp_avg", grads, grad_norm, beta1, max_norm),
-            "variance": AdamPrediction("exp_avg_sq", grads, grad_norm, beta2, max_norm)}
 
 
 @dataclass(frozen=True)
@@ -182,7 +152,7 @@ class ArrayLayout:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+        return numpy_dtype(self.dtype)
 
     @property
     def prediction(self) -> AdamPrediction | None:
@@ -194,11 +164,29 @@ class ArrayLayout:
     def chunks_per_shard(self) -> tuple[int, ...]:
         return tuple(s // c for s, c in zip(self.shard, self.chunk))
 
+    @property
+    def chunk_prefix(self) -> str:
+        """The prefix of every shard key of the array."""
+        return f"{self.path}/{CHUNK_DIR}/"
+
     def shard_grid(self) -> tuple[int, ...]:
         return tuple(math.ceil(n / s) for n, s in zip(self.shape, self.shard))
 
     def shard_key(self, coords: tuple[int, ...]) -> str:
-        return f"{self.path}/c/" + "/".join(str(c) for c in coords)
+        return self.chunk_prefix + "/".join(str(c) for c in coords)
+
+    def shard_coords(self, key: str) -> tuple[int, ...] | None:
+        """The coordinates of the shard at ``key``; None for a key that is no shard of the array
+        (another array's, or a temporary file)."""
+        parts = key.removeprefix(self.chunk_prefix).split("/") if key.startswith(self.chunk_prefix) else []
+        return tuple(int(p) for p in parts) if parts and all(p.isdecimal() for p in parts) else None
+
+    def shards_holding(self, lo: int, hi: int) -> Iterator[tuple[tuple[int, ...], int, int]]:
+        """(shard coordinates, first row, end row) of every shard holding rows ``[lo, hi)``."""
+        rows = self.shard[0]
+        for r in range(lo // rows, math.ceil(hi / rows) if hi > lo else 0):
+            for rest in np.ndindex(*self.shard_grid()[1:]):
+                yield (r, *rest), max(lo, r * rows), min(hi, (r + 1) * rows)
 
     def with_rows(self, rows: int) -> "ArrayLayout":
         return replace(self, shape=(rows, *self.shape[1:]))
@@ -295,14 +283,15 @@ class Profile:
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"
             codecs = ChunkCodecs(transpose, Bytes(), (Blosc("zstd", 1, shuffle, kind.numpy_dtype.itemsize), Crc32c()))
-        return ArrayLayout(name, dtype, (rows, *kind.shape), shard, chunk, codecs, ("step", *kind.dims), attributes)
+        return ArrayLayout(array_path(name), dtype, (rows, *kind.shape), shard, chunk, codecs, ("step", *kind.dims),
+                           attributes)
 
     def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS) -> ArrayLayout:
         """Hot rows: ``block_rows`` per chunk, blosc lz4 (fast to write, read back once to compact)."""
         dtype = zarr_dtype(kind, self.name)
         chunk, shard = _cut(kind, block_rows)
         codecs = ChunkCodecs(None, Bytes(), (Blosc("lz4", 1, "shuffle", kind.numpy_dtype.itemsize), Crc32c()))
-        return ArrayLayout(f"{HOT_GROUP}/{name}", dtype, (rows, *kind.shape), shard, chunk, codecs,
+        return ArrayLayout(array_path(name, "hot"), dtype, (rows, *kind.shape), shard, chunk, codecs,
                            ("step", *kind.dims), _view_attributes(kind, dtype))
 
 
@@ -331,7 +320,12 @@ def token_set_layout(name: str, size: int) -> ArrayLayout:
     """``token_sets/<name>``: int64 ids in chunks of 65,536 with blosc and crc32c, like any data."""
     chunk = max(1, min(size, 65536))
     codecs = ChunkCodecs(None, Bytes(), (Blosc("zstd", 1, "shuffle", 8), Crc32c()))
-    return ArrayLayout(f"{TOKEN_SETS_GROUP}/{name}", "int64", (size,), (chunk,), (chunk,), codecs, ("token",))
+    return ArrayLayout(token_set_path(name), "int64", (size,), (chunk,), (chunk,), codecs, ("token",))
+
+
+def is_token_set_layout(layout: ArrayLayout, name: str) -> bool:
+    """Exactly a token set's layout: an edited shape must not read as a shorter set."""
+    return len(layout.shape) == 1 and isinstance(layout.shape[0], int) and layout == token_set_layout(name, layout.shape[0])
 
 
 def check_predictions(predictions: dict[str, AdamPrediction], kinds: dict[str, Kind]) -> None:
@@ -348,6 +342,9 @@ def check_rows(block_rows: int, chunk_rows: int) -> None:
     """Hot blocks must tile main chunks: ``block_rows`` divides ``chunk_rows``."""
     if not all(isinstance(n, int) and n >= 1 for n in (block_rows, chunk_rows)) or chunk_rows % block_rows:
         raise ValueError(f"block_rows {block_rows!r} must be a positive int dividing chunk_rows {chunk_rows!r}")
+
+
+# -- the documents --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -378,6 +375,16 @@ class Metadata:
             "config": self.config,
             "versions": self.versions,
         }
+
+    def to_root_json(self) -> dict:
+        """The root group's ``zarr.json``, which holds this document."""
+        return {**GROUP_JSON, "attributes": {ATTRS_KEY: self.to_json()}}
+
+    @classmethod
+    def from_root_json(cls, root: dict, where: str) -> "Metadata":
+        if root.get("node_type") != "group":
+            raise FormatError(f"{where} is a zarr array, not a wordystore trajectory (a zarr group)")
+        return cls.from_json(root.get("attributes", {}).get(ATTRS_KEY), where)
 
     @classmethod
     def from_json(cls, doc, where: str) -> "Metadata":
@@ -450,15 +457,34 @@ def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
 
 
 @dataclass(frozen=True)
+class RowTiers:
+    """The tier rule (docs/format.md, "Two tiers, one row axis"): of the committed rows, those below
+    ``compacted_rows`` are read from the main tier, the rest from the hot tier."""
+
+    compacted_rows: int
+    committed_rows: int
+
+    def span(self, tier: str) -> tuple[int, int]:
+        """Rows ``[start, stop)`` that ``tier`` ("main" or "hot") holds."""
+        if tier == "main":
+            return 0, self.compacted_rows
+        return self.compacted_rows, self.committed_rows
+
+
+@dataclass(frozen=True)
 class CommitRecord:
     """``commit.json``: rows ``[0, committed_rows)`` are valid; ``[0, compacted_rows)`` of them
     are in the main tier, the rest in the hot tier. ``states`` lists the resume states kept
-    (``{"row", "step", "key"}``, oldest first)."""
+    (``{"row", "step", "key"}``, oldest first; see :mod:`wordystore.resume_state`)."""
 
     committed_rows: int = 0
     compacted_rows: int = 0
     last_step: int | None = None
     states: tuple[dict, ...] = ()
+
+    @property
+    def tiers(self) -> RowTiers:
+        return RowTiers(self.compacted_rows, self.committed_rows)
 
     def to_json(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "committed_rows": self.committed_rows,
@@ -482,116 +508,20 @@ class CommitRecord:
         return cls(committed, compacted, last, tuple(states))
 
 
-def dumps(document: dict) -> bytes:
-    return json.dumps(document, indent=1, allow_nan=False).encode()
-
-
-def loads(data: bytes, key: str):
-    """Parse a JSON document; a damaged one is a FormatError naming its key."""
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{key} is not valid JSON ({exc})") from None
-
-
-# -- reading and writing the documents ------------------------------------------------------------
-
-GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-
-
-def read_json(store, key: str):
-    """A JSON document of the store; None when the key is absent."""
-    from wordystore import storage
-
-    data = storage.get(store, key)
-    return None if data is None else loads(data, f"{storage.describe(store)}/{key}")
-
-
-def write_json(store, key: str, document: dict, durable: bool = False) -> None:
-    from wordystore import storage
-
-    storage.put(store, key, dumps(document))
-    if durable:
-        storage.sync_to_disk(store, [key])
-
-
-def read_metadata(store) -> Metadata:
-    from wordystore import storage
-
-    where = storage.describe(store)
-    try:
-        root = read_json(store, "zarr.json")
-    except FileNotFoundError:  # a read-only local store whose directory does not exist
-        root = None
-    if root is None:
-        raise FileNotFoundError(f"no trajectory at {where}: it has no zarr.json")
-    if root.get("node_type") != "group":
-        raise FormatError(f"{where} is a zarr array, not a wordystore trajectory (a zarr group)")
-    return Metadata.from_json(root.get("attributes", {}).get(ATTRS_KEY), where)
-
-
-def write_metadata(store, meta: Metadata, durable: bool = False) -> None:
-    write_json(store, "zarr.json", {**GROUP_JSON, "attributes": {ATTRS_KEY: meta.to_json()}}, durable)
-
-
-def read_commit(store) -> CommitRecord:
-    from wordystore import storage
-
-    where = storage.describe(store)
-    try:
-        doc = read_json(store, COMMIT_KEY)
-        if doc is None:
-            raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was lost")
-        return CommitRecord.from_json(doc, where)
-    except FormatError as exc:  # every damaged record: say how to rebuild it
-        raise FormatError(f"{exc}; `wordystore verify {where} --repair` rebuilds it from the rows that verify") from None
-
-
-def check_arrays(store, meta: Metadata, record: CommitRecord,
+def check_arrays(where: str, meta: Metadata, record: CommitRecord,
                  layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
-    """The arrays (name -> (main, hot) layouts) agree with the metadata and hold every row the
-    record admits; else a FormatError naming the first that does not."""
-    from wordystore import storage
-
-    where = storage.describe(store)
-    for name, (main, hot) in layouts.items():
-        for actual, expected in zip((main, hot), meta.layouts(name)):
+    """The arrays (name -> (main, hot) layouts) of the store ``where`` agree with the metadata and
+    hold every row the record admits in their tier; else a FormatError naming the first that does not."""
+    for name, pair in layouts.items():
+        for actual, expected in zip(pair, meta.layouts(name)):
             mismatch = layout_mismatch(actual, expected)
             if mismatch:
                 raise FormatError(f"{where}: array '{actual.path}': its zarr.json {mismatch}; "
                                   f"run `wordystore verify {where}`")
-        if main.shape[0] < record.compacted_rows or (record.committed_rows > record.compacted_rows
-                                                     and hot.shape[0] < record.committed_rows):
+        main, hot = pair
+        if any(start < stop and layout.shape[0] < stop
+               for layout, (start, stop) in zip(pair, map(record.tiers.span, TIERS))):
             raise FormatError(
                 f"{where}: {COMMIT_KEY} admits {record.committed_rows} rows ({record.compacted_rows} compacted) but "
                 f"array '{name}' holds {main.shape[0]} compacted and {hot.shape[0]} hot rows; "
                 f"run `wordystore verify {where} --repair`")
-
-
-def write_commit(store, record: CommitRecord, durable: bool = False) -> None:
-    write_json(store, COMMIT_KEY, record.to_json(), durable)
-
-
-def read_layout(store, path: str) -> ArrayLayout:
-    from wordystore import storage
-
-    doc = read_json(store, f"{path}/zarr.json")
-    if doc is None:
-        raise FormatError(f"{storage.describe(store)}: array '{path}' is missing (no {path}/zarr.json)")
-    return ArrayLayout.from_zarr_json(path, doc)
-
-
-def read_token_set_layout(store, name: str) -> ArrayLayout:
-    """The layout of ``token_sets/<name>``, refused unless it is exactly a token set's: an edited
-    shape must not read as a shorter set."""
-    from wordystore import storage
-
-    layout = read_layout(store, f"{TOKEN_SETS_GROUP}/{name}")
-    if len(layout.shape) != 1 or not isinstance(layout.shape[0], int) or layout != token_set_layout(name, layout.shape[0]):
-        raise FormatError(f"{storage.describe(store)}: array '{layout.path}': its zarr.json is not a token set's "
-                          "(int64 ids on one axis, in chunks of min(size, 65536), blosc and crc32c)")
-    return layout
-
-
-def write_layout(store, layout: ArrayLayout, durable: bool = False) -> None:
-    write_json(store, f"{layout.path}/zarr.json", layout.to_zarr_json(), durable)

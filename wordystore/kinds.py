@@ -7,7 +7,6 @@ added in front of every kind. The axis named ``token`` is the one token sets ind
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -29,9 +28,12 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "uint8": (np.dtype("uint8"), torch.uint8),
     "bool": (np.dtype("bool"), torch.bool),
 }
-NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-# keys of the store's root (docs/format.md); analysis/: wordystore.analysis' cache
-RESERVED_NAMES = {"recorded_steps", "token_sets", "commit.json", "zarr.json", "analysis", "hot", "state", "verified.json"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a zarr v3 ``data_type``: a kind's (bfloat16 as ``ml_dtypes.bfloat16``),
+    or one an array stores a kind as (``uint16`` bits, ``int16`` residuals)."""
+    return DTYPES[name][0] if name in DTYPES else np.dtype(name)
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,6 @@ class Kind:
     @classmethod
     def from_json(cls, data: dict) -> "Kind":
         return cls(shape=tuple(data["shape"]), dtype=data["dtype"], dims=tuple(data["dims"]))
-
-
-def check_kind_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
-        raise ValueError(
-            f"kind name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
-            f"(starting with a letter or '_'), and none of {sorted(RESERVED_NAMES)}"
-        )
-    return name
 
 
 def scalar_value(kind: Kind, value) -> np.ndarray:

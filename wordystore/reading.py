@@ -1,18 +1,25 @@
-"""The read path: a plan of chunk reads computed without I/O, then a parallel decode straight into
-the output.
+"""The read path of a trajectory: which tier holds each row, a plan of chunk reads computed without
+I/O, then a parallel decode straight into the output.
 
+:class:`StoreReader` is a trajectory's arrays as one commit record admits them, and every read of
+a trajectory goes through it: it takes each row from the tier the record puts it in
+(:class:`wordystore.format.RowTiers`) and catches up with a running writer's compaction (below).
 :func:`plan_reads` turns an orthogonal selection (per axis a slice or sorted unique positions, as
 :func:`wordystore.indexing.plan` produces) into one :class:`ChunkRead` per inner chunk it touches:
-which chunk, which part of it, and where that part goes in the output. Rows come from two tiers
-(main below ``compacted_rows``, hot above; see :mod:`wordystore.format`). :class:`ChunkReader`
-then fetches each shard's bytes (the whole shard, or its index and the needed chunks), decodes
-every chunk on a pool of threads (the codecs release the GIL) and copies the selected part into
-the output, gathering the token selection as it goes. Decoded chunks go through a bounded LRU
-cache, so iterating over steps or re-running a cell decodes nothing twice.
+which chunk, which part of it, and where that part goes in the output. :class:`ChunkReader` then
+fetches each shard's bytes (the whole shard, or its index and the needed chunks), decodes every
+chunk on a pool of threads (the codecs release the GIL) and copies the selected part into the
+output, gathering the token selection as it goes. Decoded chunks go through a bounded LRU cache,
+so iterating over steps or re-running a cell decodes nothing twice.
+
+A reader holding an older commit record may find a hot shard deleted by a later compaction
+(docs/format.md, "Commit protocol"): it re-reads the record, takes the rows compacted since from
+the main tier (their values are the same) and reads again. Its row count stays until ``refresh()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -23,13 +30,103 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from wordystore import storage
-from wordystore.codecs import EMPTY, decode_shard_index, shard_index_nbytes
-from wordystore.errors import CorruptChunkError
-from wordystore.format import ArrayLayout
+from wordystore import documents, storage
+from wordystore.codecs import ShardIndex
+from wordystore.errors import CorruptChunkError, FormatError
+from wordystore.format import STEPS_ARRAY, TIERS, ArrayLayout, CommitRecord, Metadata, array_path, check_arrays
 
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
+
+
+
+class StoreReader:
+    """A trajectory's arrays as one commit record admits them: the metadata, the record, each array's
+    (main, hot) layouts, and the reads. A :class:`wordystore.Trajectory` is a face over one; the
+    writer reads the rows it compacts or reloads through one too."""
+
+    def __init__(self, store, meta: Metadata, record: CommitRecord,
+                 layouts: dict[str, tuple[ArrayLayout, ArrayLayout]], cache: ChunkCache | None = None,
+                 threads: int | None = None):
+        self.store, self.meta = store, meta
+        self._chunks = ChunkReader(store, cache, threads)
+        self._adopt(record, layouts)
+
+    @classmethod
+    def open(cls, store, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "StoreReader":
+        """The trajectory in ``store`` as its commit record stands now (see :meth:`refresh`)."""
+        reader = cls(store, documents.read_metadata(store), CommitRecord(), {}, ChunkCache(cache_bytes))
+        reader.refresh()
+        return reader
+
+    def refresh(self) -> None:
+        """Re-read the commit record and the arrays' layouts, checked against the metadata."""
+        record = documents.read_commit(self.store)
+        layouts = documents.read_layouts(self.store, self.meta)
+        check_arrays(storage.describe(self.store), self.meta, record, layouts)
+        self._adopt(record, layouts)
+
+    def _adopt(self, record: CommitRecord, layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
+        self.record, self.layouts = record, layouts
+        self._chunks.main_layouts = {name: main for name, (main, _) in layouts.items()}
+
+    def read_steps(self) -> np.ndarray:
+        """The training step of every committed row, strictly increasing (else FormatError)."""
+        rows = self.record.committed_rows
+        steps = self.read(STEPS_ARRAY, (slice(0, rows, 1),), (rows,))
+        if np.any(np.diff(steps) <= 0):
+            where = storage.describe(self.store)
+            raise FormatError(f"{where}: recorded_steps are not increasing; the store is damaged "
+                              f"(run `wordystore verify {where}`)")
+        return steps
+
+    def tiers(self, name: str) -> list[Tier]:
+        """Where each committed row of array ``name`` is read from."""
+        rows = self.record.tiers
+        return [Tier(layout, *rows.span(tier)) for layout, tier in zip(self.layouts[name], TIERS)]
+
+    def read(self, name: str, fetch: tuple, shape: tuple[int, ...]) -> np.ndarray:
+        """The orthogonal selection ``fetch`` of array ``name`` (of ``shape``), decoded into a new array."""
+        out = np.empty(shape, self.meta.arrays()[name].numpy_dtype)
+        self.read_into(name, fetch, out)
+        return out
+
+    def read_into(self, name: str, fetch: tuple, out: np.ndarray) -> None:
+        """Fill ``out`` with the orthogonal selection ``fetch`` (per axis a slice with step >= 1 or
+        sorted unique positions) of array ``name``."""
+        if not out.size:
+            return
+        try:
+            self._chunks.read_into(plan_reads(self.tiers(name), fetch), out)
+        except CorruptChunkError:
+            if not self.catch_up_compaction():
+                raise
+            self._chunks.read_into(plan_reads(self.tiers(name), fetch), out)
+
+    def catch_up_compaction(self) -> bool:
+        """A running writer compacted rows since our commit record and deleted their hot copies:
+        read those rows from the main tier now (the row count stays until :meth:`refresh`).
+        False if nothing was compacted since, so that a read's failure is damage."""
+        record = documents.read_commit(self.store)
+        if record.compacted_rows <= self.record.compacted_rows:
+            return False
+        compacted = min(record.compacted_rows, self.record.committed_rows)
+        self._adopt(dataclasses.replace(self.record, compacted_rows=compacted),
+                    {name: (documents.read_layout(self.store, array_path(name)), hot)
+                     for name, (_, hot) in self.layouts.items()})
+        return True
+
+    def read_token_set(self, name: str) -> np.ndarray:
+        return self._chunks.read_whole(documents.read_token_set_layout(self.store, name))
+
+    def uncached(self) -> "StoreReader":
+        """The same rows, read without a chunk cache (a reader of its own)."""
+        return StoreReader(self.store, self.meta, self.record, self.layouts, ChunkCache(0))
+
+    def close(self) -> None:
+        """Stop the read threads and drop the chunk cache."""
+        self._chunks.close()
+        self._chunks.cache.clear()
 
 
 @dataclass(frozen=True)
@@ -111,12 +208,6 @@ def plan_reads(tiers: list[Tier], fetch: tuple) -> list[ChunkRead]:
     return reads
 
 
-def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised output array. numpy already asks the kernel for transparent huge pages for
-    large allocations (madvise), which keeps the first write's page faults few."""
-    return np.empty(shape, dtype)
-
-
 class ChunkCache:
     """A bounded LRU of decoded chunks (in stored order), keyed by array, chunk and valid rows.
 
@@ -188,6 +279,12 @@ class ChunkReader:
         self.main_layouts = main_layouts or {}  # name -> main-tier layout: what predicted arrays rebuild from
         self.threads = threads or THREADS
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wordystore-read")
+
+    def read_whole(self, layout: ArrayLayout) -> np.ndarray:
+        """Every element of a one-axis array of one tier (a token set)."""
+        out = np.empty(layout.shape, layout.numpy_dtype)
+        self.read_into(plan_reads([Tier(layout, 0, layout.shape[0])], (slice(0, layout.shape[0], 1),)), out)
+        return out
 
     def read_into(self, reads: list[ChunkRead], out: np.ndarray) -> None:
         """Fill ``out`` (the bits of the selection) from ``reads``; raises CorruptChunkError naming
@@ -272,36 +369,30 @@ class ChunkReader:
         layout = reads[0].layout
         key = layout.shard_key(reads[0].shard)
         n_chunks = int(np.prod(layout.chunks_per_shard))
-        index_bytes = shard_index_nbytes(n_chunks)
-        if 2 * len(reads) >= n_chunks:
-            shard = storage.get(self.store, key)
-            if shard is None:
-                raise self._missing(key, reads[0])
-            index = self._index(shard[-index_bytes:], n_chunks, key, reads[0])
-            spans = [index[r.inner_index] for r in reads]
-            self._check_present(spans, key, reads)
-            view = memoryview(shard)
-            return [view[int(o) : int(o) + int(n)] for o, n in spans]
-        tail = storage.get(self.store, key, suffix=index_bytes)
-        if tail is None:
+        index_bytes = ShardIndex.nbytes(n_chunks)
+        whole = 2 * len(reads) >= n_chunks
+        data = storage.get(self.store, key, suffix=None if whole else index_bytes)
+        if data is None:
             raise self._missing(key, reads[0])
-        index = self._index(tail, n_chunks, key, reads[0])
-        spans = [index[r.inner_index] for r in reads]
-        self._check_present(spans, key, reads)
-        return storage.get_ranges(self.store, key, [(int(o), int(o) + int(n)) for o, n in spans])
+        spans = self._spans(data[-index_bytes:], n_chunks, key, reads)
+        if whole:
+            view = memoryview(data)
+            return [view[start:end] for start, end in spans]
+        return storage.get_ranges(self.store, key, spans)
 
-    def _index(self, tail, n_chunks: int, key: str, read: ChunkRead) -> np.ndarray:
+    def _spans(self, tail, n_chunks: int, key: str, reads: list[ChunkRead]) -> list[tuple[int, int]]:
+        """Where each read's chunk lies in the shard, from the shard's index (``tail``)."""
         try:
-            return decode_shard_index(tail, n_chunks)
+            index = ShardIndex.decode(tail, n_chunks)
         except CorruptChunkError as exc:
             raise CorruptChunkError(f"corrupt shard index of '{key}' in {storage.describe(self.store)} "
-                                    f"(holds {read.describe()} and its neighbours): {exc}") from None
-
-    def _check_present(self, spans, key: str, reads: list[ChunkRead]) -> None:
-        for (offset, _), read in zip(spans, reads):
-            if offset == EMPTY:
+                                    f"(holds {reads[0].describe()} and its neighbours): {exc}") from None
+        spans = [index.span(read.inner_index) for read in reads]
+        for span, read in zip(spans, reads):
+            if span is None:
                 raise CorruptChunkError(f"missing chunk: {read.describe()} of {storage.describe(self.store)} holds "
                                         f"committed rows but shard '{key}' has no such chunk")
+        return spans
 
     def _missing(self, key: str, read: ChunkRead) -> CorruptChunkError:
         return CorruptChunkError(f"missing shard: '{key}' of {storage.describe(self.store)} holds committed rows "

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-import wordystore
-from wordystore import analysis, display
+from wordystore import analysis, display, trajectory
 from wordystore.analysis import EmbeddingStats, Table
 from wordystore.errors import WordystoreError
 from wordystore.storage import describe
@@ -83,12 +82,12 @@ def analyse(t: Trajectory, label: str, progress: bool = True) -> Run:
 
 
 def _open(where) -> Trajectory:
-    return where if isinstance(where, Trajectory) else wordystore.open(where)
+    return where if isinstance(where, Trajectory) else trajectory.open(where)
 
 
 def _name(where) -> str:
     """A short label for a store: its last path component without ``.zarr``."""
-    text = describe(where._store) if isinstance(where, Trajectory) else os.fspath(where)
+    text = describe(where.store) if isinstance(where, Trajectory) else os.fspath(where)
     return Path(text.rstrip("/")).name.removesuffix(".zarr") or "trajectory"
 
 
@@ -248,7 +247,7 @@ def report_markdown(run: Run, plots: list[str]) -> str:
     sizes = display.kind_sizes(t)
     disk, raw = display.stored_bytes(t), sum(r for _, r in sizes.values())
     lines = [f"# {run.label}", "",
-             f"`{describe(t._store)}`: {len(t)} rows, {display.steps_span(t)}; "
+             f"`{describe(t.store)}`: {len(t)} rows, {display.steps_span(t)}; "
              f"{display.human_bytes(disk)} on disk, {display.human_bytes(raw)} raw ({display.ratio(disk, raw)}).", ""]
     lines += [f"- {line}" for line in display.config_summary(t.config)]
     if "losses" in c and len(t) > 1 and not np.isnan(c["losses"][1:]).all():
@@ -327,8 +326,8 @@ def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Pat
 
 def comparison_text(runs: list[Run]) -> str:
     a, b = runs
-    lines = [f"A: {describe(a.t._store)}: {len(a.t)} rows, {display.steps_span(a.t)}",
-             f"B: {describe(b.t._store)}: {len(b.t)} rows, {display.steps_span(b.t)}", ""]
+    lines = [f"A: {describe(a.t.store)}: {len(a.t)} rows, {display.steps_span(a.t)}",
+             f"B: {describe(b.t.store)}: {len(b.t)} rows, {display.steps_span(b.t)}", ""]
     diffs = config_differences(a.t.config, b.t.config)
     lines.append(f"config differences ({len(diffs)}; ignoring {', '.join(IGNORED_CONFIG_KEYS)}):" if diffs
                  else "configs are identical (ignoring output paths and timings)")

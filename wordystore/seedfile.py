@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-import wordystore
+from wordystore import format, trajectory
 from wordystore.indexing import step_rows
 from wordystore.kinds import Kind
+from wordystore.lifecycle import create_whole
 from wordystore.tokensets import token_sets_from_mask_file
 from wordystore.trajectory import Trajectory
-from wordystore.writer import building
+from wordystore.version import __version__
 
 STEP_KINDS = ("embeddings", "grads", "momentum", "variance", "logits", "losses")
 FLOAT_SCALARS = ("init_scale", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2")
@@ -45,13 +46,13 @@ def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     """The notebook's scalars for ``t``: kept from an import, else from the trainer's run config."""
     if "seed_scalars" in t.config:
         return dict(t.config["seed_scalars"])
-    run = t.config.get("run")
-    if run is None:
+    params = t.config.get("run")  # the trainer's parameters
+    if params is None:
         raise ValueError("the trajectory has neither 'seed_scalars' nor a trainer 'run' config to export scalars from")
     sets = t.metadata["token_sets"]
     if "trained" not in sets or "untrained" not in sets:
         raise ValueError(f"export needs token sets 'trained' and 'untrained'; the trajectory has {sets}")
-    scalars = {name: run[name] for name in FLOAT_SCALARS}
+    scalars = {name: params[name] for name in FLOAT_SCALARS}
     scalars.update(n_trained=len(t.token_set("trained")), n_untrained=len(t.token_set("untrained")))
     return scalars
 
@@ -68,7 +69,7 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
 
     >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
     """
-    t = wordystore.open(store, cache_bytes=0)
+    t = trajectory.open(store, cache_bytes=0)
     out = Path(out)
     _check_output(out, overwrite)
     kinds = list(STEP_KINDS if kinds is None else kinds)
@@ -96,7 +97,7 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
         size = int(np.prod(shape, dtype=np.int64)) * Kind((), dtype).numpy_dtype.itemsize
         header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt", "exported_by": f"wordystore {wordystore.__version__}"}
+    header["__metadata__"] = {"format": "pt", "exported_by": f"wordystore {__version__}"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     data_start = 8 + len(blob)
@@ -129,7 +130,7 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
 def _tiles(t: Trajectory, name: str, kind: Kind, rows: np.ndarray, token_ids) -> list[tuple]:
     """(output row offset, row indices, output token offset, token index) for every tile of a
     kind: a main chunk's worth of rows by a shard's worth of tokens."""
-    main = t._layouts[name][0]
+    main = t.layouts[name][0]
     row_block = main.chunk[0]
     if not kind.shape:
         return [(r, rows[r : r + row_block], None, None) for r in range(0, len(rows), row_block)]
@@ -220,12 +221,12 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
                 if os.preadv(fd, [target], base + row * step_bytes + skip) != len(target):
                     raise ValueError(f"{path} is truncated: {name} row {row} is incomplete")
 
-        with building(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
+        with create_whole(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
                 _progress(S, f"import {path.name}", progress) as bar:
             w.bulk_append(steps, read_tile, progress=bar.update)
     finally:
         os.close(fd)
-    return wordystore.open(store)
+    return trajectory.open(store)
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -276,7 +277,7 @@ def _token_ids(t: Trajectory, tokens) -> np.ndarray | None:
     ids = np.asarray(tokens)
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
         raise ValueError(f"tokens must be a token-set name or a non-empty list of token ids, got {tokens!r}")
-    vocab = min((k.shape[k.dims.index("token")] for k in t.kinds.values() if "token" in k.dims), default=None)
+    vocab = format.vocab_size(t.kinds)
     bad = ids[(ids < 0) | (ids >= vocab)] if vocab is not None else ids[:0]
     if bad.size:
         raise ValueError(f"token ids {bad[:5].tolist()} are outside the vocabulary; expected ids in [0, {vocab})")

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-import wordystore
-from wordystore.writer import building
+from wordystore import trajectory
+from wordystore.lifecycle import create_whole
 from wordystore.storage import describe, local_root
+from wordystore.trajectory import Trajectory
 
-def stitch(sources, out, *, overwrite=False, progress=True) -> wordystore.Trajectory:
+
+def stitch(sources, out, *, overwrite=False, progress=True) -> Trajectory:
     """Join the trajectories ``sources`` (paths or stores) into a new trajectory ``out``.
 
     Every source is checked before ``out`` is created (see :func:`check_sources`); rows are copied
@@ -30,41 +32,41 @@ def stitch(sources, out, *, overwrite=False, progress=True) -> wordystore.Trajec
     """
     from tqdm.auto import tqdm
 
-    runs = check_sources(sources, out)
+    parts = check_sources(sources, out)
     segments, pieces, last_step, written = [], [], None, 0
-    for run in runs:  # each run contributes its rows after the steps before it: a suffix of rows
-        first_kept = 0 if last_step is None else int(np.searchsorted(run.steps, last_step, side="right"))
-        kept = len(run) - first_kept
+    for part in parts:  # each contributes its rows after the steps before it: a suffix of rows
+        first_kept = 0 if last_step is None else int(np.searchsorted(part.steps, last_step, side="right"))
+        kept = len(part) - first_kept
         segments.append({
-            "source": describe(run._store),
+            "source": describe(part.store),
             "rows": [written, written + kept],
-            "steps": [int(run.steps[first_kept]), int(run.steps[-1])],
+            "steps": [int(part.steps[first_kept]), int(part.steps[-1])],
             "dropped_repeated_steps": first_kept,
-            "config": run.config,
+            "config": part.config,
         })
-        pieces.append((written, run, first_kept))
-        last_step, written = int(run.steps[-1]), written + kept
-    steps = np.concatenate([run.steps[first:] for _, run, first in pieces])
+        pieces.append((written, part, first_kept))
+        last_step, written = int(part.steps[-1]), written + kept
+    steps = np.concatenate([part.steps[first:] for _, part, first in pieces])
 
     def read_tile(name: str, fetch: tuple, tile: np.ndarray) -> None:
         """Rows ``fetch[0]`` of the stitched trajectory, from the sources that hold them."""
-        for (start, run, first), segment in zip(pieces, segments):
+        for (start, part, first), segment in zip(pieces, segments):
             lo, hi = max(fetch[0].start, start), min(fetch[0].stop, segment["rows"][1])
             if lo < hi:
                 rows = slice(first + lo - start, first + hi - start, 1)
-                run.read_into(name, (rows, *fetch[1:]), tile[lo - fetch[0].start : hi - fetch[0].start])
+                part.read_into(name, (rows, *fetch[1:]), tile[lo - fetch[0].start : hi - fetch[0].start])
 
-    first = runs[0]
-    config = {"stitched_from": [describe(r._store) for r in runs], "segments": segments}
+    first = parts[0]
+    config = {"stitched_from": [describe(part.store) for part in parts], "segments": segments}
     config.update({k: v for k, v in first.config.items() if k == "seed_scalars"})
-    with building(out, first.kinds, token_sets=first.token_sets, config=config, overwrite=overwrite,
-                  predictions=first._meta.predictions) as w, \
+    with create_whole(out, first.kinds, token_sets=first.token_sets, config=config, overwrite=overwrite,
+                      predictions=first.predictions) as w, \
             tqdm(total=len(steps), desc="stitch", unit="row", disable=not progress) as bar:
         w.bulk_append(steps, read_tile, progress=bar.update)
-    return wordystore.open(out)
+    return trajectory.open(out)
 
 
-def check_sources(sources, out) -> list[wordystore.Trajectory]:
+def check_sources(sources, out) -> list[Trajectory]:
     """Open the sources and check that they can be joined into ``out``; return them in step order.
 
     Refused: fewer than two sources, an empty source, kinds or token sets that differ, two runs
@@ -72,31 +74,31 @@ def check_sources(sources, out) -> list[wordystore.Trajectory]:
     """
     if len(sources) < 2:
         raise ValueError(f"stitch needs at least two trajectories, got {len(sources)}")
-    runs = [wordystore.open(s) for s in sources]
-    first = runs[0]
-    for run in runs[1:]:
-        if run.kinds != first.kinds:
+    parts = [trajectory.open(s) for s in sources]
+    first = parts[0]
+    for part in parts[1:]:
+        if part.kinds != first.kinds:
             diff = sorted(
-                f"{k}: {first.kinds.get(k)} vs {run.kinds.get(k)}"
-                for k in set(first.kinds) | set(run.kinds) if first.kinds.get(k) != run.kinds.get(k)
+                f"{k}: {first.kinds.get(k)} vs {part.kinds.get(k)}"
+                for k in set(first.kinds) | set(part.kinds) if first.kinds.get(k) != part.kinds.get(k)
             )
-            raise ValueError(f"cannot stitch {describe(run._store)} onto {describe(first._store)}: kinds differ ({'; '.join(diff)})")
-        sets, first_sets = run.token_sets, first.token_sets
+            raise ValueError(f"cannot stitch {describe(part.store)} onto {describe(first.store)}: kinds differ ({'; '.join(diff)})")
+        sets, first_sets = part.token_sets, first.token_sets
         if sets.keys() != first_sets.keys() or any(not np.array_equal(sets[k], first_sets[k]) for k in sets):
-            raise ValueError(f"cannot stitch {describe(run._store)} onto {describe(first._store)}: their token sets differ")
+            raise ValueError(f"cannot stitch {describe(part.store)} onto {describe(first.store)}: their token sets differ")
     out_path = Path(out).resolve() if isinstance(out, (str, os.PathLike)) and "://" not in os.fspath(out) else None
-    for run in runs:
-        root = local_root(run._store)
+    for part in parts:
+        root = local_root(part.store)
         if out_path is not None and root is not None and root.resolve() == out_path:
             raise ValueError(f"the output {out} is also a source; write the stitched trajectory to a new path")
-        if len(run) == 0:
-            raise ValueError(f"{describe(run._store)} has no recorded rows; nothing to stitch from it")
-    runs.sort(key=lambda run: int(run.steps[0]))  # stable: equal first steps keep their given order
-    for earlier, run in zip(runs, runs[1:]):  # each run ends after the one before, so after all before
-        if run.steps[0] == earlier.steps[0] or run.steps[-1] <= earlier.steps[-1]:
+        if len(part) == 0:
+            raise ValueError(f"{describe(part.store)} has no recorded rows; nothing to stitch from it")
+    parts.sort(key=lambda part: int(part.steps[0]))  # stable: equal first steps keep their given order
+    for earlier, part in zip(parts, parts[1:]):  # each ends after the one before, so after all before
+        if part.steps[0] == earlier.steps[0] or part.steps[-1] <= earlier.steps[-1]:
             raise ValueError(
-                f"{describe(run._store)} (steps {run.steps[0]}..{run.steps[-1]}) adds no step after "
-                f"{describe(earlier._store)} (steps {earlier.steps[0]}..{earlier.steps[-1]}); stitch joins a run "
+                f"{describe(part.store)} (steps {part.steps[0]}..{part.steps[-1]}) adds no step after "
+                f"{describe(earlier.store)} (steps {earlier.steps[0]}..{earlier.steps[-1]}); stitch joins a run "
                 "and its continuations, each going on past the steps before it"
             )
-    return runs
+    return parts

@@ -11,13 +11,11 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
 from wordystore import format, indexing, reading
-from wordystore.errors import CorruptChunkError, FormatError, ReadOnlyError
+from wordystore.errors import ReadOnlyError
 from wordystore.kinds import Kind, numpy_to_torch
 from wordystore.storage import as_store, describe
 
@@ -31,70 +29,60 @@ def open(where, *, cache_bytes: int = reading.DEFAULT_CACHE_BYTES) -> "Trajector
 
 
 class Trajectory:
-    """One recorded run: kinds as attributes (``t.embeddings``), token sets, steps and config."""
+    """One recorded run: kinds as attributes (``t.embeddings``), token sets, steps and config.
+
+    A face over a :class:`wordystore.reading.StoreReader`, which does every read. Tools that work
+    on the store itself use the public surface: :attr:`store`, :attr:`layouts`,
+    :attr:`commit_record`, :attr:`metadata`, :attr:`predictions` and :meth:`read_into`.
+    """
 
     def __init__(self, store, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
-        self._store = store
-        self._meta = format.read_metadata(store)
-        self._kinds = dict(self._meta.kinds)
-        self._reader = reading.ChunkReader(store, reading.ChunkCache(cache_bytes))
-        self._views = {name: KindView(self, name, kind) for name, kind in self._kinds.items()}
+        self._reader = reading.StoreReader.open(store, cache_bytes)
+        self._steps = self._reader.read_steps()
+        self._views = {name: KindView(self, name, kind) for name, kind in self._reader.meta.kinds.items()}
         self._token_sets: dict[str, np.ndarray] = {}
-        self.refresh()
 
     def refresh(self) -> "Trajectory":
         """Re-read the commit record, to see steps a writer committed since."""
-        record = format.read_commit(self._store)
-        layouts = {name: tuple(format.read_layout(self._store, path) for path in (name, f"{format.HOT_GROUP}/{name}"))
-                   for name in self._meta.arrays()}
-        format.check_arrays(self._store, self._meta, record, layouts)
-        self._record, self._layouts = record, layouts
-        self._reader.main_layouts = {name: main for name, (main, _) in layouts.items()}
-        self._steps = self._read(format.STEPS_ARRAY, (slice(0, record.committed_rows, 1),), (record.committed_rows,))
-        if np.any(np.diff(self._steps) <= 0):
-            raise FormatError(f"{describe(self._store)}: recorded_steps are not increasing; the store is damaged "
-                              f"(run `wordystore verify {describe(self._store)}`)")
+        self._reader.refresh()
+        self._steps = self._reader.read_steps()
         return self
-
-    def _tiers(self, name: str) -> list[reading.Tier]:
-        main, hot = self._layouts[name]
-        compacted, committed = self._record.compacted_rows, self._record.committed_rows
-        return [reading.Tier(main, 0, compacted), reading.Tier(hot, compacted, committed)]
-
-    def _read(self, name: str, fetch: tuple, fetch_shape: tuple[int, ...]) -> np.ndarray:
-        """The orthogonal selection ``fetch`` of array ``name``, decoded straight into a new array."""
-        out = reading.empty(fetch_shape, self._meta.arrays()[name].numpy_dtype)
-        self.read_into(name, fetch, out)
-        return out
 
     def read_into(self, name: str, fetch: tuple, out: np.ndarray) -> None:
         """Fill ``out`` with the orthogonal selection ``fetch`` (per axis a slice with step >= 1 or
         sorted unique positions) of array ``name``: the primitive under every read, export and convert."""
-        if not out.size:
-            return
-        try:
-            self._reader.read_into(reading.plan_reads(self._tiers(name), fetch), out)
-        except CorruptChunkError:
-            if not self._catch_up_compaction():
-                raise
-            self._reader.read_into(reading.plan_reads(self._tiers(name), fetch), out)
+        self._reader.read_into(name, fetch, out)
 
-    def _catch_up_compaction(self) -> bool:
-        """A running writer compacted rows since our commit record and deleted their hot copies:
-        read those rows from the main tier now (the row count stays until ``refresh()``)."""
-        record = format.read_commit(self._store)
-        if record.compacted_rows <= self._record.compacted_rows:
-            return False
-        compacted = min(record.compacted_rows, self._record.committed_rows)
-        self._record = dataclasses.replace(self._record, compacted_rows=compacted)
-        self._layouts = {name: (format.read_layout(self._store, name), hot) for name, (_, hot) in self._layouts.items()}
-        self._reader.main_layouts = {name: main for name, (main, _) in self._layouts.items()}
-        return True
+    # -- the store underneath --------------------------------------------------------------------
+
+    @property
+    def store(self):
+        """The zarr store the trajectory is read from."""
+        return self._reader.store
+
+    @property
+    def layouts(self) -> dict[str, tuple[format.ArrayLayout, format.ArrayLayout]]:
+        """Per array (every kind and ``recorded_steps``): its (main, hot) tier layouts."""
+        return dict(self._reader.layouts)
+
+    @property
+    def commit_record(self) -> format.CommitRecord:
+        return self._reader.record
+
+    @property
+    def metadata(self) -> dict:
+        """The whole metadata document: format version, library versions, creation time, config."""
+        return self._reader.meta.to_json()
+
+    @property
+    def predictions(self) -> dict[str, format.AdamPrediction]:
+        """The kinds stored as residuals of Adam's replayed update (see :func:`wordystore.adam_predictions`)."""
+        return dict(self._reader.meta.predictions)
 
     # -- what the trajectory holds ---------------------------------------------------------------
 
     def __len__(self) -> int:
-        return self._record.committed_rows
+        return self._reader.record.committed_rows
 
     @property
     def steps(self) -> np.ndarray:
@@ -103,25 +91,16 @@ class Trajectory:
 
     @property
     def kinds(self) -> dict[str, Kind]:
-        return dict(self._kinds)
+        return dict(self._reader.meta.kinds)
 
     @property
     def config(self) -> dict:
-        return self._meta.config
+        return self._reader.meta.config
 
     @property
     def profile(self) -> str:
         """``compact`` or ``portable`` (see docs/format.md)."""
-        return self._meta.profile
-
-    @property
-    def metadata(self) -> dict:
-        """The whole metadata document: format version, library versions, creation time, config."""
-        return self._meta.to_json()
-
-    @property
-    def commit_record(self) -> format.CommitRecord:
-        return self._record
+        return self._reader.meta.profile
 
     @property
     def segments(self) -> list[dict]:
@@ -130,22 +109,19 @@ class Trajectory:
         if "segments" in self.config:
             return self.config["segments"]
         span = [int(self._steps[0]), int(self._steps[-1])] if len(self) else []
-        return [{"source": describe(self._store), "rows": [0, len(self)], "steps": span, "config": self.config}]
+        return [{"source": describe(self.store), "rows": [0, len(self)], "steps": span, "config": self.config}]
 
     @property
     def token_sets(self) -> dict[str, np.ndarray]:
         """Named token-id sets (sorted int64), read on first use."""
-        return {name: self.token_set(name) for name in self._meta.token_sets}
+        return {name: self.token_set(name) for name in self._reader.meta.token_sets}
 
     def token_set(self, name: str) -> np.ndarray:
-        if name not in self._meta.token_sets:
-            raise KeyError(f"no token set {name!r}; this trajectory has {list(self._meta.token_sets)}")
+        names = self._reader.meta.token_sets
+        if name not in names:
+            raise KeyError(f"no token set {name!r}; this trajectory has {list(names)}")
         if name not in self._token_sets:
-            layout = format.read_token_set_layout(self._store, name)
-            ids = reading.empty(layout.shape, np.int64)
-            self._reader.read_into(reading.plan_reads([reading.Tier(layout, 0, layout.shape[0])],
-                                                      (slice(0, layout.shape[0], 1),)), ids)
-            self._token_sets[name] = ids
+            self._token_sets[name] = self._reader.read_token_set(name)
         return self._token_sets[name]
 
     def __getattr__(self, name: str) -> "KindView":
@@ -164,11 +140,11 @@ class Trajectory:
 
     def __repr__(self) -> str:
         span = f"steps {self._steps[0]}..{self._steps[-1]}" if len(self) else "no steps yet"
-        lines = [f"<wordystore.Trajectory {describe(self._store)}: {len(self)} rows, {span}, {self.profile} profile>"]
-        for name, kind in self._kinds.items():
+        lines = [f"<wordystore.Trajectory {describe(self.store)}: {len(self)} rows, {span}, {self.profile} profile>"]
+        for name, kind in self.kinds.items():
             dims = ", ".join(f"{d}={n}" for d, n in zip(("step", *kind.dims), (len(self), *kind.shape)))
             lines.append(f"  {name:<18} {kind.dtype:<9} [{dims}]")
-        sets = ", ".join(f"{name} ({len(self.token_set(name))})" for name in self._meta.token_sets)
+        sets = ", ".join(f"{name} ({len(ids)})" for name, ids in self.token_sets.items())
         lines.append(f"  token sets: {sets or 'none'}")
         return "\n".join(lines)
 
@@ -177,14 +153,13 @@ class Trajectory:
         whose memory must not grow with the store."""
         other = object.__new__(Trajectory)
         other.__dict__.update(self.__dict__)
-        other._reader = reading.ChunkReader(self._store, reading.ChunkCache(0), main_layouts=self._reader.main_layouts)
-        other._views = {name: KindView(other, name, kind) for name, kind in self._kinds.items()}
+        other._reader = self._reader.uncached()
+        other._views = {name: KindView(other, name, view.kind) for name, view in self._views.items()}
         return other
 
     def close(self) -> None:
         """Stop the read threads and drop the chunk cache (also done when the object is collected)."""
         self._reader.close()
-        self._reader.cache.clear()
 
     def __enter__(self) -> "Trajectory":
         return self
@@ -205,9 +180,12 @@ class Trajectory:
 
         variables = {name: (view.dims, view.to_dask()) for name, view in self._views.items()}
         coords = {"step": self.steps}
-        vocab = {kind.shape[kind.dims.index("token")] for kind in self._kinds.values() if "token" in kind.dims}
-        if len(vocab) == 1:
-            coords["token"] = np.arange(vocab.pop())
+        try:
+            vocab = format.vocab_size(self.kinds)
+        except ValueError:  # kinds that disagree on it: no token coordinate
+            vocab = None
+        if vocab is not None:
+            coords["token"] = np.arange(vocab)
         return xr.Dataset(variables, coords=coords, attrs={"config": str(self.config)})
 
 
@@ -216,6 +194,10 @@ class KindView:
 
     def __init__(self, trajectory: Trajectory, name: str, kind: Kind):
         self._t, self.name, self.kind = trajectory, name, kind
+
+    @property
+    def trajectory(self) -> Trajectory:
+        return self._t
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -250,7 +232,7 @@ class KindView:
     def __iter__(self):
         """Row after row (each a torch tensor), reading a main chunk's worth of rows at a time, so
         every chunk is decoded once (memory: one block of ``chunk_rows`` rows)."""
-        block_rows = self._t._layouts[self.name][0].chunk[0]
+        block_rows = self._t.layouts[self.name][0].chunk[0]
         for start in range(0, len(self), block_rows):
             block = numpy_to_torch(self.numpy(slice(start, start + block_rows)))
             yield from block
@@ -260,7 +242,7 @@ class KindView:
         ``orthogonal=True``: index arrays select along their own axis each (zarr's ``oindex``):
         ``numpy(([0, 5], [1, 2, 3]), orthogonal=True)`` has shape ``(2, 3, ...)``."""
         plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set, orthogonal)
-        return indexing.finish(self._t._read(self.name, plan.fetch, plan.fetch_shape), plan)
+        return indexing.finish(self._t._reader.read(self.name, plan.fetch, plan.fetch_shape), plan)
 
     @property
     def loc(self) -> "_StepLabelIndexer":
@@ -274,7 +256,7 @@ class KindView:
         tokens; selections on it reach the reader, which decodes only the chunks they touch."""
         import dask.array as da
 
-        main = self._t._layouts[self.name][0]
+        main = self._t.layouts[self.name][0]
         chunks = tuple(min(c, max(n, 1)) for c, n in zip((main.chunk[0], *main.shard[1:]), self.shape))
         return da.from_array(_CommittedRows(self), chunks=chunks, asarray=True, fancy=True,
                              name=f"wordystore-{self.name}-{len(self)}-{id(self._t)}")

@@ -10,268 +10,70 @@ chunks, reading them back from the hot tier one shard at a time, then moves the 
 ``compacted_rows`` forward and deletes the hot copies. ``close()`` compacts the rest. A kill -9 at
 any point loses nothing committed: every change of what readers see is one atomic replace of
 ``commit.json`` made after the data it admits is on disk (docs/format.md, "Commit protocol").
+
+Shards are encoded by :mod:`wordystore.compaction`; a writer is made by
+:func:`wordystore.lifecycle.create` or :func:`wordystore.lifecycle.resume`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import json
-import math
 import os
-import shutil
-import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib import metadata as importlib_metadata
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
 
-from wordystore import format, reading, storage
-from wordystore.errors import AppendError, FormatError, ReadOnlyError, WriterFailedError
-from wordystore.kinds import Kind, check_kind_name, numpy_to_torch, scalar_value, torch_to_numpy
-from wordystore.storage import WriterLock, as_store, describe, local_root
+from wordystore import compaction, documents, format, reading, storage
+from wordystore.compaction import TileReader
+from wordystore.errors import AppendError, WriterFailedError
+from wordystore.kinds import numpy_to_torch, scalar_value, torch_to_numpy
+from wordystore.resume_state import ResumeState
+from wordystore.storage import WriterLock, describe, local_root
 
 StateProvider = Callable[[], "tuple[dict[str, torch.Tensor], dict]"]
 
 
-def library_versions() -> dict[str, str]:
-    names = ("wordystore", "zarr", "numcodecs", "pcodec", "numpy", "torch", "transformers", "safetensors", "ml_dtypes")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _check_token_set(name: str, ids, vocab: int | None) -> np.ndarray:
-    check_kind_name(name)
+def check_token_set(name: str, ids, vocab: int | None) -> np.ndarray:
+    """Token ids given for a set named ``name``, as the set stores them (sorted, unique int64)."""
+    format.check_kind_name(name)
     ids = np.asarray(torch_to_numpy(ids) if isinstance(ids, torch.Tensor) else ids)
     if ids.dtype == bool:
         raise ValueError(f"token set {name!r}: give token ids, not a boolean mask (use np.flatnonzero(mask))")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token set {name!r}: token ids must be integers, got dtype {ids.dtype}")
     ids = np.unique(ids.astype(np.int64))
-    if ids.size and (ids[0] < 0 or (vocab is not None and ids[-1] >= vocab)):
+    if not format.is_token_set(ids, vocab):  # sorted and unique already: an id out of range
         raise ValueError(f"token set {name!r}: ids must lie in [0, {vocab}); got {ids[0]}..{ids[-1]}")
     return ids
 
 
-def _vocab_size(kinds: Mapping[str, Kind]) -> int | None:
-    """Length of the ``token`` axis shared by the kinds that have one."""
-    lengths = {k.shape[k.dims.index("token")] for k in kinds.values() if "token" in k.dims}
-    if len(lengths) > 1:
-        raise ValueError(f"kinds disagree on the length of the token axis: {sorted(lengths)}")
-    return lengths.pop() if lengths else None
-
-
-def create(
-    where,
-    kinds: Mapping[str, Kind],
-    *,
-    token_sets: Mapping[str, object] | None = None,
-    config: Mapping | None = None,
-    profile: str = "compact",
-    overwrite: bool = False,
-    durable: bool = True,
-    keep_states: int = 1,
-    block_rows: int = format.BLOCK_ROWS,
-    chunk_rows: int = format.CHUNK_ROWS,
-    predictions: Mapping[str, format.AdamPrediction] | None = None,
-) -> "TrajectoryWriter":
-    """Create a trajectory at ``where`` (a directory path, a URL or a zarr store) and open it for appending.
-
-    ``kinds`` maps each tensor kind's name to its per-step :class:`Kind`; ``token_sets`` maps names
-    to token ids; ``config`` is any JSON-serialisable dict (the run's full config); ``profile`` is
-    ``"compact"`` (pcodec, the smallest) or ``"portable"`` (standard zarr codecs, for tensorstore).
-    With ``durable``, data is fsynced before each commit record on local stores. The writer holds
-    ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
-    compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
-    (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
-    residuals against a replay of the optimizer: several times smaller, still bit for bit. Everything is
-    checked before anything is written; a create that fails leaves nothing behind.
-
-    >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
-    ...     w.append(0, embeddings=..., grads=..., ...)
-    """
-    if not kinds:
-        raise ValueError("create() needs at least one kind, e.g. wordystore.seed_kinds(vocab_size, hidden_dim)")
-    kinds = {check_kind_name(name): kind for name, kind in kinds.items()}
-    format.Profile(profile)
-    format.check_rows(block_rows, chunk_rows)
-    predictions = dict(predictions or {})
-    format.check_predictions(predictions, kinds)
-    vocab = _vocab_size(kinds)
-    sets = {name: _check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
-    config = dict(config or {})
-    try:
-        json.dumps(config, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"config must be JSON-serialisable (no NaN): {exc}") from None
-    if not isinstance(keep_states, int) or keep_states < 1:
-        raise ValueError(f"keep_states must be a positive int, got {keep_states!r}")
-
-    store = as_store(where, read_only=False)
-    if store.read_only:
-        raise ReadOnlyError(f"cannot create a trajectory in {describe(store)}: the store is read-only")
-    _refuse_existing(store, overwrite)  # before the lock, whose file would change the store
-    root = local_root(store)
-    made_dir = root is not None and not root.exists()
-    lock = WriterLock(store)
-    try:
-        _refuse_existing(store, overwrite)  # again, now that no other writer can be making it
-    except BaseException:
-        lock.release()
-        raise
-    try:
-        storage.clear_store(store)
-        meta = format.Metadata(
-            kinds=kinds, profile=profile, token_sets=tuple(sorted(sets)), config=config, versions=library_versions(),
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            block_rows=block_rows, chunk_rows=chunk_rows, predictions=predictions,
-        )
-        format.write_json(store, f"{format.HOT_GROUP}/zarr.json", format.GROUP_JSON)
-        for name, kind in meta.arrays().items():
-            format.write_layout(store, format.Profile(profile).main_layout(name, kind, 0, chunk_rows,
-                                                                           predictions.get(name)))
-            format.write_layout(store, format.Profile(profile).hot_layout(name, kind, 0, block_rows))
-        if sets:
-            format.write_json(store, f"{format.TOKEN_SETS_GROUP}/zarr.json", format.GROUP_JSON)
-        for name, ids in sets.items():
-            _write_token_set(store, name, ids)
-        format.write_metadata(store, meta)
-        format.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
-        return TrajectoryWriter(store, lock, durable, keep_states)
-    except BaseException:  # remove what this call wrote (the refusals above have written nothing)
-        try:
-            storage.clear_store(store)
-        finally:
-            lock.release()
-            if made_dir:
-                shutil.rmtree(root, ignore_errors=True)
-        raise
-
-
-def _refuse_existing(store, overwrite: bool) -> None:
-    if storage.exists(store, "zarr.json") and not (overwrite or _abandoned(store)):
-        raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True (--overwrite) "
-                              "to replace it")
-
-
-@contextlib.contextmanager
-def building(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, **create_args):
-    """``create`` for commands that build a whole store (convert, import, stitch). A local store
-    is built under a temporary name beside ``where`` and renamed into place when complete: a
-    failed build leaves nothing behind, and an existing store (with ``overwrite``) stays intact
-    until its replacement is whole.
-
-    >>> with building("out.zarr", kinds, config=cfg) as w:
-    ...     w.bulk_append(steps, read_tile)
-    """
-    final = as_store(where, read_only=False)
-    _refuse_existing(final, overwrite)
-    root = local_root(final)
-    target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
-    writer = create(target, kinds, overwrite=True, **create_args)
-    try:
-        yield writer
-        writer.close()
-    except BaseException:
-        writer._failure = writer._failure or RuntimeError("build abandoned")
-        try:
-            writer.close()
-        except WriterFailedError:
-            pass
-        storage.clear_store(writer._store)
-        if root is not None:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    if root is not None:
-        _swap_into_place(target, root, overwrite)
-
-
-def _swap_into_place(built, root, overwrite: bool) -> None:
-    """Rename the built store to ``root``; an old store there is moved aside first (under its
-    writer lock, so no writer is using it) and deleted only once the new one is in place."""
-    if not root.exists():
-        os.replace(built, root)
-        return
-    old_lock = WriterLock(as_store(root, read_only=False))
-    try:
-        _refuse_existing(as_store(root, read_only=True), overwrite)
-        aside = root.with_name(f".{root.name}.{os.getpid()}.old")
-        os.replace(root, aside)
-        os.replace(built, root)
-    finally:
-        old_lock.release()
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _abandoned(store) -> bool:
-    """A create that was killed before its commit record: metadata and token sets (which create
-    writes), maybe, but never a row."""
-    return not storage.exists(store, format.COMMIT_KEY) and not any(
-        "/c/" in key and not key.startswith(f"{format.TOKEN_SETS_GROUP}/") for key in storage.list_prefix(store, ""))
-
-
-def _write_token_set(store, name: str, ids: np.ndarray) -> None:
+def write_token_set(store, name: str, ids: np.ndarray) -> None:
     layout = format.token_set_layout(name, ids.size)
-    format.write_layout(store, layout)
+    documents.write_layout(store, layout)
     for coords in np.ndindex(*layout.shard_grid()):
         storage.put(store, layout.shard_key(coords), layout.encode_shard(ids[layout.shard_region(coords)]))
 
 
-def resume(where, *, durable: bool = True, keep_states: int = 1) -> "TrajectoryWriter":
-    """Open an existing trajectory to append after its last committed row.
-
-    Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
-    never touched. A store whose commit record is missing or damaged is refused: see
-    ``wordystore verify --repair``.
-    """
-    store = as_store(where, read_only=False)
-    if store.read_only:
-        raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
-    if not storage.exists(store, "zarr.json"):  # before the lock, which would make the directory
-        raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
-    lock = WriterLock(store)
-    try:
-        return TrajectoryWriter(store, lock, durable, keep_states)
-    except BaseException:
-        lock.release()
-        raise
-
-
-@dataclasses.dataclass
-class _State:
-    """A resume state captured after the row ``row`` was appended, waiting for that row's commit."""
-
-    row: int
-    step: int
-    tensors: dict[str, torch.Tensor]
-    info: dict
-
-
 class TrajectoryWriter:
-    """Appends steps to one trajectory. Use :func:`create` or :func:`resume` to get one."""
+    """Appends steps to one trajectory. Use :func:`wordystore.create` or :func:`wordystore.resume` to get one."""
 
     def __init__(self, store, lock: WriterLock, durable: bool, keep_states: int = 1):
         self._store, self._lock = store, lock
         self._durable = durable and local_root(store) is not None
         self._keep_states = keep_states
-        self._meta = format.read_metadata(store)
+        self._meta = documents.read_metadata(store)
         self.kinds = dict(self._meta.kinds)
         self.block_rows, self.chunk_rows = self._meta.block_rows, self._meta.chunk_rows
-        self._record = format.read_commit(store)
+        self._record = documents.read_commit(store)
         self._record_lock = threading.Lock()
         self.last_step = self._record.last_step
-        self._hot = {name: format.read_layout(store, f"{format.HOT_GROUP}/{name}") for name in self._meta.arrays()}
-        self._main = {name: format.read_layout(store, name) for name in self._meta.arrays()}
-        format.check_arrays(store, self._meta, self._record, {name: (self._main[name], self._hot[name]) for name in self._main})
+        layouts = documents.read_layouts(store, self._meta)
+        format.check_arrays(describe(store), self._meta, self._record, layouts)
+        self._main = {name: main for name, (main, _) in layouts.items()}
+        self._hot = {name: hot for name, (_, hot) in layouts.items()}
 
         # Ring of host buffers: slot i holds row ``self._first_row + i``; the first rows of a block
         # stay in the ring until the block is complete (a flushed partial block is rewritten whole).
@@ -283,7 +85,7 @@ class TrajectoryWriter:
         self._filled = 0
         self._cuda_event = None  # recorded after the latest copy from a GPU into the ring
         self._state_provider: StateProvider | None = None
-        self._pending_state: _State | None = None
+        self._pending_state: ResumeState | None = None
         self._in_flight: tuple[Future, int] | None = None  # (future, rows it writes)
         # Both threads yield to training. Writing a block takes a few percent of a core, so at nice
         # 10 (a tenth of a core under contention) it keeps up; compaction waits for idle time.
@@ -324,7 +126,7 @@ class TrajectoryWriter:
         slot = self._filled
         for name, value in values.items():
             self._slots[name][slot].copy_(value, non_blocking=True)
-            if value.is_cuda:  # any host-side read of the ring waits for this copy first (_settle)
+            if value.is_cuda:  # any host-side read of the ring waits for this copy first
                 self._cuda_event = torch.cuda.Event()
                 self._cuda_event.record()
         self._filled += 1
@@ -360,8 +162,8 @@ class TrajectoryWriter:
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for start in range(first, first + len(steps), self.chunk_rows):
                 stop = min(start + self.chunk_rows, first + len(steps))
-                self._main = write_main_rows(self._store, self._main, self._meta.arrays(), shifted, start, stop,
-                                             pool, self._durable)
+                self._main = compaction.write_main_rows(self._store, self._main, self._meta.arrays(), shifted, start,
+                                                        stop, pool, self._durable)
                 self._commit(committed_rows=stop, compacted_rows=stop, last_step=int(steps[stop - first - 1]))
                 if progress is not None:
                     progress(stop - start)
@@ -389,26 +191,23 @@ class TrajectoryWriter:
     def add_token_set(self, name: str, ids) -> None:
         """Store a named set of token ids (sorted, unique) with the trajectory."""
         self._check_open()
-        ids = _check_token_set(name, ids, _vocab_size(self.kinds))
+        ids = check_token_set(name, ids, format.vocab_size(self.kinds))
         if not self._meta.token_sets:
-            format.write_json(self._store, f"{format.TOKEN_SETS_GROUP}/zarr.json", format.GROUP_JSON)
-        _write_token_set(self._store, name, ids)
+            documents.write_group(self._store, format.TOKEN_SETS_GROUP)
+        write_token_set(self._store, name, ids)
         self._set_metadata(token_sets=tuple(sorted({*self._meta.token_sets, name})))
 
     def update_config(self, **entries) -> None:
         """Add or replace entries of the stored config (e.g. a summary written at the end of a run)."""
         self._check_open()
         config = {**self._meta.config, **entries}
-        try:
-            json.dumps(config, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"config must be JSON-serialisable (no NaN): {exc}") from None
+        format.check_config(config)
         self._set_metadata(config=config)
 
     @property
     def vocab_size(self) -> int | None:
         """Length of the ``token`` axis shared by the kinds that have one."""
-        return _vocab_size(self.kinds)
+        return format.vocab_size(self.kinds)
 
     def close(self) -> None:
         """Commit every buffered step, compact every committed row, stop the background threads
@@ -432,6 +231,16 @@ class TrajectoryWriter:
             raise WriterFailedError(
                 f"writing {describe(self._store)} failed; {self.committed} rows are committed and readable"
             ) from self._failure
+
+    def abandon(self) -> None:
+        """Give the store up (a whole build that failed): stop the threads, release the lock and
+        delete everything written."""
+        self._failure = self._failure or RuntimeError("build abandoned")
+        try:
+            self.close()
+        except WriterFailedError:
+            pass
+        storage.clear_store(self._store)
 
     def __enter__(self) -> "TrajectoryWriter":
         return self
@@ -503,19 +312,16 @@ class TrajectoryWriter:
         rows = self.committed - self._first_row
         if rows == 0:
             return
-        reader = reading.ChunkReader(self._store, threads=1, main_layouts=self._main)
-        tiers = {name: [reading.Tier(self._main[name], 0, self._record.compacted_rows),
-                        reading.Tier(self._hot[name], self._record.compacted_rows, self.committed)]
-                 for name in self._slots}
+        reader = self._reader(self._record)
         for name, slots in self._slots.items():
-            block = reading.empty((rows, *slots.shape[1:]), self._meta.arrays()[name].numpy_dtype)
-            fetch = (slice(self._first_row, self.committed, 1), *(slice(0, n, 1) for n in block.shape[1:]))
-            reader.read_into(reading.plan_reads(tiers[name], fetch), block)
+            shape = (rows, *slots.shape[1:])
+            block = reader.read(name, (slice(self._first_row, self.committed, 1), *(slice(0, n, 1) for n in shape[1:])),
+                                shape)
             slots[:rows] = numpy_to_torch(block)
         reader.close()
         self._filled = rows
 
-    def _settle(self) -> None:
+    def _wait_for_gpu_copies(self) -> None:
         """Wait for copies from a GPU into the ring: every host-side read of the ring calls this first."""
         if self._cuda_event is not None:
             self._cuda_event.synchronize()
@@ -523,9 +329,8 @@ class TrajectoryWriter:
 
     def _capture_state(self) -> None:
         tensors, info = self._state_provider()
-        json.dumps(info, allow_nan=False)
         copies = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-        self._pending_state = _State(self._first_row + self._filled - 1, self.last_step, copies, info)
+        self._pending_state = ResumeState(self._first_row + self._filled - 1, self.last_step, copies, info)
 
     def _make_room(self) -> None:
         """Before filling a slot: if the ring is full, wait for the block in flight and reclaim its slots."""
@@ -551,7 +356,7 @@ class TrajectoryWriter:
         if n < self.block_rows:  # a flushed partial block stays in the ring
             return
         rest = self._filled - n
-        self._settle()
+        self._wait_for_gpu_copies()
         for buffer in self._slots.values():
             buffer[:rest] = buffer[n : self._filled].clone()
         self._first_row += n
@@ -560,7 +365,7 @@ class TrajectoryWriter:
             self._submit(self.block_rows)
 
     def _submit(self, n: int) -> None:
-        self._settle()
+        self._wait_for_gpu_copies()
         block = {name: torch_to_numpy(buffer[:n]) for name, buffer in self._slots.items()}
         state = self._pending_state
         if state is not None and state.row == self._first_row + n - 1:
@@ -569,26 +374,25 @@ class TrajectoryWriter:
             state = None
         self._in_flight = (self._pool.submit(self._write_block, self._first_row, block, state), n)
 
-    def _write_block(self, first_row: int, block: dict[str, np.ndarray], state: _State | None) -> None:
+    def _write_block(self, first_row: int, block: dict[str, np.ndarray], state: ResumeState | None) -> None:
         """Block thread: write rows ``first_row ...`` of every array to the hot tier, then commit them."""
         end = first_row + len(block[format.STEPS_ARRAY])
         keys = []
         for name, data in block.items():
             layout = self._hot[name].with_rows(max(end, self._hot[name].shape[0]))
-            for coords in np.ndindex(*layout.shard_grid()[1:]):
-                coords = (first_row // self.block_rows, *coords)
-                region = layout.shard_region(coords)
+            for coords in compaction.block_shards(layout, first_row):
                 key = layout.shard_key(coords)
-                storage.put(self._store, key, layout.encode_shard(data[(slice(None), *region[1:])]))
+                storage.put(self._store, key, compaction.encode_hot_shard(layout, coords, data))
                 keys.append(key)
             self._hot[name] = layout
-            format.write_layout(self._store, layout)
-            keys.append(f"{layout.path}/zarr.json")
+            documents.write_layout(self._store, layout)
+            keys.append(format.document_key(layout.path))
         if state is not None:
-            keys.append(self._write_state(state))
+            storage.put(self._store, state.key, state.encode())
+            keys.append(state.key)
         if self._durable:
             storage.sync_to_disk(self._store, keys)
-        states = self._record.states + ((_state_entry(state),) if state else ())
+        states = self._record.states + ((state.entry(),) if state else ())
         self._commit(committed_rows=end, last_step=int(block[format.STEPS_ARRAY][-1]),
                      states=states[-self._keep_states:])
         for old in states[: -self._keep_states]:
@@ -597,23 +401,20 @@ class TrajectoryWriter:
                 self._compaction is None or self._compaction.done()):
             self._compaction = self._compactor.submit(self._compact)
 
-    def _write_state(self, state: _State) -> str:
-        from safetensors.torch import save
-
-        key = _state_entry(state)["key"]
-        metadata = {"info": json.dumps(state.info), "row": str(state.row), "step": str(state.step)}
-        storage.put(self._store, key, save(state.tensors, metadata=metadata))
-        return key
-
     def _commit(self, **changes) -> None:
         """Replace the commit record (both background threads go through here, one at a time)."""
         with self._record_lock:
             self._record = dataclasses.replace(self._record, **changes)
-            format.write_commit(self._store, self._record, durable=self._durable)
+            documents.write_commit(self._store, self._record, durable=self._durable)
 
     def _set_metadata(self, **changes) -> None:
         self._meta = dataclasses.replace(self._meta, **changes)
-        format.write_metadata(self._store, self._meta, durable=self._durable)
+        documents.write_metadata(self._store, self._meta, durable=self._durable)
+
+    def _reader(self, record: format.CommitRecord) -> reading.StoreReader:
+        """A reader of the rows ``record`` admits, in this writer's layouts (one thread, no cache)."""
+        layouts = {name: (self._main[name], self._hot[name]) for name in self._main}
+        return reading.StoreReader(self._store, self._meta, record, layouts, threads=1)
 
     # -- compaction ------------------------------------------------------------------------------
 
@@ -635,70 +436,18 @@ class TrajectoryWriter:
                 self._compact_rows(record, start, stop, pool)
 
     def _compact_rows(self, record: format.CommitRecord, start: int, stop: int, pool) -> None:
-        reader = reading.ChunkReader(self._store, threads=1, main_layouts=self._main)
-
-        def read_tile(name: str, fetch: tuple, out: np.ndarray) -> None:
-            tiers = [reading.Tier(self._main[name], 0, record.compacted_rows),
-                     reading.Tier(self._hot[name], record.compacted_rows, record.committed_rows)]
-            reader.read_into(reading.plan_reads(tiers, fetch), out)
-
-        self._main = write_main_rows(self._store, self._main, self._meta.arrays(), read_tile, start, stop, pool,
-                                     self._durable)
+        """Compact rows ``[start, stop)`` as ``record`` admits them, commit, then drop their hot copies."""
+        reader = self._reader(record)
+        self._main = compaction.write_main_rows(self._store, self._main, self._meta.arrays(), reader.read_into,
+                                                start, stop, pool, self._durable)
         self._commit(compacted_rows=stop)
         reader.close()
         # The hot copies of rows now compacted are redundant: delete the blocks whose committed
         # rows all lie below ``stop`` (the last block of a final compaction too: a resumed writer
         # reloads its rows from the main tier).
-        for name, hot in self._hot.items():
-            for block in range(start // self.block_rows, math.ceil(stop / self.block_rows)):
-                for coords in np.ndindex(*hot.shard_grid()[1:]):
-                    storage.delete(self._store, hot.shard_key((block, *coords)))
-
-
-TileReader = Callable[[str, tuple, np.ndarray], None]
-
-
-def write_main_rows(store, layouts: dict[str, format.ArrayLayout], arrays: dict[str, Kind], read_tile: TileReader,
-                    start: int, stop: int, pool, durable: bool) -> dict[str, format.ArrayLayout]:
-    """Encode rows ``[start, stop)`` (one chunk of rows, ``start`` on a chunk boundary) of every
-    array into main-tier shards, one shard per task on ``pool``; ``read_tile(name, fetch, out)``
-    fills ``out`` with the orthogonal selection ``fetch`` of the rows' data. Returns the layouts
-    grown to ``stop`` rows (their ``zarr.json`` written; the caller commits)."""
-    jobs, grown = [], {}
-    for name, kind in arrays.items():
-        layout = layouts[name].with_rows(max(stop, layouts[name].shape[0]))
-        grown[name] = layout
-        for coords in np.ndindex(*layout.shard_grid()[1:]):
-            jobs.append(pool.submit(_encode_main_shard, store, layout, kind, read_tile, name,
-                                    (start // layout.shard[0], *coords), stop))
-    keys = [job.result() for job in jobs]
-    for layout in grown.values():
-        format.write_layout(store, layout)
-        keys.append(f"{layout.path}/zarr.json")
-    if durable:
-        storage.sync_to_disk(store, keys)
-    return grown
-
-
-def _encode_main_shard(store, layout: format.ArrayLayout, kind: Kind, read_tile: TileReader, name: str,
-                       coords: tuple[int, ...], stop: int) -> str:
-    region = layout.shard_region(coords)
-    fetch = (slice(region[0].start, stop, 1), *(slice(r.start, r.stop, 1) for r in region[1:]))
-    data = np.zeros((stop - region[0].start, *(r.stop - r.start for r in region[1:])), kind.numpy_dtype)
-    read_tile(name, fetch, data)
-    prediction = layout.prediction
-    if prediction is not None:  # the shard's rows start a chunk: residuals count from there
-        grads, norms = np.empty_like(data), np.empty(len(data), np.float32)
-        read_tile(prediction.grads, fetch, grads)
-        read_tile(prediction.grad_norm, fetch[:1], norms)
-        data = prediction.residuals(data, grads, norms)
-    key = layout.shard_key(coords)
-    storage.put(store, key, layout.encode_shard(data))
-    return key
-
-
-def _state_entry(state: _State) -> dict:
-    return {"row": state.row, "step": state.step, "key": f"{format.STATE_PREFIX}/{state.row:012d}.safetensors"}
+        for hot in self._hot.values():
+            for key in compaction.hot_shards_compacted(hot, start, stop):
+                storage.delete(self._store, key)
 
 
 def _lower_priority(niceness: int) -> None:
@@ -707,30 +456,3 @@ def _lower_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except (AttributeError, OSError):
         pass
-
-
-def load_state(where) -> tuple[dict[str, torch.Tensor], dict, int] | None:
-    """The newest resume state a writer committed with the trajectory at ``where``: ``(tensors,
-    info, step)``, or None if it has none. Safe to call on any store: safetensors and JSON only.
-
-    >>> tensors, info, step = wordystore.load_state("runs/wb1b.zarr")
-    """
-    from safetensors.torch import load
-
-    store = as_store(where, read_only=True)
-    record = format.read_commit(store)
-    if not record.states:
-        return None
-    newest = record.states[-1]
-    data = storage.get(store, newest["key"])
-    if data is None:
-        raise FormatError(f"{describe(store)}: resume state {newest['key']} named by {format.COMMIT_KEY} is missing")
-    try:
-        header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]  # u64 length, JSON
-        if (int(header["row"]), int(header["step"])) != (newest["row"], newest["step"]):
-            raise ValueError(f"it holds row {header['row']}, step {header['step']}; {format.COMMIT_KEY} says "
-                             f"row {newest['row']}, step {newest['step']}")
-        return load(data), json.loads(header["info"]), int(newest["step"])
-    except Exception as exc:  # damaged bytes: safetensors raises its own SafetensorError, json and struct theirs
-        raise FormatError(f"{describe(store)}: resume state {newest['key']} is damaged ({type(exc).__name__}: {exc}); "
-                          f"`wordystore verify {describe(store)} --repair` drops it from {format.COMMIT_KEY}") from None

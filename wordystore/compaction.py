@@ -1,0 +1,89 @@
+"""Encoding rows into shards: a hot block as the writer writes it, and the main tier's long chunks
+that compaction (and ``bulk_append``) writes.
+
+Each shard is encoded on its own from its rows' data: :func:`encode_hot_shard` and
+:func:`encode_main_shard` are pure, and :func:`write_main_rows` runs one task per main shard on
+the pool it is given, so that any of them can fan out over more workers. What a shard holds is
+the layout's (:class:`wordystore.format.ArrayLayout`); when the commit record may move forward is
+the writer's (:mod:`wordystore.writer`, docs/format.md "Commit protocol").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from wordystore import documents, storage
+from wordystore.format import ArrayLayout, document_key
+from wordystore.kinds import Kind
+
+# ``read_tile(name, fetch, out)`` fills ``out`` with the orthogonal selection ``fetch`` of array ``name``.
+TileReader = Callable[[str, tuple, np.ndarray], None]
+
+
+def block_shards(layout: ArrayLayout, first_row: int) -> list[tuple[int, ...]]:
+    """The coordinates of the hot shards of the block that starts at row ``first_row``."""
+    return [(first_row // layout.shard[0], *rest) for rest in np.ndindex(*layout.shard_grid()[1:])]
+
+
+def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], block: np.ndarray) -> bytes:
+    """One hot shard's bytes from its block's rows (``block``: every row of the block, whole)."""
+    region = layout.shard_region(coords)
+    return layout.encode_shard(block[(slice(None), *region[1:])])
+
+
+def encode_main_shard(layout: ArrayLayout, data: np.ndarray, grads: np.ndarray | None = None,
+                      norms: np.ndarray | None = None) -> bytes:
+    """One main shard's bytes from its region's rows (from a chunk's first row). A predicted moment
+    is stored as residuals, counted from that first row, against the same rows' ``grads`` and
+    gradient ``norms``."""
+    prediction = layout.prediction
+    if prediction is not None:
+        data = prediction.residuals(data, grads, norms)
+    return layout.encode_shard(data)
+
+
+def hot_shards_compacted(hot: ArrayLayout, start: int, stop: int) -> list[str]:
+    """The keys of the hot shards made redundant by compacting rows ``[start, stop)``: every block
+    holding one of them (its other rows are compacted too, or not committed)."""
+    return [hot.shard_key(coords) for coords, _, _ in hot.shards_holding(start, stop)]
+
+
+def write_main_rows(store, layouts: dict[str, ArrayLayout], arrays: dict[str, Kind], read_tile: TileReader,
+                    start: int, stop: int, pool, durable: bool) -> dict[str, ArrayLayout]:
+    """Encode rows ``[start, stop)`` (one chunk of rows, ``start`` on a chunk boundary) of every
+    array into main-tier shards, one shard per task on ``pool``; ``read_tile`` gives the rows' data.
+    Returns the layouts grown to ``stop`` rows (their ``zarr.json`` written; the caller commits)."""
+    jobs, grown = [], {}
+    for name, kind in arrays.items():
+        layout = layouts[name].with_rows(max(stop, layouts[name].shape[0]))
+        grown[name] = layout
+        for coords in np.ndindex(*layout.shard_grid()[1:]):
+            jobs.append(pool.submit(_write_main_shard, store, layout, kind, read_tile, name,
+                                    (start // layout.shard[0], *coords), stop))
+    keys = [job.result() for job in jobs]
+    for layout in grown.values():
+        documents.write_layout(store, layout)
+        keys.append(document_key(layout.path))
+    if durable:
+        storage.sync_to_disk(store, keys)
+    return grown
+
+
+def _write_main_shard(store, layout: ArrayLayout, kind: Kind, read_tile: TileReader, name: str,
+                      coords: tuple[int, ...], stop: int) -> str:
+    """Read one main shard's rows (up to ``stop``), encode and store them; returns its key."""
+    region = layout.shard_region(coords)
+    fetch = (slice(region[0].start, stop, 1), *(slice(r.start, r.stop, 1) for r in region[1:]))
+    data = np.zeros((stop - region[0].start, *(r.stop - r.start for r in region[1:])), kind.numpy_dtype)
+    read_tile(name, fetch, data)
+    grads = norms = None
+    prediction = layout.prediction
+    if prediction is not None:
+        grads, norms = np.empty_like(data), np.empty(len(data), np.float32)
+        read_tile(prediction.grads, fetch, grads)
+        read_tile(prediction.grad_norm, fetch[:1], norms)
+    key = layout.shard_key(coords)
+    storage.put(store, key, encode_main_shard(layout, data, grads, norms))
+    return key

@@ -1,0 +1,108 @@
+"""The store's JSON documents, read and written over :mod:`wordystore.storage`: the metadata (in the
+root ``zarr.json``), the commit record, each array's and group's ``zarr.json``, and any other JSON
+key (``verified.json``, the analysis cache). The documents' contents are :mod:`wordystore.format`'s;
+this module only moves them, naming the key of a document that does not parse.
+"""
+
+from __future__ import annotations
+
+import json
+
+from wordystore import storage
+from wordystore.errors import FormatError
+from wordystore.format import (
+    COMMIT_KEY,
+    GROUP_JSON,
+    TIERS,
+    ArrayLayout,
+    CommitRecord,
+    Metadata,
+    array_path,
+    document_key,
+    is_token_set_layout,
+    token_set_path,
+)
+
+
+def dumps(document: dict) -> bytes:
+    return json.dumps(document, indent=1, allow_nan=False).encode()
+
+
+def loads(data: bytes, key: str):
+    """Parse a JSON document; a damaged one is a FormatError naming its key."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{key} is not valid JSON ({exc})") from None
+
+
+def read_json(store, key: str):
+    """A JSON document of the store; None when the key is absent."""
+    data = storage.get(store, key)
+    return None if data is None else loads(data, f"{storage.describe(store)}/{key}")
+
+
+def write_json(store, key: str, document: dict, durable: bool = False) -> None:
+    storage.put(store, key, dumps(document))
+    if durable:
+        storage.sync_to_disk(store, [key])
+
+
+def write_group(store, path: str, durable: bool = False) -> None:
+    """A plain group's ``zarr.json`` at ``path`` (``hot``, ``token_sets``)."""
+    write_json(store, document_key(path), GROUP_JSON, durable)
+
+
+def read_metadata(store) -> Metadata:
+    where = storage.describe(store)
+    try:
+        root = read_json(store, document_key(""))
+    except FileNotFoundError:  # a read-only local store whose directory does not exist
+        root = None
+    if root is None:
+        raise FileNotFoundError(f"no trajectory at {where}: it has no zarr.json")
+    return Metadata.from_root_json(root, where)
+
+
+def write_metadata(store, meta: Metadata, durable: bool = False) -> None:
+    write_json(store, document_key(""), meta.to_root_json(), durable)
+
+
+def read_commit(store) -> CommitRecord:
+    where = storage.describe(store)
+    try:
+        doc = read_json(store, COMMIT_KEY)
+        if doc is None:
+            raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was lost")
+        return CommitRecord.from_json(doc, where)
+    except FormatError as exc:  # every damaged record: say how to rebuild it
+        raise FormatError(f"{exc}; `wordystore verify {where} --repair` rebuilds it from the rows that verify") from None
+
+
+def write_commit(store, record: CommitRecord, durable: bool = False) -> None:
+    write_json(store, COMMIT_KEY, record.to_json(), durable)
+
+
+def read_layout(store, path: str) -> ArrayLayout:
+    doc = read_json(store, document_key(path))
+    if doc is None:
+        raise FormatError(f"{storage.describe(store)}: array '{path}' is missing (no {path}/zarr.json)")
+    return ArrayLayout.from_zarr_json(path, doc)
+
+
+def read_layouts(store, meta: Metadata) -> dict[str, tuple[ArrayLayout, ArrayLayout]]:
+    """The (main, hot) layouts of every per-row array the metadata names."""
+    return {name: tuple(read_layout(store, array_path(name, tier)) for tier in TIERS) for name in meta.arrays()}
+
+
+def read_token_set_layout(store, name: str) -> ArrayLayout:
+    """The layout of ``token_sets/<name>``, refused unless it is exactly a token set's."""
+    layout = read_layout(store, token_set_path(name))
+    if not is_token_set_layout(layout, name):
+        raise FormatError(f"{storage.describe(store)}: array '{layout.path}': its zarr.json is not a token set's "
+                          "(int64 ids on one axis, in chunks of min(size, 65536), blosc and crc32c)")
+    return layout
+
+
+def write_layout(store, layout: ArrayLayout, durable: bool = False) -> None:
+    write_json(store, document_key(layout.path), layout.to_zarr_json(), durable)

@@ -1,0 +1,193 @@
+"""A store's life before and around its writer: :func:`create` a trajectory, :func:`resume` one, or
+build a whole one aside and put it in place when complete (:func:`create_whole`, for ``convert``,
+``import`` and ``stitch``). Each hands back a :class:`wordystore.writer.TrajectoryWriter` holding
+the store's writer lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+from importlib import metadata as importlib_metadata
+from typing import Mapping
+
+from wordystore import documents, format, storage
+from wordystore.errors import ReadOnlyError
+from wordystore.kinds import Kind
+from wordystore.prediction import AdamPrediction
+from wordystore.storage import WriterLock, as_store, describe, local_root
+from wordystore.writer import TrajectoryWriter, check_token_set, write_token_set
+
+
+def library_versions() -> dict[str, str]:
+    names = ("wordystore", "zarr", "numcodecs", "pcodec", "numpy", "torch", "transformers", "safetensors", "ml_dtypes")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def create(
+    where,
+    kinds: Mapping[str, Kind],
+    *,
+    token_sets: Mapping[str, object] | None = None,
+    config: Mapping | None = None,
+    profile: str = "compact",
+    overwrite: bool = False,
+    durable: bool = True,
+    keep_states: int = 1,
+    block_rows: int = format.BLOCK_ROWS,
+    chunk_rows: int = format.CHUNK_ROWS,
+    predictions: Mapping[str, AdamPrediction] | None = None,
+) -> TrajectoryWriter:
+    """Create a trajectory at ``where`` (a directory path, a URL or a zarr store) and open it for appending.
+
+    ``kinds`` maps each tensor kind's name to its per-step :class:`Kind`; ``token_sets`` maps names
+    to token ids; ``config`` is any JSON-serialisable dict (the run's full config); ``profile`` is
+    ``"compact"`` (pcodec, the smallest) or ``"portable"`` (standard zarr codecs, for tensorstore).
+    With ``durable``, data is fsynced before each commit record on local stores. The writer holds
+    ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
+    compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
+    (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
+    residuals against a replay of the optimizer: several times smaller, still bit for bit. Everything is
+    checked before anything is written; a create that fails leaves nothing behind.
+
+    >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
+    ...     w.append(0, embeddings=..., grads=..., ...)
+    """
+    if not kinds:
+        raise ValueError("create() needs at least one kind, e.g. wordystore.seed_kinds(vocab_size, hidden_dim)")
+    kinds = {format.check_kind_name(name): kind for name, kind in kinds.items()}
+    format.Profile(profile)
+    format.check_rows(block_rows, chunk_rows)
+    predictions = dict(predictions or {})
+    format.check_predictions(predictions, kinds)
+    vocab = format.vocab_size(kinds)
+    sets = {name: check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
+    config = dict(config or {})
+    format.check_config(config)
+    if not isinstance(keep_states, int) or keep_states < 1:
+        raise ValueError(f"keep_states must be a positive int, got {keep_states!r}")
+
+    store = as_store(where, read_only=False)
+    if store.read_only:
+        raise ReadOnlyError(f"cannot create a trajectory in {describe(store)}: the store is read-only")
+    _refuse_existing(store, overwrite)  # before the lock, whose file would change the store
+    root = local_root(store)
+    made_dir = root is not None and not root.exists()
+    lock = WriterLock(store)
+    try:
+        _refuse_existing(store, overwrite)  # again, now that no other writer can be making it
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        storage.clear_store(store)
+        meta = format.Metadata(
+            kinds=kinds, profile=profile, token_sets=tuple(sorted(sets)), config=config, versions=library_versions(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            block_rows=block_rows, chunk_rows=chunk_rows, predictions=predictions,
+        )
+        documents.write_group(store, format.HOT_GROUP)
+        for name in meta.arrays():
+            for layout in meta.layouts(name):
+                documents.write_layout(store, layout)
+        if sets:
+            documents.write_group(store, format.TOKEN_SETS_GROUP)
+        for name, ids in sets.items():
+            write_token_set(store, name, ids)
+        documents.write_metadata(store, meta)
+        documents.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
+        return TrajectoryWriter(store, lock, durable, keep_states)
+    except BaseException:  # remove what this call wrote (the refusals above have written nothing)
+        try:
+            storage.clear_store(store)
+        finally:
+            lock.release()
+            if made_dir:
+                shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def resume(where, *, durable: bool = True, keep_states: int = 1) -> TrajectoryWriter:
+    """Open an existing trajectory to append after its last committed row.
+
+    Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
+    never touched. A store whose commit record is missing or damaged is refused: see
+    ``wordystore verify --repair``.
+    """
+    store = as_store(where, read_only=False)
+    if store.read_only:
+        raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
+    if not storage.exists(store, format.document_key("")):  # before the lock, which would make the directory
+        raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
+    lock = WriterLock(store)
+    try:
+        return TrajectoryWriter(store, lock, durable, keep_states)
+    except BaseException:
+        lock.release()
+        raise
+
+
+@contextlib.contextmanager
+def create_whole(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, **create_args):
+    """``create`` for commands that write a whole store at once (convert, import, stitch): the store
+    appears at ``where`` only once complete. A local store is built under a temporary name beside
+    ``where`` and renamed into place: a failed build leaves nothing behind, and an existing store
+    (with ``overwrite``) stays intact until its replacement is whole.
+
+    >>> with create_whole("out.zarr", kinds, config=cfg) as w:
+    ...     w.bulk_append(steps, read_tile)
+    """
+    final = as_store(where, read_only=False)
+    _refuse_existing(final, overwrite)
+    root = local_root(final)
+    target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
+    writer = create(target, kinds, overwrite=True, **create_args)
+    try:
+        yield writer
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        if root is not None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if root is not None:
+        _swap_into_place(target, root, overwrite)
+
+
+def _refuse_existing(store, overwrite: bool) -> None:
+    if storage.exists(store, format.document_key("")) and not (overwrite or _abandoned(store)):
+        raise FileExistsError(f"{describe(store)} already holds a zarr store; pass overwrite=True (--overwrite) "
+                              "to replace it")
+
+
+def _abandoned(store) -> bool:
+    """A create that was killed before its commit record: metadata and token sets (which create
+    writes), maybe, but never a row."""
+    return not storage.exists(store, format.COMMIT_KEY) and not any(
+        format.is_chunk_key(key) and not key.startswith(f"{format.TOKEN_SETS_GROUP}/")
+        for key in storage.list_prefix(store, ""))
+
+
+def _swap_into_place(built, root, overwrite: bool) -> None:
+    """Rename the built store to ``root``; an old store there is moved aside first (under its
+    writer lock, so no writer is using it) and deleted only once the new one is in place."""
+    if not root.exists():
+        os.replace(built, root)
+        return
+    old_lock = WriterLock(as_store(root, read_only=False))
+    try:
+        _refuse_existing(as_store(root, read_only=True), overwrite)
+        aside = root.with_name(f".{root.name}.{os.getpid()}.old")
+        os.replace(root, aside)
+        os.replace(built, root)
+    finally:
+        old_lock.release()
+    shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,134 @@
+"""The resume-state record: a run's full state kept with a commit, so that it can go on bit for bit.
+
+A state is one safetensors file at ``state/<row, 12 digits>.safetensors``: the tensors a state
+provider gave (parameters, optimizer moments, RNGs) and, in the safetensors header's
+``__metadata__``, ``{"info": <JSON text>, "row": "<row>", "step": "<step>"}``: the row the state
+follows and that row's training step. The commit record names the states it keeps in ``states``,
+as ``{"row", "step", "key"}`` entries, oldest first; a state is usable only if the record names it,
+its header agrees with the entry and the row holds that step. The writer stores a state in the same
+commit as its row (:class:`ResumeState`), ``wordystore verify`` checks each (:func:`entry_problem`,
+:func:`file_problem`), and :func:`load_state` reads the newest back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wordystore import documents, storage
+from wordystore.errors import FormatError
+from wordystore.format import COMMIT_KEY, STATE_PREFIX
+from wordystore.storage import as_store, describe
+
+KEY_PREFIX, KEY_SUFFIX = f"{STATE_PREFIX}/", ".safetensors"
+_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}\d+{re.escape(KEY_SUFFIX)}$")
+
+
+def state_key(row: int) -> str:
+    return f"{KEY_PREFIX}{row:012d}{KEY_SUFFIX}"
+
+
+def is_state_key(key) -> bool:
+    return isinstance(key, str) and _KEY.match(key) is not None
+
+
+def read_header(data: bytes) -> dict:
+    """The ``__metadata__`` of a state file's safetensors header (a u64 length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
+def held_by(data: bytes) -> tuple[int, int]:
+    """(row, step) a state file says it follows."""
+    header = read_header(data)
+    return int(header["row"]), int(header["step"])
+
+
+@dataclass
+class ResumeState:
+    """A run's state after row ``row`` (training step ``step``): tensors and a JSON-serialisable dict."""
+
+    row: int
+    step: int
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+    def __post_init__(self):
+        json.dumps(self.info, allow_nan=False)  # the header holds it as JSON: refuse what it cannot hold, now
+
+    @property
+    def key(self) -> str:
+        return state_key(self.row)
+
+    def entry(self) -> dict:
+        """The commit record's ``states`` entry naming this state."""
+        return {"row": self.row, "step": self.step, "key": self.key}
+
+    def encode(self) -> bytes:
+        from safetensors.torch import save
+
+        metadata = {"info": json.dumps(self.info), "row": str(self.row), "step": str(self.step)}
+        return save(self.tensors, metadata=metadata)
+
+
+def entry_problem(entry: dict, steps: np.ndarray, rows: int) -> str | None:
+    """Why a record's ``states`` entry cannot name a usable state with ``rows`` committed rows, the
+    first of which hold ``steps`` (judged without reading the file); None if it can."""
+    key, row, step = entry.get("key"), entry.get("row"), entry.get("step")
+    if not is_state_key(key) or not isinstance(row, int) or not isinstance(step, int):
+        return f"the record's entry {entry} is not a state (key, row, step)"
+    if row >= rows:
+        return f"it is of row {row}, past the {rows} committed rows"
+    if row < len(steps) and steps[row] != step:
+        return f"it is of row {row}, step {step}, but that row holds step {steps[row]}"
+    return None
+
+
+def file_problem(entry: dict, data: bytes | None) -> str | None:
+    """Why the state file ``data`` (None: absent) is not the state ``entry`` names; None if it is."""
+    from safetensors.torch import load
+
+    if data is None:
+        return "it is missing"
+    row, step = entry["row"], entry["step"]
+    try:
+        load(data)
+        header = read_header(data)
+        if (int(header["row"]), int(header["step"])) != (row, step):
+            return f"it holds row {header['row']}, step {header['step']}; the record says row {row}, step {step}"
+        json.loads(header["info"])
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        return f"it is not a readable resume state ({type(exc).__name__}: {exc})"
+    return None
+
+
+def load_state(where) -> tuple[dict[str, torch.Tensor], dict, int] | None:
+    """The newest resume state a writer committed with the trajectory at ``where``: ``(tensors,
+    info, step)``, or None if it has none. Safe to call on any store: safetensors and JSON only.
+
+    >>> tensors, info, step = wordystore.load_state("runs/wb1b.zarr")
+    """
+    from safetensors.torch import load
+
+    store = as_store(where, read_only=True)
+    record = documents.read_commit(store)
+    if not record.states:
+        return None
+    newest = record.states[-1]
+    data = storage.get(store, newest["key"])
+    if data is None:
+        raise FormatError(f"{describe(store)}: resume state {newest['key']} named by {COMMIT_KEY} is missing")
+    try:
+        header = read_header(data)
+        if (int(header["row"]), int(header["step"])) != (newest["row"], newest["step"]):
+            raise ValueError(f"it holds row {header['row']}, step {header['step']}; {COMMIT_KEY} says "
+                             f"row {newest['row']}, step {newest['step']}")
+        return load(data), json.loads(header["info"]), int(newest["step"])
+    except Exception as exc:  # damaged bytes: safetensors raises its own SafetensorError, json and struct theirs
+        raise FormatError(f"{describe(store)}: resume state {newest['key']} is damaged ({type(exc).__name__}: {exc}); "
+                          f"`wordystore verify {describe(store)} --repair` drops it from {COMMIT_KEY}") from None
