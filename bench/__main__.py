@@ -267,6 +267,7 @@ import json, sys, time
 sys.path[:0] = [{root!r}]
 import numpy as np
 from transformers import TrainerCallback
+import trainer.experiment as experiment
 import trainer.run as run
 import wordystore.writer
 from trainer.config import RunConfig
@@ -277,10 +278,10 @@ times, closing = [], []
 class Clock(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
     def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-init = run.SeedTrainer.__init__
+init = experiment.SeedTrainer.__init__
 def with_clock(self, *a, callbacks=(), **k):
     init(self, *a, callbacks=[*callbacks, Clock()], **k)
-run.SeedTrainer.__init__ = with_clock
+experiment.SeedTrainer.__init__ = with_clock
 close = wordystore.writer.TrajectoryWriter.close
 def timed_close(self):
     t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import TokenDataset
 from trainer.model import build_model
-from trainer.run import SeedTrainer, checkpoint_directory, training_arguments
+from trainer.experiment import SeedTrainer, checkpoint_directory, training_arguments
 
 # 64 windows of 17 tokens, batch 4: an epoch is 16 steps, so 24 steps cross an epoch boundary
 CFG = RunConfig(vocab_size=300, hidden_dim=8, batch_size=4, steps=24, max_seq_len=16,

