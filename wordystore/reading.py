@@ -39,7 +39,6 @@ DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
 
 
-
 class StoreReader:
     """A trajectory's arrays as one commit record admits them: the metadata, the record, each array's
     (main, hot) layouts, and the reads. A :class:`wordystore.Trajectory` is a face over one; the
@@ -97,11 +96,11 @@ class StoreReader:
         if not out.size:
             return
         try:
-            self._chunks.read_into(plan_reads(self.tiers(name), fetch), out)
+            self._chunks.execute(plan_reads(self.tiers(name), fetch), out)
         except CorruptChunkError:
             if not self.catch_up_compaction():
                 raise
-            self._chunks.read_into(plan_reads(self.tiers(name), fetch), out)
+            self._chunks.execute(plan_reads(self.tiers(name), fetch), out)
 
     def catch_up_compaction(self) -> bool:
         """A running writer compacted rows since our commit record and deleted their hot copies:
@@ -272,21 +271,20 @@ class ChunkCache:
 class ChunkReader:
     """Executes a read plan on a store: fetch, decode in parallel, copy into the output."""
 
-    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None,
-                 main_layouts: dict[str, ArrayLayout] | None = None):
+    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None):
         self.store = store
         self.cache = cache if cache is not None else ChunkCache(0)
-        self.main_layouts = main_layouts or {}  # name -> main-tier layout: what predicted arrays rebuild from
+        self.main_layouts: dict[str, ArrayLayout] = {}  # name -> main-tier layout: what predicted arrays rebuild from
         self.threads = threads or THREADS
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wordystore-read")
 
     def read_whole(self, layout: ArrayLayout) -> np.ndarray:
         """Every element of a one-axis array of one tier (a token set)."""
         out = np.empty(layout.shape, layout.numpy_dtype)
-        self.read_into(plan_reads([Tier(layout, 0, layout.shape[0])], (slice(0, layout.shape[0], 1),)), out)
+        self.execute(plan_reads([Tier(layout, 0, layout.shape[0])], (slice(0, layout.shape[0], 1),)), out)
         return out
 
-    def read_into(self, reads: list[ChunkRead], out: np.ndarray) -> None:
+    def execute(self, reads: list[ChunkRead], out: np.ndarray) -> None:
         """Fill ``out`` (the bits of the selection) from ``reads``; raises CorruptChunkError naming
         the chunk when one is missing or fails its checksum."""
         by_shard: dict[tuple, list[ChunkRead]] = {}

@@ -93,7 +93,7 @@ class StoreScan:
         self.chunks = 0
         self.verified = VerifiedPrefix()
         self._scratch = threading.local()
-        self._reader = reading.ChunkReader(store, reading.ChunkCache(0), threads=1)
+        self._chunks = reading.ChunkReader(store, reading.ChunkCache(0), threads=1)
 
     def problem(self, where: str, what: str, rows: tuple[int, int] | None = None) -> None:
         self.problems.append(Problem(where, " ".join(what.split()), rows))
@@ -123,7 +123,7 @@ class StoreScan:
             self.close()
 
     def close(self) -> None:
-        self._reader.close()
+        self._chunks.close()
 
     def known_steps(self) -> np.ndarray | None:
         """The training step of each row the record admits; -1 where ``recorded_steps`` did not verify."""
@@ -258,7 +258,7 @@ class StoreScan:
         else:
             out = self._buffer((job.hi - job.lo, *(r.stop - r.start for r in region[1:])), layout.numpy_dtype)
         try:
-            self._reader.read_into(reads, out)
+            self._chunks.execute(reads, out)
             return [], len(reads)
         except UNREADABLE:
             return self._diagnose(job, reads, out), len(reads)
@@ -282,7 +282,7 @@ class StoreScan:
         problems = []
         for read in reads:  # one by one, to name each chunk that fails
             try:
-                self._reader.read_into([read], out)
+                self._chunks.execute([read], out)
             except UNREADABLE as exc:
                 problems.append(Problem(layout.path, " ".join(str(exc).split()), rows))
         return problems or [Problem(layout.path, f"shard '{key}' ({span}) could not be read as a whole", rows)]
@@ -351,7 +351,7 @@ class StoreScan:
             path = format.token_set_path(name)
             try:
                 layout = documents.read_token_set_layout(self.store, name)
-                ids = self._reader.read_whole(layout)
+                ids = self._chunks.read_whole(layout)
                 self.chunks += layout.shard_grid()[0]
             except UNREADABLE as exc:
                 self.damaged_sets.append(name)
