@@ -263,7 +263,7 @@ def encode_shard(chunks: list[bytes | None]) -> bytes:
     return b"".join(present) + index.encode()
 
 
-# The raw (offset, nbytes) table, for tools that patch a shard's bytes (the fault tests, the benchmark).
+# The raw (offset, nbytes) table, for tools that patch a shard's bytes (tests/test_faults.py).
 shard_index_nbytes = ShardIndex.nbytes
 
 

@@ -71,15 +71,14 @@ def config_summary(config: dict) -> list[str]:
     if params:
         warmup = args.get("warmup_steps") or args.get("warmup_ratio")
         schedule = " ".join(str(x) for x in (args.get("lr_scheduler_type"), warmup and f"(warmup {warmup})") if x)
-        p = params  # short, for the lines below
         lines.append(
-            f"run: {p['steps']} steps, batch {p['batch_size']}, lr {p['learning_rate']:g}{' ' * bool(schedule)}{schedule}, "
-            f"Adam ({p['adam_beta1']}, {p['adam_beta2']}, {p['adam_epsilon']:g}), weight decay {p['weight_decay']:g}, "
-            f"grad clip {args.get('max_grad_norm')}, seed {p['seed']}, recorded every {p['record_every']}, "
-            f"device {config.get('device')}"
+            f"run: {params['steps']} steps, batch {params['batch_size']}, lr {params['learning_rate']:g}"
+            f"{' ' * bool(schedule)}{schedule}, Adam ({params['adam_beta1']}, {params['adam_beta2']}, "
+            f"{params['adam_epsilon']:g}), weight decay {params['weight_decay']:g}, grad clip {args.get('max_grad_norm')}, "
+            f"seed {params['seed']}, recorded every {params['record_every']}, device {config.get('device')}"
         )
-        lines.append(f"model: dim {p['hidden_dim']}, {p['n_layer']} layers, {p['n_head']} heads, "
-                     f"sequence {p['max_seq_len']}, init N(0, {p['init_scale']})")
+        lines.append(f"model: dim {params['hidden_dim']}, {params['n_layer']} layers, {params['n_head']} heads, "
+                     f"sequence {params['max_seq_len']}, init N(0, {params['init_scale']})")
         data = config.get("data")
         if isinstance(data, dict):
             lines.append(f"data: {data.get('corpus')} ({data.get('corpus_tokens')} tokens), tokenizer {data.get('tokenizer')}")
