@@ -71,7 +71,6 @@ class ShardJob:
     hi: int
 
 
-
 class StoreScan:
     """One pass over a store: the documents, then every chunk of the rows a plan names, the steps,
     the token sets and the resume states (:meth:`check` runs it all; :mod:`wordystore.repair` runs
