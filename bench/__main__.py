@@ -341,7 +341,7 @@ def bench_numerics(quick: bool) -> None:
     from trainer import numerics
 
     cpu = numerics.cpu()
-    args = {"steps": 8} if not quick else {"steps": 5, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
+    args = {"steps": 8} if not quick else {"steps": 8, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     slow_native = not cpu["bf16_units"] and not cpu["forced"]  # PyTorch's bf16 GEMM is a scalar loop here
     few_native = not cpu["bf16_units"]  # forced too: the slow kernels may be emulated (docs/trainer.md)
     script = RECORDING.format(root=str(ROOT))
