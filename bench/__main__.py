@@ -10,6 +10,11 @@ read through safetensors' own lazy slices), tensorstore reading the same portabl
 codec's own multi-threaded decode of the same chunks, the machine's plain file write and read
 speed, the same training steps without recording, and the notebook's own code path for the main
 job (bench/trainer_bench.py). Results also go to bench/results/.
+
+The first row is the CPU's class as ``--bf16-matmul auto`` sees it; the numerics rows time a step of
+each matmul choice side by side. ``WORDYSTORE_CPU_BF16=0`` (or ``=1``) makes auto see a CPU without
+(with) bf16 units, so auto's side of another CPU class runs here; the kernels stay this machine's,
+so native's time is still this CPU's (the row says so).
 """
 
 from __future__ import annotations
@@ -331,16 +336,52 @@ def bench_recording(quick: bool) -> None:
         f"{closing:.1f} s", f"{closing / (step['none'] * args['steps']):.0%} of the training time")
 
 
+def bench_numerics(quick: bool) -> None:
+    """A training step of each ``--bf16-matmul`` choice, side by side (whole processes, no recording):
+    native against float32, and auto (whatever it picks here) against float32."""
+    from trainer import numerics
+
+    cpu = numerics.cpu()
+    args = {"steps": 8} if not quick else {"steps": 8, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
+    slow_native = not cpu["bf16_units"] and not cpu["forced"]  # PyTorch's bf16 GEMM is a scalar loop here
+    few_native = not cpu["bf16_units"]  # forced too: the slow kernels may be emulated (docs/trainer.md)
+    script = RECORDING.format(root=str(ROOT))
+    step = {}
+    tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
+    try:
+        for choice in ("float32", "native", "auto"):
+            steps = 4 if choice == "native" and few_native else args["steps"]  # 4: the median of 2 steps
+            out = subprocess.run([sys.executable, "-c", script, "none", str(tmp / f"{choice}.zarr"),
+                                  json.dumps({**args, "steps": steps, "bf16_matmul": choice})],
+                                 check=True, capture_output=True, text=True).stdout
+            step[choice] = json.loads(out.strip().splitlines()[-1])["median_step_s"]
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    what = "seed step" if not quick else "quick step"
+    picked = numerics.choose("auto", "cpu").bf16_matmul
+    speedup = step["native"] / step["float32"]
+    row("numerics", f"{what}: float32 against native" + (" (native: this CPU's kernels, not the forced class's)"
+                                                           if cpu["forced"] else ""),
+        f"{step['native']:.3f} s (native)", f"{step['float32']:.3f} s", f"{speedup:.2f}x as fast",
+        ">= 10x" if slow_native else "", speedup >= 10 if slow_native else None)
+    ratio = step["auto"] / step["float32"]
+    row("numerics", f"{what}: auto (picks {picked}) against float32", f"{step['float32']:.3f} s (float32)",
+        f"{step['auto']:.3f} s", f"{ratio:.2f}x float32's time", "" if cpu["bf16_units"] else "<= 1.2x",
+        None if cpu["bf16_units"] else ratio <= 1.2)
+
+
 def bench_main_job(quick: bool) -> None:
     """The seed job as the notebook runs it against ``wordystore train``: whole processes, the
     same steps, tokenization included, alternating (bench/trainer_bench.py)."""
     from bench.trainer_bench import medians, side_by_side
 
     steps, repeats = (2, 1) if quick else (10, 3)
-    middle = medians(side_by_side(steps, repeats))
+    batch = 2 if quick else None  # quick: small batches, for the notebook's native bf16 on CPUs without bf16 units
+    middle = medians(side_by_side(steps, repeats, batch_size=batch))
     nb, ws = middle["notebook"], middle["wordystore"]
     speedup = nb["wall_s"] / ws["wall_s"]
-    row("main job", f"seed job, {steps} steps, whole processes (median of {repeats})", f"{nb['wall_s']:.1f} s (notebook)",
+    row("main job", f"seed job, {steps} steps{f', batch {batch}' if batch else ''}, whole processes (median of {repeats})",
+        f"{nb['wall_s']:.1f} s (notebook)",
         f"{ws['wall_s']:.1f} s", f"{speedup:.2f}x as fast", ">= 2x", speedup >= 2)
     row("main job", "peak RSS", f"{nb['peak_rss_gb']:.2f} GB (notebook)", f"{ws['peak_rss_gb']:.2f} GB",
         f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x")
@@ -381,9 +422,13 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="leave out the recording measurements")
     ns = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
+    from trainer import numerics
+
+    row("machine", "CPU class (what --bf16-matmul auto sees)", "-", numerics.cpu()["description"], "-")
     store, portable, seed = prepare(ns)
     if not ns.skip_training:  # first, while this process is small: wait4's peak RSS counts it in
         bench_recording(ns.quick)
+        bench_numerics(ns.quick)
         bench_main_job(ns.quick)
     bench_writer_memory(ns.quick)
     bench_size(store, portable, seed)

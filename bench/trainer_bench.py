@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from notebook_reference import run_notebook
 from trainer.config import RunConfig
 from trainer.data import load_corpus, load_tokenizer
-steps, out = int(sys.argv[1]), sys.argv[2]
+steps, out, batch = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 tokenizer = load_tokenizer()
 ids = tokenizer.encode(load_corpus())  # the notebook tokenizes every time
-data = run_notebook(RunConfig(steps=steps), ids, tokenizer.vocab_size, out)
+data = run_notebook(RunConfig(steps=steps, batch_size=batch), ids, tokenizer.vocab_size, out)
 save_file(data, out + "/recorded.safetensors")  # cell 15
 """
 
@@ -50,8 +50,10 @@ def run_process(argv: list[str], env: dict) -> dict:
             "minflt": usage.ru_minflt, "peak_rss_gb": usage.ru_maxrss / 1e6}
 
 
-def side_by_side(steps: int, repeats: int) -> dict[str, list[dict]]:
-    """Each code path ``repeats`` times, alternating; per run, :func:`run_process`'s figures."""
+def side_by_side(steps: int, repeats: int, batch_size: int | None = None) -> dict[str, list[dict]]:
+    """Each code path ``repeats`` times, alternating; per run, :func:`run_process`'s figures.
+    ``batch_size``: the seed's 32 unless given."""
+    batch = batch_size or 32  # the seed's
     notebook = NOTEBOOK.format(root=str(ROOT), tests=str(ROOT / "tests"))
     results = {"notebook": [], "wordystore": []}
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp:
@@ -61,10 +63,10 @@ def side_by_side(steps: int, repeats: int) -> dict[str, list[dict]]:
                 env = {**os.environ, "WORDYSTORE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
                 if mode == "notebook":
                     out.mkdir()
-                    argv = [sys.executable, "-c", notebook, str(steps), str(out)]
+                    argv = [sys.executable, "-c", notebook, str(steps), str(out), str(batch)]
                 else:
                     argv = [sys.executable, "-m", "wordystore.cli", "train", str(out / "run.zarr"),
-                            "--steps", str(steps), "--quiet"]
+                            "--steps", str(steps), "--batch-size", str(batch), "--quiet"]
                 results[mode].append(run_process(argv, env))
                 print(mode, {k: round(v, 2) for k, v in results[mode][-1].items()}, flush=True)
     return results

@@ -18,6 +18,7 @@ def test_the_quick_benchmark_measures_every_row(tmp_path):
     for measure in ("bytes on disk, compact profile", "untrained slice, all steps", "one token, all steps",
                     "one step", "through the chunk cache", "iterate over all steps", "read efficiency",
                     "tensorstore", "export to the seed layout", "import: peak RSS", "median step time",
-                    "writer's extra peak RSS", "compaction and close", "seed job"):
+                    "writer's extra peak RSS", "compaction and close", "seed job", "CPU class",
+                    "quick step: float32 against native", "quick step: auto (picks"):
         assert measure in table, measure
     assert not list(tmp_path.glob("wordystore-bench-*"))  # its scratch space is cleaned up

@@ -15,7 +15,7 @@ from trainer.run import train
 from wordystore.cli import main as cli
 from wordystore.seedfile import export, import_seed_file
 
-SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16)
+SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16, bf16_matmul="native")  # as the notebook
 
 
 @pytest.fixture(scope="module")

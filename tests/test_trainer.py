@@ -18,7 +18,8 @@ from trainer.cli import _run_overrides
 from wordystore.cli import build_parser
 from wordystore.cli import main as cli_main
 
-SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32)
+# native: the notebook's own kernels, so that the runs can be bit-identical to it
+SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32, bf16_matmul="native")
 SEED_KINDS = ("recorded_steps", "embeddings", "grads", "momentum", "variance", "logits", "losses")
 
 

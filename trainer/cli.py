@@ -86,7 +86,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         if field.name == "training_args":
             continue
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=types[field.name], default=None, help=f"default: {field.default}")
+        parser.add_argument(flag, type=types[field.name], default=None, choices=field.metadata.get("choices"),
+                            help="; ".join(x for x in (field.metadata.get("help"), f"default: {field.default}") if x))
     parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=JSON",
                         help="extra Hugging Face TrainingArguments, e.g. --training-arg lr_scheduler_type='\"constant\"'")
 
@@ -161,10 +162,11 @@ def cmd_train(ns) -> int:
     from trainer import run
 
     if ns.resume:
-        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet)
+        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet, announce=True)
     elif ns.extend_to is not None:
-        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet)
+        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet,
+                             announce=True)
     else:
-        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet)
+        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet, announce=True)
     print(run.main_summary(summary))
     return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0

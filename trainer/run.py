@@ -24,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
 from wordystore import storage
+from trainer import numerics
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
@@ -95,16 +96,19 @@ def store_size(path: Path) -> int:
 
 
 def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
-          record: bool = True) -> dict:
+          record: bool = True, announce: bool | None = None) -> dict:
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
     ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
+    ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
 
         >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
     """
     inputs = prepare_inputs(cfg)
     model = build_model(cfg, inputs.vocab_size, inputs.device)
+    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
         args = training_arguments(cfg, scratch, inputs.device)
+        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
         if not record:
             trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
             trainer.remove_callback(PrinterCallback)
@@ -119,6 +123,7 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
             "model": model.config.to_dict(),
             "data": inputs.data,
             "device": inputs.device,
+            "numerics": choice.record(),
         })
         kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
         # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
@@ -130,7 +135,8 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
         return _train_recording(writer, Path(out), model, args, cfg, inputs, progress=progress)
 
 
-def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = True) -> dict:
+def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = True,
+           announce: bool | None = None) -> dict:
     """Go on with the interrupted run at ``out`` to its planned last step, bit for bit.
 
     ``overrides`` are run parameters given again (e.g. by command-line flags); any that differ
@@ -140,11 +146,12 @@ def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = T
     planned, extension = planned_steps(config)
     if step >= planned:
         raise ValueError(f"{out}: the run is finished (step {step} of {planned}); --extend-to N goes on past it")
-    return _go_on(out, cfg, inputs, tensors, info, step, planned, extension, progress)
+    return _go_on(out, cfg, inputs, tensors, info, step, planned, extension, progress, announce=announce)
 
 
 def extend(
-    out: str | Path, to_step: int, lr_policy: str, *, overrides: dict | None = None, progress: bool = True
+    out: str | Path, to_step: int, lr_policy: str, *, overrides: dict | None = None, progress: bool = True,
+    announce: bool | None = None,
 ) -> dict:
     """Go on with the finished run at ``out`` up to step ``to_step`` under a named LR policy.
 
@@ -168,7 +175,8 @@ def extend(
         "seam_lr": info["last_lr"],
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, new_extension=True)
+    return _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, new_extension=True,
+                  announce=announce)
 
 
 def planned_steps(config: dict) -> tuple[int, dict | None]:
@@ -186,7 +194,9 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     if "run" not in t.config:
         raise ValueError(f"{out} was not recorded by wordystore train: it has no run config to go on with")
     stored = RunConfig.from_dict(t.config["run"])
-    given = RunConfig.from_dict({**stored.to_dict(), **(overrides or {})}).to_dict()
+    overrides = dict(overrides or {})
+    numerics.check_given(t.config, overrides.pop("bf16_matmul", None))  # the run keeps its numerics
+    given = RunConfig.from_dict({**stored.to_dict(), **overrides}).to_dict()
     differences = [f"{k}: stored {v!r}, given {given[k]!r}" for k, v in stored.to_dict().items() if given[k] != v]
     if differences:
         raise ValueError(f"{out} was recorded with other parameters ({'; '.join(differences)}); "
@@ -206,11 +216,14 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     return stored, inputs, t.config, saved
 
 
-def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False) -> dict:
+def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False,
+           announce=None) -> dict:
     """Rebuild the run, restore ``(tensors, info)`` at ``step``, and train on to ``to_step``."""
     model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
+    choice = numerics.of_stored_run(wordystore.open(out).config, inputs.device)
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
         args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)
+        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
         checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
         writer = wordystore.resume(out)
         if new_extension:

@@ -82,6 +82,9 @@ def config_summary(config: dict) -> list[str]:
         data = config.get("data")
         if isinstance(data, dict):
             lines.append(f"data: {data.get('corpus')} ({data.get('corpus_tokens')} tokens), tokenizer {data.get('tokenizer')}")
+    numerics = config.get("numerics")  # wordystore train --bf16-matmul
+    if isinstance(numerics, dict) and "bf16_matmul" in numerics:
+        lines.append(numerics_line(numerics))
     for seg in config.get("segments", []):
         lines.append(f"segment: rows {seg['rows'][0]}..{seg['rows'][1] - 1}, steps {seg['steps'][0]}..{seg['steps'][1]} "
                      f"from {seg['source']}")
@@ -95,11 +98,18 @@ def config_summary(config: dict) -> list[str]:
                                              for k, v in config["seed_scalars"].items()))
     known = {"segments", "stitched_from", "imported_from", "seed_scalars"}
     if params:
-        known |= {"run", "training_arguments", "model", "data", "device", "summary", "extensions"}
+        known |= {"run", "training_arguments", "model", "data", "device", "summary", "extensions", "numerics"}
     other = [key for key in config if key not in known]
     if other:
         lines.append("config: " + ", ".join(_short(key, config[key]) for key in other))
     return lines
+
+
+def numerics_line(numerics: dict) -> str:
+    """``numerics: bf16 matmul float32 (auto: ...); CPU avx2 (...)`` from a store's ``config["numerics"]``."""
+    cpu = numerics.get("cpu") or {}
+    return (f"numerics: bf16 matmul {numerics['bf16_matmul']} ({numerics.get('reason')}); "
+            f"CPU {cpu.get('description') or cpu.get('class')}")
 
 
 def _short(key: str, value) -> str:

@@ -326,8 +326,9 @@ def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Pat
 
 def comparison_text(runs: list[Run]) -> str:
     a, b = runs
-    lines = [f"A: {describe(a.t.store)}: {len(a.t)} rows, {display.steps_span(a.t)}",
-             f"B: {describe(b.t.store)}: {len(b.t)} rows, {display.steps_span(b.t)}", ""]
+    lines = [f"{tag}: {describe(r.t.store)}: {len(r.t)} rows, {display.steps_span(r.t)}"
+             + (f"; {display.numerics_line(r.t.config['numerics'])}" if "numerics" in r.t.config else "")
+             for tag, r in zip("AB", runs)] + [""]
     diffs = config_differences(a.t.config, b.t.config)
     lines.append(f"config differences ({len(diffs)}; ignoring {', '.join(IGNORED_CONFIG_KEYS)}):" if diffs
                  else "configs are identical (ignoring output paths and timings)")
