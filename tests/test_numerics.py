@@ -240,7 +240,7 @@ def test_the_choice_its_reason_and_the_cpu_are_recorded_and_shown(float32_run, t
     assert {"class", "avx2", "avx512_bf16", "amx_bf16", "kernels", "bf16_units", "forced"} <= set(record["cpu"])
     assert t.config["run"]["bf16_matmul"] == "auto"
     line = "numerics: bf16 matmul float32 (auto: WORDYSTORE_CPU_BF16=0 says this CPU has no bf16 units"
-    assert line in display.text(t)
+    assert line in display.info_text(t)
     assert cli_main(["info", str(float32_run)]) == 0
     assert line in capsys.readouterr().out
     assert (t.grads[1] != 0).any()  # the recording hooks saw the float32 path's gradients
