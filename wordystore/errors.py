@@ -27,3 +27,7 @@ class WriterFailedError(WordystoreError):
 
 class CorruptChunkError(WordystoreError):
     """A chunk's bytes do not decode (checksum mismatch, truncation); names the array and chunk."""
+
+
+class MissingExtraError(WordystoreError, ImportError):
+    """An optional dependency is not installed; names the extra that brings it."""

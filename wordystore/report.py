@@ -20,7 +20,7 @@ import numpy as np
 
 from wordystore import analysis, display, trajectory
 from wordystore.analysis import EmbeddingStats, Table
-from wordystore.errors import WordystoreError
+from wordystore.errors import MissingExtraError
 from wordystore.storage import describe
 from wordystore.trajectory import Trajectory
 
@@ -33,10 +33,6 @@ CURVE_LABELS = {  # scalar kind -> (title, y-axis label)
 }
 MOMENT_LABELS = {"grads": "gradient", "momentum": "Adam 1st moment (exp_avg)", "variance": "Adam 2nd moment (exp_avg_sq)"}
 IGNORED_CONFIG_KEYS = ("training_arguments.output_dir", "training_arguments.logging_dir", "summary.train_seconds")
-
-
-class MissingExtraError(WordystoreError, ImportError):
-    """An optional dependency is not installed; names the extra that brings it."""
 
 
 def require_matplotlib() -> None:
