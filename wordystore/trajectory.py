@@ -7,15 +7,25 @@
 
 Nothing is read until a view is sliced. A reader sees the committed prefix of the trajectory as of
 ``open`` or its last ``refresh()``, even while a writer appends.
+
+Trajectories and views pickle as where to reopen them: the store's location (a local path made
+absolute, a URL as given, a zarr ``Store`` object as that store pickles) and the open options,
+never their data, cache, threads or credentials. Unpickling reopens the store, as ``open`` does
+(and so imports this module, which registers zarr's bfloat16 data type), so dask can send them to
+other processes.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy as np
 import torch
+from zarr.abc.store import Store
 
 from wordystore import format, indexing, reading
-from wordystore.errors import ReadOnlyError
+from wordystore.errors import MissingExtraError, ReadOnlyError
 from wordystore.kinds import Kind, numpy_to_torch
 from wordystore.storage import as_store, describe
 
@@ -25,7 +35,7 @@ def open(where, *, cache_bytes: int = reading.DEFAULT_CACHE_BYTES) -> "Trajector
 
     ``cache_bytes`` bounds the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``).
     """
-    return Trajectory(as_store(where, read_only=True), cache_bytes)
+    return Trajectory(where, cache_bytes)
 
 
 class Trajectory:
@@ -36,8 +46,9 @@ class Trajectory:
     :attr:`commit_record`, :attr:`metadata`, :attr:`predictions` and :meth:`read_into`.
     """
 
-    def __init__(self, store, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
-        self._reader = reading.StoreReader.open(store, cache_bytes)
+    def __init__(self, where, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
+        self._where, self._cache_bytes = _location(where), cache_bytes
+        self._reader = reading.StoreReader.open(as_store(self._where, read_only=True), cache_bytes)
         self._steps = self._reader.read_steps()
         self._views = {name: KindView(self, name, kind) for name, kind in self._reader.meta.kinds.items()}
         self._token_sets: dict[str, np.ndarray] = {}
@@ -153,7 +164,7 @@ class Trajectory:
         whose memory must not grow with the store."""
         other = object.__new__(Trajectory)
         other.__dict__.update(self.__dict__)
-        other._reader = self._reader.uncached()
+        other._reader, other._cache_bytes = self._reader.uncached(), 0
         other._views = {name: KindView(other, name, view.kind) for name, view in self._views.items()}
         return other
 
@@ -172,21 +183,23 @@ class Trajectory:
 
         return trajectory_html(self)
 
-    # -- out-of-core analysis --------------------------------------------------------------------
+    # -- pickling and out-of-core analysis -------------------------------------------------------
 
-    def to_xarray(self):
-        """An ``xarray.Dataset`` of dask-backed variables, coordinates ``step`` (training step) and ``token``."""
-        import xarray as xr
+    def __reduce__(self):
+        """Pickled as where to reopen it and how (see the module's docstring)."""
+        return Trajectory, (self._where, self._cache_bytes)
 
-        variables = {name: (view.dims, view.to_dask()) for name, view in self._views.items()}
-        coords = {"step": self.steps}
-        try:
-            vocab = format.vocab_size(self.kinds)
-        except ValueError:  # kinds that disagree on it: no token coordinate
-            vocab = None
-        if vocab is not None:
-            coords["token"] = np.arange(vocab)
-        return xr.Dataset(variables, coords=coords, attrs={"config": str(self.config)})
+    def __dask_tokenize__(self):
+        """The same token for the same rows of the same store: committed rows never change, and a
+        store created anew at the same place has another creation time."""
+        return "wordystore.Trajectory", describe(self.store), self._reader.meta.created, len(self)
+
+    def to_xarray(self, chunks=None):
+        """The trajectory as an ``xarray.Dataset``: what ``xr.open_dataset(path, engine="wordystore")``
+        returns (:mod:`wordystore.xarray_backend`), lazily reading only what a selection touches.
+        ``chunks={}`` makes its variables dask arrays of the store's chunking (needs dask)."""
+        xr = _optional("xarray", "to_xarray()")
+        return xr.open_dataset(self, engine="wordystore", chunks=chunks)
 
 
 class KindView:
@@ -251,15 +264,26 @@ class KindView:
         ``loc[[0, 50, 100]]``; other axes index as usual. Rules: :func:`indexing.step_rows`."""
         return _StepLabelIndexer(self)
 
-    def to_dask(self):
-        """A dask array over the committed rows: one dask chunk per main chunk of rows and shard of
-        tokens; selections on it reach the reader, which decodes only the chunks they touch."""
-        import dask.array as da
-
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The chunking dask and xarray are given: a main chunk of rows by a shard of the other axes."""
         main = self._t.layouts[self.name][0]
-        chunks = tuple(min(c, max(n, 1)) for c, n in zip((main.chunk[0], *main.shard[1:]), self.shape))
-        return da.from_array(_CommittedRows(self), chunks=chunks, asarray=True, fancy=True,
-                             name=f"wordystore-{self.name}-{len(self)}-{id(self._t)}")
+        return tuple(min(c, max(n, 1)) for c, n in zip((main.chunk[0], *main.shard[1:]), self.shape))
+
+    def to_dask(self):
+        """A dask array over the committed rows, one dask chunk per :attr:`chunks`. A computation
+        reads only the dask chunks it needs (dask passes slices into the read; a list of indices
+        picks from whole dask chunks). Its tasks pickle (see the module's docstring), so any dask
+        scheduler runs them."""
+        da = _optional("dask.array", "to_dask()")
+        from dask.base import tokenize
+
+        return da.from_array(_CommittedRows(self), chunks=self.chunks, asarray=True, fancy=True,
+                             name=f"wordystore-{self.name}-{tokenize(self._t)}")
+
+    def __dask_tokenize__(self):
+        """Its trajectory's token (see :meth:`Trajectory.__dask_tokenize__`) and its kind."""
+        return self._t, self.name
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -293,3 +317,20 @@ class _CommittedRows:
         return self._view.numpy(index)
 
 
+def _location(where):
+    """Where a pickled trajectory reopens: a zarr store as itself, a URL as given, a local path
+    made absolute (the unpickling process may have another working directory)."""
+    if isinstance(where, Store):
+        return where
+    text = os.fspath(where)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def _optional(module: str, needs: str):
+    """An optional module (the ``analysis`` extra), or one line saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.partition(".")[0]
+        raise MissingExtraError(f"{needs} needs {package}, which is not installed: install the 'analysis' extra "
+                                f"(pip install -e '.[analysis]' in a clone of wordystore) or pip install {package}") from None
