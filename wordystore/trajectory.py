@@ -9,10 +9,10 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 ``open`` or its last ``refresh()``, even while a writer appends.
 
 Trajectories and views pickle as where to reopen them: the store's location (a local path made
-absolute, a URL as given, a zarr ``Store`` object as that store pickles) and the open options,
-never their data, cache, threads or credentials. Unpickling reopens the store, as ``open`` does
-(and so imports this module, which registers zarr's bfloat16 data type), so dask can send them to
-other processes.
+absolute, a URL as given) and the open options, never their data, cache or threads, nor any
+credentials; a zarr ``Store`` object given to ``open`` pickles as that store does (its options
+with it). Unpickling reopens the store, as ``open`` does (and so imports this module, which
+registers zarr's bfloat16 data type), so dask can send them to other processes.
 """
 
 from __future__ import annotations
