@@ -27,3 +27,7 @@ class WriterFailedError(WordystoreError):
 
 class CorruptChunkError(WordystoreError):
     """A chunk's bytes do not decode (checksum mismatch, truncation); names the array and chunk."""
+
+
+class RoundTripWarning(UserWarning):
+    """An export or import leaves something behind that the target cannot hold; names it."""
