@@ -2,8 +2,9 @@
 
 How blocks are found and run (README.md, "Docs that run"):
 
-- a fenced block whose info string starts with ``python`` runs as a script of its own, ``bash`` as a
-  ``bash -e -o pipefail`` script (the environment's ``wordystore`` first on PATH); both in a
+- a fenced block whose info string starts with ``python`` runs as a script of its own (in this
+  process, as ``__main__`` in a fresh namespace with no arguments: torch is imported once), ``bash``
+  as a ``bash -e -o pipefail`` script (the environment's ``wordystore`` first on PATH); both in a
   directory holding the stores the docs name (``runs/wb1b.zarr``: a small real ``wordystore train``
   run with GPT-2's vocabulary, and the rest built from it), a fresh copy per file;
 - ``json`` blocks must parse; blocks without an info string or marked ``text`` are not code
@@ -75,23 +76,24 @@ def workdir(stores, tmp_path) -> Path:
     return where
 
 
-def run_block(language: str, code: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MPLBACKEND": "Agg"}
-    if language == "python":
-        (cwd / "block.py").write_text(code)
-        command = [sys.executable, "block.py"]
-    else:
-        command = ["bash", "-e", "-o", "pipefail", "-c", code]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def run_bash(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
-def test_every_block_runs(path, stores, tmp_path):
+def test_every_block_runs(path, stores, tmp_path, monkeypatch):
     cwd = workdir(stores, tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [f"{path.name}-block.py"])
     for line, language, markers, code in blocks(path):
         if language in DATA:
             json.loads(code)
         if language not in RUNNABLE or "no-run" in markers:
             continue
-        done = run_block(language, code, cwd)
-        assert done.returncode == 0, f"{path.name}:{line} ({language}) failed:\n{code}\n--- output:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        if language == "python":
+            exec(compile(code, f"{path.name}:{line}", "exec"), {"__name__": "__main__"})  # a failure shows its traceback
+            continue
+        done = run_bash(code, cwd)
+        assert done.returncode == 0, f"{path.name}:{line} failed:\n{code}\n--- output:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
