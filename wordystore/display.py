@@ -188,6 +188,25 @@ def info_text(t: Trajectory) -> str:
     return "\n".join(lines)
 
 
+def info_dict(t: Trajectory) -> dict:
+    """What ``wordystore info --json`` prints: the facts of :func:`info_text` (sizes in bytes), and the config."""
+    sizes = kind_sizes(t)
+    return {
+        "store": describe(t.store),
+        "rows": len(t),
+        "steps": [int(t.steps[0]), int(t.steps[-1])] if len(t) else [],
+        "profile": t.profile,
+        "integrity": integrity(t),
+        "kinds": {name: {"dtype": kind.dtype, "shape": [len(t), *kind.shape], "dims": ["step", *kind.dims],
+                         "bytes_on_disk": sizes[name][0], "raw_bytes": sizes[name][1]}
+                  for name, kind in t.kinds.items()},
+        "bytes_on_disk": stored_bytes(t),
+        "token_sets": {name: len(ids) for name, ids in t.token_sets.items()},
+        "summary": config_summary(t.config),
+        "config": t.config,
+    }
+
+
 def trajectory_html(t: Trajectory) -> str:
     """The notebook view of a trajectory: a kinds table with sizes, token sets, config folded."""
     e = html.escape

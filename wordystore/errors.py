@@ -31,3 +31,7 @@ class CorruptChunkError(WordystoreError):
 
 class MissingExtraError(WordystoreError, ImportError):
     """An optional dependency is not installed; names the extra that brings it."""
+
+
+class RoundTripWarning(UserWarning):
+    """An export or import leaves something behind that the target cannot hold; names it."""

@@ -3,24 +3,28 @@ trajectory, or of two overlaid, computed by :mod:`wordystore.analysis` while str
 
 >>> from wordystore import report
 >>> report.write_report("runs/wb1b.zarr", "wb1b-report")            # report.md and PNGs
->>> text, out = report.write_comparison("runs/wb1.zarr", "runs/wb1b.zarr", "wb1-vs-wb1b"); print(text)
+>>> print(report.write_comparison("runs/wb1.zarr", "runs/wb1b.zarr", "wb1-vs-wb1b").text())
 
-Plots need matplotlib (``pip install 'wordystore[analysis]'``); figures are drawn with
-``matplotlib.figure.Figure`` (the Agg canvas), never pyplot, so a notebook's backend is left alone.
+Plots need matplotlib (the ``analysis`` extra); without it the text is written all the same
+(report.md, compare.md, the comparison), naming the plots it could not draw. Figures are drawn
+with ``matplotlib.figure.Figure`` (the Agg canvas), never pyplot, so a notebook's backend is left alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import shutil
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from wordystore import analysis, display, trajectory
 from wordystore.analysis import EmbeddingStats, Table
-from wordystore.errors import MissingExtraError
+from wordystore.extras import install_hint, missing
 from wordystore.storage import describe
 from wordystore.trajectory import Trajectory
 
@@ -34,12 +38,30 @@ CURVE_LABELS = {  # scalar kind -> (title, y-axis label)
 MOMENT_LABELS = {"grads": "gradient", "momentum": "Adam 1st moment (exp_avg)", "variance": "Adam 2nd moment (exp_avg_sq)"}
 IGNORED_CONFIG_KEYS = ("training_arguments.output_dir", "training_arguments.logging_dir", "summary.train_seconds")
 
+SEAM_LABEL = "seam: a stitched run's next segment, or an extension's first step"
 
-def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise MissingExtraError("plots need matplotlib, which is not installed: pip install 'wordystore[analysis]'") from None
+
+def plots_missing() -> str | None:
+    """Why plots cannot be drawn here (matplotlib is not installed), or None."""
+    if missing("matplotlib"):
+        return f"plots need matplotlib, which is not installed; {install_hint('analysis')}"
+    return None
+
+
+def share(part: int, whole: int) -> str:
+    """``part`` of ``whole`` as a percentage that reads 0 % or 100 % only when it is: below 1 % and
+    above 99 % to two significant digits of the share or of its complement (1 of 5,170 tokens is
+    0.019 %, 5,169 of them 99.981 %)."""
+    if whole == 0:
+        return "-"
+    if part in (0, whole):
+        return f"{100 * part // whole} %"
+    value = 100 * part / whole
+    if 1 <= value <= 99:
+        return f"{value:.1f} %"
+    if value < 1:
+        return f"{value:.2g} %"
+    return f"{Decimal(100) - Decimal(f'{100 - value:.2g}')} %"
 
 
 # -- what a report is made of ---------------------------------------------------------------------------
@@ -93,10 +115,25 @@ def _name(where) -> str:
 Series = tuple[str, np.ndarray, np.ndarray, dict]  # (legend label, steps, values, matplotlib line style)
 
 
-def plot_lines(path: Path, title: str, ylabel: str, panels: dict[str, list[Series]], *,
-               log: bool = False, seams: list[int] = (), percent: bool = False, sharey: bool = True) -> Path:
-    """One PNG: a panel per entry of ``panels`` (side by side), lines against training step. On a log
-    scale, zeros (row 0's gradient, a frozen set's movement) are left out rather than drawn as cliffs."""
+def _drawn(plot):
+    """A plot function that draws where matplotlib is installed; elsewhere it returns the path it
+    would have written and writes nothing, so the report lists the plot as not drawn."""
+
+    @functools.wraps(plot)
+    def draw(path: Path, *args, **kwargs) -> Path:
+        if plots_missing() is None:
+            plot(*args, **kwargs).savefig(path)
+        return path
+
+    return draw
+
+
+@_drawn
+def plot_lines(title: str, ylabel: str, panels: dict[str, list[Series]], *, log: bool = False,
+               seams: list[int] = (), percent: bool = False, sharey: bool = True):
+    """One figure: a panel per entry of ``panels`` (side by side), lines against training step. On a log
+    scale, zeros (row 0's gradient, a frozen set's movement) are left out rather than drawn as cliffs;
+    a percentage axis stays within [0, 100 %]."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
@@ -105,24 +142,24 @@ def plot_lines(path: Path, title: str, ylabel: str, panels: dict[str, list[Serie
     for ax, (panel, series) in zip(axes, panels.items()):
         for label, steps, values, style in series:
             ax.plot(steps, np.where(values > 0, values, np.nan) if log else values, label=label, **style)
-        for step in seams:
-            ax.axvline(step, color="gray", linestyle=":", linewidth=1)
-        if seams:
-            ax.plot([], [], color="gray", linestyle=":", linewidth=1, label="seam (stitched or extended runs)")
+        for i, step in enumerate(seams):
+            ax.axvline(step, color="gray", linestyle=":", linewidth=1, label=None if i else SEAM_LABEL)
         ax.set(title=panel or None, xlabel=STEP_LABEL)
         ax.set_yscale("log" if log else "linear")
         if percent:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(low, 0.0), min(high, 1.0))
         ax.grid(alpha=0.3)
-        if any(label for label, *_ in series):
+        if seams or any(label for label, *_ in series):
             ax.legend(fontsize="small")
     axes[0].set_ylabel(ylabel)
     fig.suptitle(title)
-    fig.savefig(path)
-    return path
+    return fig
 
 
-def plot_hops(path: Path, stats: dict[str, EmbeddingStats]) -> Path:
+@_drawn
+def plot_hops(title: str, stats: dict[str, EmbeddingStats]):
     """Bars: the share of coordinate-steps (rows after the first) per number of lattice hops, per token set."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -138,18 +175,19 @@ def plot_hops(path: Path, stats: dict[str, EmbeddingStats]) -> Path:
     ax.set_xticks(np.arange(len(labels)), labels, rotation=45, ha="right", fontsize="small")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
-    ax.set(title="bfloat16 lattice hops per coordinate per step (all steps)",
+    ax.set(title=title,
            xlabel="representable values moved in one step (hops)\n"
                   "a sign change passes every tiny value around 0, so it counts tens of thousands",
            ylabel="share of coordinate-steps")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    return fig
 
 
-def plot_freeze_steps(path: Path, stats: dict[str, EmbeddingStats]) -> Path:
-    """Per token set, the share of its tokens that froze (never changed again) at each step."""
+@_drawn
+def plot_freeze_steps(title: str, stats: dict[str, EmbeddingStats]):
+    """Per token set, the share of its tokens that froze (never changed again) at each step; the
+    legend's count of tokens still moving is report.md's."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
@@ -157,15 +195,15 @@ def plot_freeze_steps(path: Path, stats: dict[str, EmbeddingStats]) -> Path:
     ax = fig.add_subplot()
     for name, s in stats.items():
         counts = s.freeze_step_counts()
-        moving = s.still_moving / s.token_ids.size
         ax.step(counts["step"], counts["tokens"] / s.token_ids.size, where="mid",
-                label=f"{name} ({moving:.1%} still moving at the end)")
+                label=f"{name}: {s.still_moving:,} of {s.token_ids.size:,} still moving at the end "
+                      f"({share(s.still_moving, s.token_ids.size)})")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set(title="When tokens freeze (last change, bit for bit)", xlabel=STEP_LABEL, ylabel="tokens of the set freezing at this step")
+    ax.set_ylim(0.0, min(ax.get_ylim()[1], 1.0))
+    ax.set(title=title, xlabel=STEP_LABEL, ylabel="tokens of the set freezing at this step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def _curve_plots(out: Path, runs: list[Run], styles: list[dict]) -> list[Path]:
@@ -182,7 +220,7 @@ def _curve_plots(out: Path, runs: list[Run], styles: list[dict]) -> list[Path]:
         elif kind == "grad_norm":
             title += " (before clipping)"
         if series:
-            paths.append(plot_lines(out / f"{kind}.png", title, ylabel, {"": series}, seams=seams))
+            paths.append(plot_lines(out / f"{kind}.png", _titled(title, runs), ylabel, {"": series}, seams=seams))
     return paths
 
 
@@ -197,8 +235,13 @@ def _moment_plot(out: Path, runs: list[Run]) -> list[Path]:
                                   {"color": f"C{j}", "linestyle": dashes[i % len(dashes)]})
                                  for i, r in enumerate(runs) for j, name in enumerate(sets)] for k in kinds}
     seams = sorted({step for r in runs for step in r.seams})
-    return [plot_lines(out / "moment_norms.png", "Norms of the gradient and Adam's moments, per token set",
+    return [plot_lines(out / "moment_norms.png", _titled("Norms of the gradient and Adam's moments, per token set", runs),
                        "L2 norm over the token set's rows (log)", panels, log=True, seams=seams, sharey=False)]
+
+
+def _titled(title: str, runs: list[Run]) -> str:
+    """A plot's title with the run it shows (``A vs B`` for a comparison)."""
+    return f"{title}\n{' vs '.join(r.label for r in runs)}"
 
 
 # The embedding plots: (file, title, y label, table column, log scale, percent)
@@ -216,8 +259,8 @@ def write_report(store, out=None, *, progress: bool = True) -> Path:
     """Analyse ``store`` and write ``report.md`` and its PNGs into ``out`` (default ``./<name>-report``).
 
     Everything is written to a temporary sibling directory first, so a failure leaves nothing behind.
+    Without matplotlib, report.md is written all the same and names the plots it could not draw.
     """
-    require_matplotlib()
     t = _open(store)
     out = Path(out) if out is not None else Path(f"{_name(store)}-report")
     run = analyse(t, _name(store), progress)
@@ -229,16 +272,20 @@ def write_report(store, out=None, *, progress: bool = True) -> Path:
                 series += [(f"{name} (max)", s.table["step"], s.table["displacement_max"], {"linestyle": "--", "color": f"C{i}"})
                            for i, (name, s) in enumerate(run.stats.items())]
             if series:
-                plots.append(plot_lines(tmp / f"{file}.png", title, ylabel, {"": series}, log=log, percent=percent, seams=run.seams))
+                plots.append(plot_lines(tmp / f"{file}.png", _titled(title, [run]), ylabel, {"": series}, log=log,
+                                        percent=percent, seams=run.seams))
         if run.stats:
-            plots.append(plot_hops(tmp / "lattice_hops.png", run.stats))
-            plots.append(plot_freeze_steps(tmp / "freeze_steps.png", run.stats))
+            plots.append(plot_hops(tmp / "lattice_hops.png",
+                                   _titled("bfloat16 lattice hops per coordinate per step (all steps)", [run]), run.stats))
+            plots.append(plot_freeze_steps(tmp / "freeze_steps.png",
+                                           _titled("When tokens freeze (last change, bit for bit)", [run]), run.stats))
         plots += _moment_plot(tmp, [run])
-        (tmp / "report.md").write_text(report_markdown(run, [p.name for p in plots]))
+        (tmp / "report.md").write_text(report_markdown(run, plots))
     return out / "report.md"
 
 
-def report_markdown(run: Run, plots: list[str]) -> str:
+def report_markdown(run: Run, plots: list[Path]) -> str:
+    """report.md; ``plots`` are the PNGs of the report, those not written (no matplotlib) listed as such."""
     t, c = run.t, run.curves
     sizes = display.kind_sizes(t)
     disk, raw = display.stored_bytes(t), sum(r for _, r in sizes.values())
@@ -251,7 +298,7 @@ def report_markdown(run: Run, plots: list[str]) -> str:
         lines += ["", f"Loss: {first:.4f} at step {c['step'][1]}, {last:.4f} at step {c['step'][-1]} "
                       f"(reduction {first - last:.4f}); lowest {np.nanmin(c['losses']):.4f} at step {c['step'][np.nanargmin(c['losses'])]}."]
     if "learning_rate" in c:
-        lines += ["", f"Learning rate used: {schedule_text(c)}."]
+        lines += ["", f"Learning rate used: {schedule_text(schedule_picks(c))}."]
     if run.stats:
         lines += ["", f"## Token sets (steps {t.steps[0]} to {t.steps[-1]})", "",
                   "| token set | tokens | displacement max / mean / median | frozen at the end | median freeze step "
@@ -263,40 +310,52 @@ def report_markdown(run: Run, plots: list[str]) -> str:
             jump = analysis.largest_jump(tab["movement_mean"], tab["step"])
             lines.append(
                 f"| {name} | {s.token_ids.size} | {tab['displacement_max'][-1]:.2e} / {tab['displacement_mean'][-1]:.2e} / "
-                f"{tab['displacement_median'][-1]:.2e} | {_percent(tab['frozen_fraction'][-1])} | "
-                f"{np.sort(frozen)[(frozen.size - 1) // 2] if frozen.size else '-'} | {s.still_moving} | "
+                f"{tab['displacement_median'][-1]:.2e} | {_frozen_share(tab['frozen_fraction'][-1], s.token_ids.size)} | "
+                f"{np.sort(frozen)[(frozen.size - 1) // 2] if frozen.size else '-'} | {s.still_moving:,} of {s.token_ids.size:,} | "
                 + " | ".join(f"{tab[k][0]:.6f} → {tab[k][-1]:.6f}" for k in ("centroid_norm", "radius_mean", "radius_max"))
                 + f" | {f'step {jump[0]} (x{jump[1]:.1f})' if jump else 'none'} |"
             )
         lines += ["", "Displacement is each token's L2 distance from its step-0 embedding at the last step; "
                       "centroid and radii are shown at the first → last step; a jump is the largest step-to-step "
                       "growth of the mean movement after the first steps (a resumed run's kick)."]
-    lines += ["", "## Plots", ""] + [f"![{p.removesuffix('.png')}]({p})" for p in plots]
+    lines += ["", "## Plots", "", *plots_markdown(plots)]
     return "\n".join(lines) + "\n"
 
 
-def _percent(value: float) -> str:
-    return "-" if np.isnan(value) else f"{value:.1%}"
+def plots_markdown(plots: list[Path]) -> list[str]:
+    """An image line per plot written, and a line naming those not drawn and why."""
+    lines = [f"![{p.stem}]({p.name})" for p in plots if p.exists()]
+    not_drawn = [p.name for p in plots if not p.exists()]
+    if not_drawn:
+        lines.append(f"Not drawn: {', '.join(not_drawn)} ({plots_missing()}).")
+    return lines
 
 
-def schedule_text(curves: Table) -> str:
-    """The learning rate used at the first, middle and last steps after row 0 (which has none)."""
+def _frozen_share(fraction: float, tokens: int) -> str:
+    return "-" if np.isnan(fraction) else share(round(fraction * tokens), tokens)
+
+
+def schedule_picks(curves: Table) -> list[list]:
+    """``[[step, learning rate], ...]`` used at the first, middle and last steps after row 0 (which has none)."""
     steps, lr = curves["step"], curves["learning_rate"]
     rows = np.flatnonzero(~np.isnan(lr))
     if rows.size == 0:
-        return "not recorded"
-    picks = sorted({rows[0], rows[rows.size // 2], rows[-1]})
-    return ", ".join(f"{lr[i]:.3e} at step {steps[i]}" for i in picks)
+        return []
+    return [[int(steps[i]), float(lr[i])] for i in sorted({rows[0], rows[rows.size // 2], rows[-1]})]
+
+
+def schedule_text(picks: list[list]) -> str:
+    return ", ".join(f"{lr:.3e} at step {step}" for step, lr in picks) or "not recorded"
 
 
 # -- compare --------------------------------------------------------------------------------------------
 
 
-def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Path]:
-    """Overlay two trajectories' plots into ``out`` (default ``./<a>-vs-<b>``). Returns the text that
-    ``wordystore compare`` prints (also written as ``compare.md``: config differences, the learning
-    rates actually used, the largest jumps in movement) and the directory written."""
-    require_matplotlib()
+def write_comparison(a, b, out=None, *, progress: bool = True) -> "Comparison":
+    """Overlay two trajectories' plots into ``out`` (default ``./<a>-vs-<b>``) and write ``compare.md``.
+    Returns the :class:`Comparison` (config differences, the learning rates actually used, the
+    largest jumps in movement; ``text()`` is what ``wordystore compare`` prints, ``to_dict()`` its
+    ``--json``). Without matplotlib, compare.md is written all the same, naming the plots not drawn."""
     ta, tb = _open(a), _open(b)
     label_a, label_b = _name(a), _name(b)
     if label_a == label_b:
@@ -304,7 +363,7 @@ def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Pat
     out = Path(out) if out is not None else Path(f"{_name(a)}-vs-{_name(b)}")
     runs = [analyse(ta, label_a, progress), analyse(tb, label_b, progress)]
     styles = [{"color": "C0"}, {"color": "C1", "linestyle": "--"}]
-    text = comparison_text(runs)
+    comparison = Comparison.of(runs)
     with _staging(out) as tmp:
         plots = _curve_plots(tmp, runs, styles)
         seams = sorted({step for r in runs for step in r.seams})
@@ -313,65 +372,111 @@ def write_comparison(a, b, out=None, *, progress: bool = True) -> tuple[str, Pat
             panels = {name: [(r.label, r.stats[name].table["step"], r.stats[name].table[column], s) for r, s in zip(runs, styles)]
                       for name in common}
             if panels:
-                plots.append(plot_lines(tmp / f"{file}.png", title, ylabel, panels, log=log, percent=percent, seams=seams))
+                plots.append(plot_lines(tmp / f"{file}.png", _titled(title, runs), ylabel, panels, log=log,
+                                        percent=percent, seams=seams))
         plots += _moment_plot(tmp, runs)
-        (tmp / "compare.md").write_text(f"# {label_a} vs {label_b}\n\n```\n{text}\n```\n\n"
-                                        + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
-    return text, out
+        (tmp / "compare.md").write_text("\n".join([f"# {label_a} vs {label_b}", "", "```", comparison.text(), "```", "",
+                                                   *plots_markdown(plots)]) + "\n")
+        comparison.plots = [p.name for p in plots if p.exists()]
+        comparison.not_drawn = [p.name for p in plots if not p.exists()]
+    comparison.out = str(out)
+    return comparison
 
 
-def comparison_text(runs: list[Run]) -> str:
-    a, b = runs
-    lines = [f"{tag}: {describe(r.t.store)}: {len(r.t)} rows, {display.steps_span(r.t)}"
-             + (f"; {display.numerics_line(r.t.config['numerics'])}" if "numerics" in r.t.config else "")
-             for tag, r in zip("AB", runs)] + [""]
-    diffs = config_differences(a.t.config, b.t.config)
-    lines.append(f"config differences ({len(diffs)}; ignoring {', '.join(IGNORED_CONFIG_KEYS)}):" if diffs
-                 else "configs are identical (ignoring output paths and timings)")
-    shown = 40
-    lines += [f"  {key}: {va} -> {vb}" for key, va, vb in diffs[:shown]]
-    if len(diffs) > shown:
-        lines.append(f"  ... and {len(diffs) - shown} more (wordystore info --config shows each whole)")
-    lines += ["", "learning rate used (the stored learning_rate kind):"]
-    for tag, r in zip("AB", runs):
-        lines.append(f"  {tag}: {schedule_text(r.curves) if 'learning_rate' in r.curves else 'not recorded'}")
-    if all("learning_rate" in r.curves for r in runs):
-        lines.append("  " + first_difference(a.curves, b.curves, "learning_rate"))
-    for name in [n for n in a.stats if n in b.stats]:
-        jumps = [analysis.largest_jump(r.stats[name].table["movement_mean"], r.stats[name].table["step"]) for r in runs]
-        lines.append(f"largest jump in mean movement of '{name}': "
-                     + "; ".join(f"{tag} {f'step {j[0]} (x{j[1]:.1f})' if j else 'none'}" for tag, j in zip("AB", jumps)))
-    return "\n".join(lines)
+@dataclass
+class Comparison:
+    """What ``wordystore compare`` finds: each run's extent, their config differences, the learning
+    rate each used and where they first differ, and the largest jump in movement per token set."""
+
+    runs: list[dict]  # per run: tag (A, B), store, rows, steps [first, last], numerics line (or None)
+    config_differences: list[dict]  # {"key": dotted key, "a": value, "b": value}; a side without the leaf lacks its key
+    learning_rate: dict  # "A", "B": [[step, lr], ...] at the first, middle and last steps; "first_difference": ...
+    jumps: dict[str, dict]  # token set -> {"A": [step, ratio] or None, "B": ...}
+    out: str | None = None  # the directory written
+    plots: list[str] = field(default_factory=list)  # the PNGs written
+    not_drawn: list[str] = field(default_factory=list)  # the PNGs not drawn (no matplotlib)
+
+    @classmethod
+    def of(cls, runs: list[Run]) -> "Comparison":
+        a, b = runs
+        extent = [{"tag": tag, "store": describe(r.t.store), "rows": len(r.t),
+                   "steps": [int(r.t.steps[0]), int(r.t.steps[-1])] if len(r.t) else [],
+                   "numerics": display.numerics_line(r.t.config["numerics"]) if "numerics" in r.t.config else None}
+                  for tag, r in zip("AB", runs)]
+        lr = {tag: schedule_picks(r.curves) if "learning_rate" in r.curves else None for tag, r in zip("AB", runs)}
+        lr["first_difference"] = (first_difference(a.curves, b.curves, "learning_rate")
+                                  if all("learning_rate" in r.curves for r in runs) else None)
+        jumps = {name: {tag: _jump(r.stats[name]) for tag, r in zip("AB", runs)} for name in a.stats if name in b.stats}
+        return cls(extent, config_differences(a.t.config, b.t.config), lr, jumps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def text(self) -> str:
+        lines = [f"{r['tag']}: {r['store']}: {r['rows']} rows, "
+                 + (f"steps {r['steps'][0]}..{r['steps'][1]}" if r["steps"] else "no steps yet")
+                 + (f"; {r['numerics']}" if r["numerics"] else "") for r in self.runs] + [""]
+        diffs = self.config_differences
+        lines.append(f"config differences ({len(diffs)}; ignoring {', '.join(IGNORED_CONFIG_KEYS)}):" if diffs
+                     else "configs are identical (ignoring output paths and timings)")
+        shown = 40
+        lines += [f"  {d['key']}: {_value(d, 'a')} -> {_value(d, 'b')}" for d in diffs[:shown]]
+        if len(diffs) > shown:
+            lines.append(f"  ... and {len(diffs) - shown} more (wordystore info --config shows each whole)")
+        lines += ["", "learning rate used (the stored learning_rate kind):"]
+        for tag in "AB":
+            picks = self.learning_rate[tag]
+            lines.append(f"  {tag}: {schedule_text(picks) if picks is not None else 'not recorded'}")
+        if self.learning_rate["first_difference"] is not None:
+            lines.append("  " + difference_text(self.learning_rate["first_difference"]))
+        for name, jumps in self.jumps.items():
+            lines.append(f"largest jump in mean movement of '{name}': "
+                         + "; ".join(f"{tag} {f'step {j[0]} (x{j[1]:.1f})' if j else 'none'}" for tag, j in jumps.items()))
+        return "\n".join(lines)
 
 
-def first_difference(a: Table, b: Table, column: str) -> str:
+def _jump(stats: EmbeddingStats) -> list | None:
+    jump = analysis.largest_jump(stats.table["movement_mean"], stats.table["step"])
+    return [int(jump[0]), float(jump[1])] if jump else None
+
+
+def first_difference(a: Table, b: Table, column: str) -> dict:
+    """Where ``column`` first differs between two tables, over their common steps: ``{"common_steps",
+    "differing_steps", "step", "a", "b"}`` (the last three None where nothing differs)."""
     steps, ia, ib = np.intersect1d(a["step"], b["step"], return_indices=True)
     va, vb = a[column][ia], b[column][ib]
     differ = np.flatnonzero(~np.isclose(va, vb, rtol=1e-6, atol=0, equal_nan=True))
-    if steps.size == 0:
+    first = {"step": int(steps[differ[0]]), "a": float(va[differ[0]]), "b": float(vb[differ[0]])} if differ.size \
+        else {"step": None, "a": None, "b": None}
+    return {"common_steps": int(steps.size), "differing_steps": int(differ.size), **first}
+
+
+def difference_text(d: dict) -> str:
+    if d["common_steps"] == 0:
         return "no steps in common"
-    if differ.size == 0:
-        return f"identical at all {steps.size} common steps"
-    i = differ[0]
-    return f"first differs at step {steps[i]}: {va[i]:.3e} vs {vb[i]:.3e} ({differ.size} of {steps.size} common steps differ)"
+    if d["differing_steps"] == 0:
+        return f"identical at all {d['common_steps']} common steps"
+    return (f"first differs at step {d['step']}: {d['a']:.3e} vs {d['b']:.3e} "
+            f"({d['differing_steps']} of {d['common_steps']} common steps differ)")
 
 
-def config_differences(a: dict, b: dict) -> list[tuple[str, str, str]]:
-    """(dotted key, A's value, B's value) for every leaf that differs; missing leaves show as '-'."""
+def config_differences(a: dict, b: dict) -> list[dict]:
+    """``{"key": dotted key, "a": A's value, "b": B's value}`` for every leaf that differs; a side
+    that lacks the leaf lacks its key."""
     fa, fb = _flatten(a), _flatten(b)
     out = []
     for key in sorted(set(fa) | set(fb)):
-        if key in IGNORED_CONFIG_KEYS or fa.get(key, _MISSING) == fb.get(key, _MISSING):
+        if key in IGNORED_CONFIG_KEYS or (key in fa and key in fb and fa[key] == fb[key]):
             continue
-        out.append((key, _value(fa.get(key, _MISSING)), _value(fb.get(key, _MISSING))))
+        out.append({"key": key, **({"a": fa[key]} if key in fa else {}), **({"b": fb[key]} if key in fb else {})})
     return out
 
 
-_MISSING = object()
-
-
-def _value(v) -> str:
-    return "-" if v is _MISSING else repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+def _value(difference: dict, side: str) -> str:
+    if side not in difference:
+        return "-"
+    text = repr(difference[side])
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _flatten(value, prefix: str = "") -> dict:

@@ -7,23 +7,39 @@ bfloat16 [S]; 0-dim float32 ``init_scale``, ``learning_rate``, ``weight_decay``,
 
 Export writes the safetensors file itself, tensor by tensor and a few steps at a time, so memory
 stays bounded whatever the trajectory's length; it writes to a temporary name and renames at the end.
+
+What the layout has no tensor for travels in the header's ``__metadata__`` (string values; safetensors'
+own ``load_file`` still returns exactly the notebook's tensors), and import reads it back:
+
+- ``wordystore.token_sets``: JSON ``{"name": [token positions], ...}``, positions on the file's token
+  axis (the vocabulary ids, unless ``--tokens`` exported a subset);
+- ``wordystore.token_ids``: JSON, the vocabulary id of each token position, when a subset was exported;
+- ``wordystore.config``: JSON, the store's config (the run's parameters, TrainingArguments, data...);
+- ``wordystore.scalars``: JSON ``{"kind": {"dtype": "float32", "data": base64}, ...}``, every other
+  0-d kind of the store (``learning_rate``, ``grad_norm``, ``grad_norm_clipped``): its value at each
+  exported step, little-endian, bit for bit.
+
+What cannot travel (other kinds, the run's resume state) is named in a :class:`RoundTripWarning`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import struct
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from wordystore import format, trajectory
+from wordystore.errors import RoundTripWarning
 from wordystore.indexing import step_rows
-from wordystore.kinds import Kind
+from wordystore.kinds import DTYPES, Kind
 from wordystore.lifecycle import create_whole
 from wordystore.tokensets import token_sets_from_mask_file
 from wordystore.trajectory import Trajectory
@@ -36,10 +52,13 @@ ST_DTYPES = {"bfloat16": "BF16", "float32": "F32", "int64": "I64", "float16": "F
              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
-def _progress(total: int, desc: str, enabled: bool):
+METADATA = "wordystore."  # the prefix of the header's __metadata__ keys wordystore writes
+
+
+def _progress(total: int, desc: str, enabled: bool, unit: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=not enabled)
 
 
 def seed_scalars(t: Trajectory) -> dict[str, float | int]:
@@ -63,7 +82,8 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
     ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
     inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
     or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
-    some of the per-step kinds only. Returns the path written. Each kind is read a tile at a
+    some of the kinds only (0-d kinds outside the notebook's layout go into the header's metadata).
+    Returns the path written. Each kind is read a tile at a
     time (a chunk of rows by a shard of tokens) on every core and written in place, so memory
     stays at a few tiles whatever the size.
 
@@ -72,12 +92,15 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
     t = trajectory.open(store, cache_bytes=0)
     out = Path(out)
     _check_output(out, overwrite)
-    kinds = list(STEP_KINDS if kinds is None else kinds)
-    unknown = [k for k in kinds if k not in t.kinds]
+    asked = [*STEP_KINDS, *(k for k in t.kinds if k not in STEP_KINDS)] if kinds is None else list(kinds)
+    unknown = [k for k in asked if k not in t.kinds]
     if unknown:
         raise ValueError(f"kinds {unknown} are not in the trajectory; it has {list(t.kinds)}")
+    in_metadata = [k for k in asked if k not in STEP_KINDS and t.kinds[k].shape == ()]
+    kinds = [k for k in asked if k not in in_metadata and (kinds is not None or k in STEP_KINDS)]
     rows = _selected_rows(t, rows, steps)
     token_ids = _token_ids(t, tokens)
+    _warn_left_behind(t, [k for k in asked if k not in kinds and k not in in_metadata])
 
     plan = {"recorded_steps": ("int64", (len(rows),), t.steps[rows].astype("<i8"))}
     for name in kinds:
@@ -97,7 +120,8 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
         size = int(np.prod(shape, dtype=np.int64)) * Kind((), dtype).numpy_dtype.itemsize
         header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt", "exported_by": f"wordystore {__version__}"}
+    header["__metadata__"] = {"format": "pt", "exported_by": f"wordystore {__version__}",
+                              **export_metadata(t, rows, token_ids, in_metadata)}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     data_start = 8 + len(blob)
@@ -110,7 +134,8 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
                 os.ftruncate(fd, data_start + offset)
                 os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
                 buffers = threading.local()  # one tile buffer per thread, reused
-                with _progress(offset, f"export {out.name}", progress) as bar, ThreadPoolExecutor(os.cpu_count()) as pool:
+                with _progress(offset, f"export {out.name}", progress, "B") as bar, \
+                        ThreadPoolExecutor(os.cpu_count()) as pool:
                     for name, (dtype, shape, source) in plan.items():
                         base = data_start + header[name]["data_offsets"][0]
                         if not isinstance(source, Kind):
@@ -125,6 +150,35 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def export_metadata(t: Trajectory, rows: np.ndarray, token_ids: np.ndarray | None, scalars: list[str]) -> dict[str, str]:
+    """The header's ``wordystore.*`` metadata: token sets (on the file's token axis), the config, and the
+    0-d kinds ``scalars`` at ``rows``."""
+    sets = t.token_sets
+    meta = {}
+    if token_ids is not None:  # a subset: each set's members among the exported tokens, as positions
+        sets = {name: np.flatnonzero(np.isin(token_ids, ids)) for name, ids in sets.items()}
+        meta[METADATA + "token_ids"] = json.dumps(token_ids.tolist())
+    meta[METADATA + "token_sets"] = json.dumps({name: ids.tolist() for name, ids in sets.items()})
+    meta[METADATA + "config"] = json.dumps(t.config)
+    # the values' bytes as stored: little-endian, the only byte order wordystore runs on (bfloat16.register)
+    meta[METADATA + "scalars"] = json.dumps({
+        name: {"dtype": t.kinds[name].dtype, "data": base64.b64encode(t[name].numpy(rows).tobytes()).decode()}
+        for name in scalars})
+    return meta
+
+
+def _warn_left_behind(t: Trajectory, kinds: list[str]) -> None:
+    """Name what the notebook's layout cannot hold and the export leaves behind."""
+    if kinds:
+        warnings.warn(RoundTripWarning(
+            f"kinds {kinds} are not in the notebook's layout and are not written; --kinds {','.join(kinds)} writes "
+            "them as extra tensors"), stacklevel=3)
+    if t.commit_record.states:
+        warnings.warn(RoundTripWarning(
+            "the run's resume state is not written: a store imported from this file cannot be resumed or extended"),
+            stacklevel=3)
 
 
 def _tiles(t: Trajectory, name: str, kind: Kind, rows: np.ndarray, token_ids) -> list[tuple]:
@@ -172,12 +226,17 @@ def _export_tile(fd: int, base: int, shape: tuple[int, ...], t: Trajectory, name
 def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress=True) -> Trajectory:
     """Convert a notebook-layout safetensors file into a trajectory.
 
-    Tiles of rows are read from the file with plain reads straight into encode buffers (no memory
-    map, so the file's pages never count against the process) and encoded on every core.
+    Token sets, config and scalar kinds that an export wrote into the header's metadata come back
+    (``token_masks``, the notebook's mask file, names the token sets instead). Tiles of rows are read
+    from the file with plain reads straight into encode buffers (no memory map, so the file's pages
+    never count against the process) and encoded on every core.
     """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected a .safetensors file in the notebook's layout "
+                         "(wordystore import FILE STORE: the file comes first)")
     try:
         f = safe_open(str(path), framework="np")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -205,14 +264,18 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
         scalars = {n: float(f.get_tensor(n)) for n in FLOAT_SCALARS}
         scalars.update({n: int(f.get_tensor(n)) for n in COUNT_SCALARS})
     header, data_start = _read_header(path)
-    sets = None
+    sets, config, extra = import_metadata(path, header.get("__metadata__") or {}, S, V)
     if token_masks is not None:
         sets = token_sets_from_mask_file(token_masks, V)
-    config = {"seed_scalars": scalars, "imported_from": str(path.resolve())}
+    config.update(seed_scalars=scalars, imported_from=str(path.resolve()))
+    kinds.update({name: Kind((), values.dtype.name, ()) for name, values in extra.items()})
     fd = os.open(path, os.O_RDONLY)
     try:
         def read_tile(name: str, fetch: tuple, out: np.ndarray) -> None:
             """Rows ``fetch[0]`` and a range of the first per-step axis (later axes whole) of ``name``."""
+            if name in extra:
+                out[...] = extra[name][fetch[0]]
+                return
             base = data_start + header[name]["data_offsets"][0]
             step_bytes = out[0].nbytes if out.ndim == 1 else out[0].nbytes // out.shape[1] * kinds[name].shape[0]
             skip = 0 if out.ndim == 1 else fetch[1].start * (out[0].nbytes // out.shape[1])
@@ -222,11 +285,57 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
                     raise ValueError(f"{path} is truncated: {name} row {row} is incomplete")
 
         with create_whole(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
-                _progress(S, f"import {path.name}", progress) as bar:
+                _progress(S, f"import {path.name}", progress, "row") as bar:
             w.bulk_append(steps, read_tile, progress=bar.update)
     finally:
         os.close(fd)
     return trajectory.open(store)
+
+
+def import_metadata(path: Path, meta: dict, rows: int, vocab: int) -> tuple[dict | None, dict, dict[str, np.ndarray]]:
+    """(token sets or None, config, {0-d kind: its ``rows`` values}) from a header's ``wordystore.*``
+    metadata, each checked: a file is anyone's, and what it says is validated before it is stored."""
+    def field(key: str, kind: type, expected: str):
+        try:
+            value = json.loads(meta[METADATA + key])
+        except (TypeError, json.JSONDecodeError):
+            value = None
+        if not isinstance(value, kind):
+            raise ValueError(f"{path}: header metadata '{METADATA + key}' is not {expected}")
+        return value
+
+    unknown = sorted(k for k in meta if k.startswith(METADATA) and k[len(METADATA):] not in
+                     ("token_sets", "token_ids", "config", "scalars"))
+    if unknown:
+        warnings.warn(RoundTripWarning(f"{path}: header metadata {unknown} is not known to wordystore {__version__}; "
+                                       "not imported"), stacklevel=3)
+    sets = None
+    if METADATA + "token_sets" in meta:
+        sets = field("token_sets", dict, "a JSON object of token sets")
+        for name, ids in sets.items():
+            if not (isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)):
+                raise ValueError(f"{path}: header metadata token set {name!r} is not a list of token positions in [0, {vocab})")
+        sets = {name: np.array(ids, np.int64) for name, ids in sets.items()}
+    config = field("config", dict, "a JSON object (the store's config)") if METADATA + "config" in meta else {}
+    if METADATA + "token_ids" in meta:
+        ids = field("token_ids", list, f"a list of {vocab} token ids")
+        if len(ids) != vocab or not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError(f"{path}: header metadata '{METADATA}token_ids' is not a list of {vocab} token ids")
+        config["token_ids"] = ids  # the vocabulary id of each token position: an export of a subset
+    extra = {}
+    for name, spec in (field("scalars", dict, "a JSON object of scalar kinds") if METADATA + "scalars" in meta else {}).items():
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if name in STEP_KINDS or dtype not in DTYPES:
+            raise ValueError(f"{path}: header metadata scalar kind {name!r} is not a 0-d kind of a known dtype")
+        try:
+            data = base64.b64decode(spec.get("data"), validate=True)
+        except (TypeError, ValueError):
+            data = None
+        values = Kind((), dtype).numpy_dtype
+        if data is None or len(data) != rows * values.itemsize:
+            raise ValueError(f"{path}: header metadata scalar kind {name!r} does not hold {rows} {dtype} values")
+        extra[name] = np.frombuffer(data, values)
+    return sets, config, extra
 
 
 def _read_header(path: Path) -> tuple[dict, int]:

@@ -26,6 +26,7 @@ from zarr.abc.store import Store
 
 from wordystore import format, indexing, reading
 from wordystore.errors import MissingExtraError, ReadOnlyError
+from wordystore.extras import install_hint
 from wordystore.kinds import Kind, numpy_to_torch
 from wordystore.storage import as_store, describe
 
@@ -332,5 +333,4 @@ def _optional(module: str, needs: str):
         return importlib.import_module(module)
     except ImportError:
         package = module.partition(".")[0]
-        raise MissingExtraError(f"{needs} needs {package}, which is not installed: install the 'analysis' extra "
-                                f"(pip install -e '.[analysis]' in a clone of wordystore) or pip install {package}") from None
+        raise MissingExtraError(f"{needs} needs {package}, which is not installed; {install_hint('analysis')}") from None

@@ -79,6 +79,22 @@ class VerifyReport:
             lines.append(self.note)
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """What ``wordystore verify --json`` prints: the outcome, each problem (rows [start, stop)), the repair."""
+        record = self.record.to_json() if self.record else None
+        return {
+            "store": self.store, "ok": self.ok, "exit_status": self.exit_status, "commit_record": record,
+            "verified_rows": self.verified_rows, "verified_steps": [int(self.steps[0]), int(self.steps[-1])]
+            if self.verified_rows else [], "chunks": self.chunks,
+            "problems": [{"where": p.where, "what": p.what, "rows": list(p.rows) if p.rows else None}
+                         for p in self.problems],
+            "repair": None if self.repair is None else {
+                "record": self.repair.record.to_json() if self.repair.record else None,
+                "rewritten": list(self.repair.rewritten), "backups": list(self.repair.backups),
+                "not_saved": list(self.repair.not_saved)},
+            "note": self.note,
+        }
+
     def _steps_of(self, rows: tuple[int, int] | None) -> str:
         steps = self.known_steps if self.known_steps is not None else self.steps
         if rows is None or rows[1] > len(steps) or np.any(steps[rows[0] : rows[1]] < 0):
