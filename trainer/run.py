@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -30,6 +31,9 @@ from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
 from trainer.model import build_model
 from trainer.recording import TrajectoryCallback, kinds_for
+
+
+EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
 
 class ProgressBar(TrainerCallback):
@@ -213,6 +217,12 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     if len(t) == 0 or saved[2] != int(t.steps[-1]):
         raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
                          f"{int(t.steps[-1]) if len(t) else None}")
+    restored, recorded = saved[0].get(EMBEDDING_STATE), t.embeddings[len(t) - 1]
+    if restored is None or restored.shape != recorded.shape or restored.dtype != recorded.dtype \
+            or not torch.equal(restored.view(torch.int16), recorded.view(torch.int16)):
+        raise ValueError(f"{out}: the saved state's embedding parameters are not the store's last embeddings row "
+                         f"(step {saved[2]}) bit for bit: the state is not this run's; `wordystore verify {out}` "
+                         "checks the store")
     return stored, inputs, t.config, saved
 
 

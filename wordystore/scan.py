@@ -204,7 +204,7 @@ class StoreScan:
     def read_layout(self, tier: str, name: str) -> format.ArrayLayout | None:
         path = self.expected_layout(tier, name, 0).path
         try:
-            layout = documents.read_layout(self.store, path)
+            layout = documents.read_layout(self.store, path, self.meta.binding)
             mismatch = format.layout_mismatch(layout, self.expected_layout(tier, name, 0))
         except (FormatError, KeyError, TypeError, ValueError) as exc:  # Key...: e.g. a damaged prediction
             self.problem(path, str(exc) if isinstance(exc, FormatError) else f"array '{path}': zarr.json is damaged ({exc!r})")
