@@ -96,7 +96,7 @@ class PCodec:
     """Array -> bytes: pcodec's standalone format (zarr name ``numcodecs.pcodec``).
 
     pcodec takes 16-, 32- and 64-bit numbers; bfloat16 chunks are passed as their uint16 bits
-    (the array's ``data_type`` is then ``uint16``: see docs/format.md, "bfloat16 as uint16").
+    (:class:`BFloat16Bits` before it in the chain; format 2 stored such arrays as ``uint16``).
     """
 
     level: int = 8
