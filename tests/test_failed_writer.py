@@ -23,6 +23,16 @@ def row(step: int) -> dict:
     return {"emb": np.full((6, 2), step, ml_dtypes.bfloat16), "loss": float(step)}
 
 
+def started(path, rows: int, flush: bool = False) -> wordystore.TrajectoryWriter:
+    """A writer of a new store, given steps ``0 .. rows-1`` (committed, with ``flush``)."""
+    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
+    for step in range(rows):
+        w.append(step, **row(step))
+    if flush:
+        w.flush()
+    return w
+
+
 def obstruct(path, key: str):
     """A regular file where the writer needs the directory ``key``."""
     target = path / key
@@ -59,10 +69,7 @@ def resume_and_finish(path, obstacle, committed: int) -> None:
 
 def test_a_failed_block_write_surfaced_by_append_releases_the_lock(tmp_path):
     path = tmp_path / "t.zarr"
-    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
-    for step in range(2):
-        w.append(step, **row(step))
-    w.flush()
+    w = started(path, 2, flush=True)
     obstacle = obstruct(path, "hot/emb/c/1")  # the block of rows 2..3
     append_until_failure(w, 2)
     resume_and_finish(path, obstacle, 2)
@@ -72,31 +79,19 @@ def test_a_failed_block_write_surfaced_by_append_releases_the_lock(tmp_path):
         w.close()
 
 
-def test_a_failed_flush_releases_the_lock(tmp_path):
+@pytest.mark.parametrize("surfaced_by", ["flush", "close"])
+def test_a_failed_block_write_surfaced_by_flush_or_close_releases_the_lock(tmp_path, surfaced_by):
     path = tmp_path / "t.zarr"
-    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
-    for step in range(3):
-        w.append(step, **row(step))
-    obstacle = obstruct(path, "hot/emb/c/1")
-    with pytest.raises(wordystore.WriterFailedError, match="background writer"):
-        w.flush()
-    resume_and_finish(path, obstacle, 2)
-
-
-def test_a_failed_close_releases_the_lock(tmp_path):
-    path = tmp_path / "t.zarr"
-    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
-    for step in range(3):
-        w.append(step, **row(step))
+    w = started(path, 3)
     obstacle = obstruct(path, "hot/emb/c/1")
     with pytest.raises(wordystore.WriterFailedError, match="2 rows are committed"):
-        w.close()
+        getattr(w, surfaced_by)()
     resume_and_finish(path, obstacle, 2)
 
 
 def test_a_failed_compaction_surfaced_by_append_releases_the_lock(tmp_path):
     path = tmp_path / "t.zarr"
-    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
+    w = started(path, 0)
     obstacle = obstruct(path, "emb/c/1")  # the main shard of rows 4..7
     failed_at = append_until_failure(w, 0)
     assert failed_at > CHUNK  # the rows before were committed; the compaction of 4..7 failed
@@ -107,10 +102,7 @@ def test_a_failed_compaction_surfaced_by_append_releases_the_lock(tmp_path):
 
 def test_a_failed_final_compaction_in_close_releases_the_lock(tmp_path):
     path = tmp_path / "t.zarr"
-    w = wordystore.create(path, KINDS, block_rows=BLOCK, chunk_rows=CHUNK)
-    for step in range(6):
-        w.append(step, **row(step))
-    w.flush()
+    w = started(path, 6, flush=True)
     obstacle = obstruct(path, "emb/c/1")
     with pytest.raises(wordystore.WriterFailedError, match="6 rows are committed"):
         w.close()
