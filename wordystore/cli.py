@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_stitch)
 
-    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 store in today's format")
+    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 or -2 store in today's format")
     p.add_argument("store")
     p.add_argument("out", help="the trajectory to create")
     p.add_argument("--profile", choices=PROFILES, default="compact",
