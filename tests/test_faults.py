@@ -92,7 +92,7 @@ KILL_POINTS: dict[str, Callable] = {  # what the writer was doing when killed ->
     "append: deleting an old resume state": lambda log: census_index(log, op="delete", key=r"^state/"),
     "append: midway": lambda log: [n for n, *_, p in log if p == "append"][len([1 for *_, p in log if p == "append"]) // 2],
     "compaction: the first main shard": lambda log: census_index(log, key=MAIN_SHARD),
-    "compaction: a predicted moment's shard": lambda log: census_index(log, key=r"^momentum/c/"),
+    "compaction: a predicted moment's shard": lambda log: census_index(log, key=r"^momentum\.residuals/c/"),
     "compaction: the main tier's zarr.json": lambda log: census_index(log, key=r"^recorded_steps/zarr\.json$", phase="append"),
     "compaction: its commit": lambda log: census_index(log, key=r"^commit\.json$", after=census_index(
         log, key=r"^recorded_steps/zarr\.json$", phase="append")),
@@ -237,9 +237,9 @@ CORRUPTIONS = {
     "main wide: second inner chunk flipped": Corruption("wide/c/0/0/0", in_chunk(1), "'wide", MAIN0),
     "main wide: first inner chunk flipped": Corruption("wide/c/1/0/0", in_chunk(0), "'wide", MAIN1),
     "main wide: inner chunk missing from a valid index": Corruption("wide/c/1/0/0", drop_chunk(1), "missing chunk.*'wide", MAIN1),
-    "main momentum (predicted): flipped": Corruption("momentum/c/1/0/0", flip(5), "'momentum", MAIN1),
-    "main momentum (predicted): truncated": Corruption("momentum/c/0/0/0", truncate(20), "'momentum", MAIN0),
-    "main momentum (predicted): deleted": Corruption("momentum/c/1/0/0", delete, "'momentum", MAIN1),
+    "main momentum (predicted): flipped": Corruption("momentum.residuals/c/1/0/0", flip(5), "'momentum", MAIN1),
+    "main momentum (predicted): truncated": Corruption("momentum.residuals/c/0/0/0", truncate(20), "'momentum", MAIN0),
+    "main momentum (predicted): deleted": Corruption("momentum.residuals/c/1/0/0", delete, "'momentum", MAIN1),
     "main grads: flipped": Corruption("grads/c/1/0/0", flip(8), "'grads", MAIN1),
     "main grads: last byte cut": Corruption("grads/c/0/0/0", truncate(-1), "'grads", MAIN0),
     "main loss (scalar): flipped": Corruption("loss/c/0", flip(5), "'loss", MAIN0),
@@ -298,9 +298,9 @@ CORRUPTIONS = {
     "zarr.json (root): not JSON": Corruption("zarr.json", truncate(100), r"zarr\.json is not valid JSON", None, False),
     "zarr.json (root): a kind's shape edited": Corruption(
         "zarr.json", edit(lambda d: d["attributes"]["wordystore"]["kinds"]["emb"].update(shape=[12, 2])),
-        r"'emb'.*shape per row", None, False),
+        r"kinds: kinds disagree on the length of the token axis: \[6, 12\]", None, False),
     "zarr.json (root): format version edited": Corruption(
-        "zarr.json", edit(lambda d: d["attributes"]["wordystore"].update(format_version=3)), "format version 3", None, False),
+        "zarr.json", edit(lambda d: d["attributes"]["wordystore"].update(format_version=4)), "format version 4", None, False),
     # resume states: safetensors files (a repair drops a damaged one from the record; the file stays)
     "state: header length flipped": Corruption("state/000000000009.safetensors", flip(0), "state/000000000009", ROWS, drops_state=True),
     "state: header JSON flipped": Corruption("state/000000000009.safetensors", flip(8), "state/000000000009", ROWS, drops_state=True),

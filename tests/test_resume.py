@@ -102,6 +102,32 @@ def test_resume_refuses_other_parameters_and_changed_inputs(tmp_path):
         run.resume(path)
 
 
+def test_resume_refuses_a_state_whose_embeddings_are_not_the_last_row(tmp_path):
+    """A state that passes its checksum (rewritten as a writer writes one) but is not of the run's
+    last row: resume and extend refuse it rather than go on from other parameters."""
+    import json
+
+    import torch
+
+    from wordystore.resume_state import ResumeState
+
+    path = tmp_path / "s.zarr"
+    run.train(path, RunConfig(steps=3, **SMALL), progress=False)
+    tensors, info, step = wordystore.load_state(path)
+    tensors[run.EMBEDDING_STATE].view(torch.int16)[5, 0] ^= 1  # one bit of one token's embedding
+    record = json.loads((path / "commit.json").read_text())
+    entry = record["states"][-1]
+    state = ResumeState(entry["row"], step, tensors, info)
+    data = state.encode()
+    (path / entry["key"]).write_bytes(data)
+    record["states"][-1] = state.entry(data)
+    (path / "commit.json").write_text(json.dumps(record))
+    assert torch.equal(wordystore.load_state(path)[0][run.EMBEDDING_STATE], tensors[run.EMBEDDING_STATE])
+    with pytest.raises(ValueError, match=r"the saved state's embedding parameters are not the store's last embeddings "
+                                         r"row \(step 3\) bit for bit"):
+        run.extend(path, 5, "hold", progress=False)
+
+
 def test_extend_to_records_the_seam_and_holds_the_last_learning_rate(uninterrupted, tmp_path):
     path = tmp_path / "ext.zarr"
     shutil.copytree(uninterrupted, path)

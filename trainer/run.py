@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -30,6 +31,9 @@ from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
 from trainer.model import build_model
 from trainer.recording import TrajectoryCallback, kinds_for
+
+
+EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
 
 class ProgressBar(TrainerCallback):
@@ -223,11 +227,18 @@ def _saved_state(out, t: wordystore.Trajectory) -> tuple[dict, dict, int]:
         raise ValueError(f"{out} was imported from {t.config['imported_from']}: a run's saved training state does not "
                          "travel through the notebook's layout, so it cannot go on; train it again to extend it")
     if saved is None:
-        raise ValueError(f"{out} holds no saved training state (written by stitch or convert, or by a wordystore "
-                         "from before resume states); cannot go on")
+        raise ValueError(f"{out} holds no saved training state (written by stitch, converted from a store whose "
+                         "newest state was not its last row's, or by a wordystore from before resume states); "
+                         "cannot go on")
     if saved[2] != int(t.steps[-1]):
         raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
                          f"{int(t.steps[-1])}")
+    restored, recorded = saved[0].get(EMBEDDING_STATE), t.embeddings[len(t) - 1]
+    if restored is None or restored.shape != recorded.shape or restored.dtype != recorded.dtype \
+            or not torch.equal(restored.view(torch.int16), recorded.view(torch.int16)):
+        raise ValueError(f"{out}: the saved state's embedding parameters are not the store's last embeddings row "
+                         f"(step {saved[2]}) bit for bit: the state is not this run's; `wordystore verify {out}` "
+                         "checks the store")
     return saved
 
 

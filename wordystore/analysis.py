@@ -420,13 +420,14 @@ def _cached(t: Trajectory, name: str, args: dict, compute: Callable, result_type
     computed over as many rows as ``t`` has (rows are only ever appended, never changed). A store
     that cannot be written (read-only, remote without credentials) simply is not cached into."""
     key = f"{CACHE_PREFIX}/{name}-{_digest(json.dumps(args, sort_keys=True))}.json"
-    try:
+    try:  # a damaged or foreign cache entry is recomputed and replaced
         document = documents.read_json(t.store, key)
-    except FormatError:  # a damaged cache entry is recomputed and replaced
-        document = None
-    if document is not None and document.get("version") == CACHE_VERSION and document.get("rows") == len(t):
-        result = _decode(document["result"])
-        return result_type(**result) if result_type is not dict else result
+        if isinstance(document, dict) and document.get("version") == CACHE_VERSION and document.get("rows") == len(t):
+            result = _decode(document["result"])
+            if isinstance(result, dict):
+                return result_type(**result) if result_type is not dict else result
+    except (FormatError, KeyError, TypeError, ValueError):
+        pass
     result = compute()
     document = {"version": CACHE_VERSION, "rows": len(t), "args": args,
                 "result": _encode(asdict(result) if result_type is not dict else result)}
@@ -448,8 +449,12 @@ def _encode(value):
 
 
 def _decode(value):
+    """:func:`_encode` undone; a cache entry is a store's document: only numbers come out of it."""
     if isinstance(value, dict) and set(value) == {"ndarray", "dtype"}:
-        return np.array(value["ndarray"], dtype=np.dtype(value["dtype"]))
+        dtype = np.dtype(value["dtype"])
+        if dtype.kind not in "biuf" or dtype.itemsize > 8:
+            raise ValueError(f"a cached array of dtype {dtype} is not one an analysis writes")
+        return np.array(value["ndarray"], dtype=dtype)
     if isinstance(value, dict):
         return {k: _decode(v) for k, v in value.items()}
     return value

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(p)
     p.set_defaults(func=cmd_stitch)
 
-    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 store in today's format",
+    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 or -2 store in today's format",
                        epilog=examples("wordystore convert runs/wb1b.zarr runs/wb1b-portable.zarr --profile portable"))
     _store(p, "the trajectory to rewrite")
     p.add_argument("out", help="the trajectory to create")

@@ -1,16 +1,19 @@
-"""The zarr v3 codecs a wordystore array uses, as small typed classes.
+"""The zarr v3 codecs a wordystore array uses, as small typed classes, and the shard container.
 
 Each class knows its zarr v3 JSON (``to_dict``/``from_dict``, the names and configuration keys
 zarr-python, tensorstore and zarrs write) and how to run itself on numpy data. A
 :class:`ChunkCodecs` chain encodes one inner chunk to bytes and decodes bytes straight into a
-caller's buffer; :func:`encode_shard` and :class:`ShardIndex` implement zarr's ``sharding_indexed``
-container (index at the end, ``bytes`` + ``crc32c`` index codecs).
+caller's buffer; :func:`encode_shard` and :class:`ShardTail` implement zarr's ``sharding_indexed``
+container (index at the end, ``bytes`` + ``crc32c`` index codecs) with, from format 3, a
+:class:`BindingRecord` before the index that binds the shard to its store and key (docs/format.md,
+"Binding"): zarr readers fetch the index and the chunks it lists, and never read the record.
 
 Only the codecs below are understood; a store naming any other is refused with a clear error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ import crc32c as _crc32c
 import numcodecs
 import numpy as np
 
+from wordystore.bfloat16 import BITS_CODEC, NUMPY_BFLOAT16
 from wordystore.errors import CorruptChunkError, FormatError
 
 EMPTY = 2**64 - 1  # a shard index entry (offset, nbytes) of an absent inner chunk: both all ones
@@ -45,6 +49,29 @@ class Transpose:
 
 
 @dataclass(frozen=True)
+class BFloat16Bits:
+    """Array -> array: a bfloat16 chunk as its uint16 bits (zarr name ``wordystore.bf16_bits``), so
+    that pcodec, which takes no bfloat16, compresses it while the array keeps the ``bfloat16`` data
+    type. ``import wordystore`` registers the same codec with zarr-python
+    (:mod:`wordystore.bfloat16`); a zarr reader without it fails on the unknown codec instead of
+    returning bits."""
+
+    def to_dict(self) -> dict:
+        return {"name": BITS_CODEC}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BFloat16Bits":
+        return cls()
+
+    @staticmethod
+    def bits(chunk: np.ndarray) -> np.ndarray:
+        """The uint16 view a bfloat16 chunk is encoded (and decoded) as."""
+        if chunk.dtype != NUMPY_BFLOAT16:
+            raise FormatError(f"{BITS_CODEC} applies to bfloat16 arrays only, not {chunk.dtype}")
+        return chunk.view(np.uint16)
+
+
+@dataclass(frozen=True)
 class Bytes:
     """Array -> bytes: the raw little-endian bytes of the chunk in C order."""
 
@@ -69,7 +96,7 @@ class PCodec:
     """Array -> bytes: pcodec's standalone format (zarr name ``numcodecs.pcodec``).
 
     pcodec takes 16-, 32- and 64-bit numbers; bfloat16 chunks are passed as their uint16 bits
-    (the array's ``data_type`` is then ``uint16``: see docs/format.md, "bfloat16 as uint16").
+    (:class:`BFloat16Bits` before it in the chain; format 2 stored such arrays as ``uint16``).
     """
 
     level: int = 8
@@ -152,40 +179,43 @@ class Crc32c:
         return data[:-4]
 
 
-ARRAY_TO_ARRAY = {"transpose": Transpose}
+ARRAY_TO_ARRAY = {"transpose": Transpose, BITS_CODEC: BFloat16Bits}
 ARRAY_TO_BYTES = {"bytes": Bytes, "numcodecs.pcodec": PCodec}
 BYTES_TO_BYTES = {"blosc": Blosc, "crc32c": Crc32c}
 
 
 @dataclass(frozen=True)
 class ChunkCodecs:
-    """The codec chain of one inner chunk: an optional transpose, a serializer, byte codecs."""
+    """The codec chain of one inner chunk: an optional transpose, optionally bfloat16 as its bits,
+    a serializer, byte codecs."""
 
     transpose: Transpose | None
     serializer: Bytes | PCodec
     compressors: tuple[Blosc | Crc32c, ...]
+    bits: BFloat16Bits | None = None
 
     def to_list(self) -> list[dict]:
-        first = [self.transpose.to_dict()] if self.transpose else []
+        first = [c.to_dict() for c in (self.transpose, self.bits) if c]
         return first + [self.serializer.to_dict()] + [c.to_dict() for c in self.compressors]
 
     @classmethod
     def from_list(cls, codecs: list[dict]) -> "ChunkCodecs":
+        if not isinstance(codecs, list) or not all(isinstance(c, dict) for c in codecs):
+            raise FormatError(f"a codec chain is a list of codecs, not {codecs!r}")
         names = [c.get("name") for c in codecs]
         known = {**ARRAY_TO_ARRAY, **ARRAY_TO_BYTES, **BYTES_TO_BYTES}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise FormatError(f"codecs {unknown} are not among wordystore's {sorted(known)}")
-        transpose = None
         rest = list(codecs)
-        if rest and rest[0]["name"] in ARRAY_TO_ARRAY:
-            transpose = Transpose.from_dict(rest.pop(0))
+        transpose = Transpose.from_dict(rest.pop(0)) if rest and rest[0]["name"] == "transpose" else None
+        bits = BFloat16Bits.from_dict(rest.pop(0)) if rest and rest[0]["name"] == BITS_CODEC else None
         if not rest or rest[0]["name"] not in ARRAY_TO_BYTES:
-            raise FormatError(f"codec chain {names} lacks a serializer (bytes or numcodecs.pcodec)")
+            raise FormatError(f"codec chain {names} is not [transpose?, {BITS_CODEC}?, serializer, byte codecs...]")
         serializer = ARRAY_TO_BYTES[rest[0]["name"]].from_dict(rest.pop(0))
         if any(c["name"] not in BYTES_TO_BYTES for c in rest):
             raise FormatError(f"codec chain {names}: only bytes-to-bytes codecs may follow the serializer")
-        return cls(transpose, serializer, tuple(BYTES_TO_BYTES[c["name"]].from_dict(c) for c in rest))
+        return cls(transpose, serializer, tuple(BYTES_TO_BYTES[c["name"]].from_dict(c) for c in rest), bits)
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the chunk as serialized (after the transpose)."""
@@ -194,6 +224,8 @@ class ChunkCodecs:
     def encode(self, chunk: np.ndarray) -> bytes:
         if self.transpose:
             chunk = chunk.transpose(self.transpose.order)
+        if self.bits:
+            chunk = self.bits.bits(chunk)
         data = self.serializer.encode(chunk)
         for codec in self.compressors:
             data = codec.encode(data)
@@ -212,8 +244,69 @@ class ChunkCodecs:
         else:
             for codec in reversed(compressors):
                 data = codec.decode(data)
-            self.serializer.decode_into(data, stored)
+            self.serializer.decode_into(data, self.bits.bits(stored) if self.bits else stored)
         return self.transpose.to_logical(stored) if self.transpose else stored
+
+
+def chunk_checksum(chunk) -> int:
+    """The checksum a binding record lists for an encoded inner chunk: the CRC-32C of its bytes but
+    the last four, which every wordystore chunk ends with (its ``crc32c`` codec's), so a reader
+    compares those four bytes (the CRC-32C of a chunk *with* its own CRC appended is one constant
+    for every chunk, and would bind nothing)."""
+    return struct.unpack("<I", bytes(chunk[-4:]))[0] if len(chunk) >= 4 else _crc32c.crc32c(bytes(chunk))
+
+
+@dataclass(frozen=True)
+class BindingRecord:
+    """What binds a format-3 shard to its place (docs/format.md, "Binding"): stored just before the
+    shard's index, where no zarr reader looks (the index lists every chunk's bytes). Little endian::
+
+        magic       8 bytes   b"WYSTBIND"
+        place       16 bytes  SHA-256(store_id, 0x00, shard key)[:16], both UTF-8
+        rows        u64       rows of the shard holding written data, from its first row
+        checksums   u32 each  per inner chunk (the index's order): chunk_checksum(), 0 if absent
+        crc32c      u32       of all the bytes above
+    """
+
+    place: bytes
+    rows: int
+    checksums: tuple[int, ...]
+
+    MAGIC = b"WYSTBIND"
+
+    @staticmethod
+    def nbytes(n_chunks: int) -> int:
+        return 36 + 4 * n_chunks
+
+    def encode(self) -> bytes:
+        body = self.MAGIC + self.place + struct.pack(f"<Q{len(self.checksums)}I", self.rows, *self.checksums)
+        return Crc32c().encode(body)
+
+    @classmethod
+    def decode(cls, data, n_chunks: int) -> "BindingRecord":
+        """The record from its :meth:`nbytes` bytes; CorruptChunkError if they are not one."""
+        if len(data) != cls.nbytes(n_chunks) or bytes(data[:8]) != cls.MAGIC:
+            raise CorruptChunkError("it has no binding record (a format-3 shard has one before its index)")
+        try:
+            body = Crc32c().decode(data)
+        except CorruptChunkError:
+            raise CorruptChunkError("its binding record fails its crc32c checksum") from None
+        rows, *checksums = struct.unpack(f"<Q{n_chunks}I", body[24:])
+        return cls(bytes(body[8:24]), rows, tuple(checksums))
+
+
+@dataclass(frozen=True)
+class ShardBinding:
+    """The store a format-3 shard belongs to (its ``store_id``): where each shard key's
+    :class:`BindingRecord` comes from."""
+
+    store_id: str
+
+    def place(self, key: str) -> bytes:
+        return hashlib.sha256(f"{self.store_id}\0{key}".encode()).digest()[:16]
+
+    def record(self, key: str, rows: int, chunks: list) -> BindingRecord:
+        return BindingRecord(self.place(key), rows, tuple(0 if c is None else chunk_checksum(c) for c in chunks))
 
 
 @dataclass(frozen=True)
@@ -255,12 +348,60 @@ class ShardIndex:
         return None if offset == EMPTY else (offset, offset + nbytes)
 
 
-def encode_shard(chunks: list[bytes | None]) -> bytes:
+@dataclass(frozen=True)
+class ShardTail:
+    """The end of a shard, which a reader fetches first: the :class:`ShardIndex` and, in a bound
+    (format-3) shard, the :class:`BindingRecord` before it, checked against the shard's key."""
+
+    index: ShardIndex
+    record: BindingRecord | None
+
+    @staticmethod
+    def nbytes(n_chunks: int, bound: bool) -> int:
+        return ShardIndex.nbytes(n_chunks) + (BindingRecord.nbytes(n_chunks) if bound else 0)
+
+    @classmethod
+    def decode(cls, tail, n_chunks: int, binding: ShardBinding | None, key: str) -> "ShardTail":
+        """The tail of the shard at ``key`` (its last :meth:`nbytes` bytes); CorruptChunkError if
+        they do not check, or bind the shard to another place (another key or store)."""
+        index_bytes = ShardIndex.nbytes(n_chunks)
+        if len(tail) != cls.nbytes(n_chunks, binding is not None):
+            raise CorruptChunkError(f"shard is {len(tail)} bytes, less than its index"
+                                    f"{' and binding record' if binding else ''} ({cls.nbytes(n_chunks, binding is not None)})")
+        try:
+            index = ShardIndex.decode(tail[-index_bytes:], n_chunks)
+        except CorruptChunkError as exc:
+            raise CorruptChunkError(f"its shard index is damaged ({exc})") from None
+        if binding is None:
+            return cls(index, None)
+        record = BindingRecord.decode(tail[:-index_bytes], n_chunks)
+        if record.place != binding.place(key):
+            raise CorruptChunkError("its binding record names another place: these are the bytes of another "
+                                    "shard (of another array, rows or tokens, or of another store) copied here")
+        return cls(index, record)
+
+    def check_rows(self, rows: int) -> None:
+        """The shard holds written data for its first ``rows`` rows (a bound shard says how many)."""
+        if self.record is not None and rows > self.record.rows:
+            raise CorruptChunkError(f"it holds {self.record.rows} written rows but {rows} are read from it: "
+                                    "an older copy of the shard?")
+
+    def check_chunk(self, i: int, chunk) -> None:
+        """Inner chunk ``i``'s bytes are the ones bound to its place in the shard."""
+        if self.record is not None and chunk_checksum(chunk) != self.record.checksums[i]:
+            raise CorruptChunkError(f"inner chunk {i} is not the chunk bound to that place in its shard "
+                                    "(chunks swapped or copied inside it?)")
+
+
+def encode_shard(chunks: list[bytes | None], binding: ShardBinding | None = None, key: str = "",
+                 rows: int = 0) -> bytes:
     """A ``sharding_indexed`` shard: the inner chunks (C order of the shard's chunk grid; None for
-    an absent one), then their :class:`ShardIndex`."""
+    an absent one), then, with a ``binding``, the :class:`BindingRecord` of the shard at ``key``
+    whose first ``rows`` rows hold data, then their :class:`ShardIndex`."""
     present = [data for data in chunks if data is not None]
     index = ShardIndex.of_sizes([None if data is None else len(data) for data in chunks])
-    return b"".join(present) + index.encode()
+    record = binding.record(key, rows, chunks).encode() if binding is not None else b""
+    return b"".join(present) + record + index.encode()
 
 
 # The raw (offset, nbytes) table, for tools that patch a shard's bytes (tests/test_faults.py).

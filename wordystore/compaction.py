@@ -30,18 +30,18 @@ def block_shards(layout: ArrayLayout, first_row: int) -> list[tuple[int, ...]]:
 def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], block: np.ndarray) -> bytes:
     """One hot shard's bytes from its block's rows (``block``: every row of the block, whole)."""
     region = layout.shard_region(coords)
-    return layout.encode_shard(block[(slice(None), *region[1:])])
+    return layout.encode_shard(coords, block[(slice(None), *region[1:])])
 
 
-def encode_main_shard(layout: ArrayLayout, data: np.ndarray, grads: np.ndarray | None = None,
+def encode_main_shard(layout: ArrayLayout, coords: tuple[int, ...], data: np.ndarray, grads: np.ndarray | None = None,
                       norms: np.ndarray | None = None) -> bytes:
-    """One main shard's bytes from its region's rows (from a chunk's first row). A predicted moment
-    is stored as residuals, counted from that first row, against the same rows' ``grads`` and
-    gradient ``norms``."""
+    """Main shard ``coords``'s bytes from its region's rows (from a chunk's first row). A predicted
+    moment is stored as residuals, counted from that first row, against the same rows' ``grads``
+    and gradient ``norms``."""
     prediction = layout.prediction
     if prediction is not None:
         data = prediction.residuals(data, grads, norms)
-    return layout.encode_shard(data)
+    return layout.encode_shard(coords, data)
 
 
 def hot_shards_compacted(hot: ArrayLayout, start: int, stop: int) -> list[str]:
@@ -85,5 +85,5 @@ def _write_main_shard(store, layout: ArrayLayout, kind: Kind, read_tile: TileRea
         read_tile(prediction.grads, fetch, grads)
         read_tile(prediction.grad_norm, fetch[:1], norms)
     key = layout.shard_key(coords)
-    storage.put(store, key, encode_main_shard(layout, data, grads, norms))
+    storage.put(store, key, encode_main_shard(layout, coords, data, grads, norms))
     return key

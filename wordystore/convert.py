@@ -1,8 +1,10 @@
-"""``wordystore convert``: rewrite a trajectory in another profile, or a format-1 store in today's
-format, bit for bit.
+"""``wordystore convert``: rewrite a trajectory in another profile, or a format-1 or format-2 store
+in today's format (3), bit for bit.
 
 Every row is read once and encoded straight into the new store's main tier, a chunk of rows and a
-shard at a time on every core, so memory stays at a few shards whatever the store's size.
+shard at a time on every core, so memory stays at a few shards whatever the store's size. The
+newest resume state goes along when it is the last row's (a run converted mid-way goes on with
+``--resume``); older states do not.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import numpy as np
 from wordystore import documents, format, storage
 from wordystore.errors import FormatError
 from wordystore.kinds import Kind
-from wordystore.trajectory import Trajectory, open as open_trajectory
 from wordystore.lifecycle import create_whole
+from wordystore.resume_state import ResumeState, load_state
+from wordystore.trajectory import Trajectory, open as open_trajectory
 
 
 class FormatOneStore:
@@ -27,10 +30,14 @@ class FormatOneStore:
         meta = group.attrs[format.ATTRS_KEY]
         commit = documents.read_json(self.store, format.COMMIT_KEY) or {"committed_steps": 0}
         self.rows = int(commit["committed_steps"])
+        if not 0 <= self.rows <= format.MAX_ROWS:
+            raise FormatError(f"{storage.describe(self.store)}: committed_steps {self.rows} is not a count of rows")
         self.kinds = {name: Kind.from_json(spec) for name, spec in meta["kinds"].items()}
+        format.check_kinds(self.kinds)
         self.config = meta["config"]
-        self.token_sets = {name: group[format.token_set_path(name)][:] for name in meta["token_sets"]}
-        self.predictions = {}
+        self.token_sets = {format.check_kind_name(name, "token set"): group[format.token_set_path(name)][:]
+                           for name in meta["token_sets"]}
+        self.predictions, self.state = {}, None
         self._arrays = {name: group[name] for name in self.kinds}
         self.steps = group[format.STEPS_ARRAY][: self.rows] if self.rows else np.zeros(0, np.int64)
 
@@ -39,12 +46,17 @@ class FormatOneStore:
 
 
 class TrajectorySource:
-    """A format-2 trajectory as a source of tiles."""
+    """A trajectory of format 2 or 3 as a source of tiles, and of its last row's resume state."""
 
     def __init__(self, t: Trajectory):
         self.kinds, self.config, self.token_sets, self.steps = t.kinds, t.config, t.token_sets, t.steps
         self.predictions = t.predictions
         self.read_tile = t.read_into
+        states = t.commit_record.states
+        self.state = None
+        if states and states[-1]["row"] == len(t) - 1:
+            tensors, info, step = load_state(t.store)
+            self.state = ResumeState(len(t) - 1, step, tensors, info)
 
 
 def open_source(where):
@@ -59,7 +71,7 @@ def open_source(where):
 
 def convert(source, out, *, profile: str = "compact", predictions=None, overwrite: bool = False,
             progress: bool = True) -> Trajectory:
-    """Write the trajectory at ``source`` (format 1 or 2, any profile) to ``out`` in ``profile``.
+    """Write the trajectory at ``source`` (format 1, 2 or 3, any profile) to ``out`` in ``profile``.
     ``predictions`` (see :func:`wordystore.adam_predictions`) default to the source's.
 
     >>> wordystore.convert("runs/wb1b.zarr", "runs/wb1b-portable.zarr", profile="portable")
@@ -74,4 +86,6 @@ def convert(source, out, *, profile: str = "compact", predictions=None, overwrit
                       predictions=predictions, overwrite=overwrite) as w, \
             tqdm(total=len(src.steps), desc="convert", unit="row", disable=not progress) as bar:
         w.bulk_append(src.steps, src.read_tile, progress=bar.update)
+        if src.state is not None:
+            w.keep_state(src.state)
     return open_trajectory(out)

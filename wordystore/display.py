@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from wordystore import documents, storage
 from wordystore.errors import FormatError
-from wordystore.format import TIERS, VERIFIED_KEY, array_path
+from wordystore.format import TIERS, VERIFIED_KEY
 from wordystore.storage import describe
 
 if TYPE_CHECKING:  # display is the trajectory's presentation: trajectory.py imports it, not the reverse
@@ -32,7 +32,7 @@ def stored_bytes(t: Trajectory, prefix: str = "") -> int:
 
 def kind_bytes(t: Trajectory, name: str) -> tuple[int, int]:
     """(bytes on disk in both tiers, raw bytes of the committed rows) of one kind."""
-    disk = sum(stored_bytes(t, f"{array_path(name, tier)}/") for tier in TIERS)
+    disk = sum(stored_bytes(t, f"{layout.path}/") for layout in t.layouts[name])
     return disk, len(t) * t.kinds[name].step_nbytes
 
 

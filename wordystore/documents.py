@@ -1,7 +1,8 @@
 """The store's JSON documents, read and written over :mod:`wordystore.storage`: the metadata (in the
 root ``zarr.json``), the commit record, each array's and group's ``zarr.json``, and any other JSON
 key (``verified.json``, the analysis cache). The documents' contents are :mod:`wordystore.format`'s;
-this module only moves them, naming the key of a document that does not parse.
+this module only moves them, naming the key of a document that does not parse. No document is read
+past ``format.MAX_DOCUMENT_BYTES``.
 """
 
 from __future__ import annotations
@@ -9,18 +10,20 @@ from __future__ import annotations
 import json
 
 from wordystore import storage
+from wordystore.codecs import ShardBinding
 from wordystore.errors import FormatError
 from wordystore.format import (
     COMMIT_KEY,
     GROUP_JSON,
-    TIERS,
+    MAX_DOCUMENT_BYTES,
+    MAX_ROWS,
     ArrayLayout,
     CommitRecord,
     Metadata,
-    array_path,
     document_key,
     is_token_set_layout,
     token_set_path,
+    vocab_size,
 )
 
 
@@ -32,13 +35,13 @@ def loads(data: bytes, key: str):
     """Parse a JSON document; a damaged one is a FormatError naming its key."""
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{key} is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: JSON's, and huge integers
+        raise FormatError(f"{key} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def read_json(store, key: str):
     """A JSON document of the store; None when the key is absent."""
-    data = storage.get(store, key)
+    data = storage.get(store, key, limit=MAX_DOCUMENT_BYTES)
     return None if data is None else loads(data, f"{storage.describe(store)}/{key}")
 
 
@@ -83,24 +86,31 @@ def write_commit(store, record: CommitRecord, durable: bool = False) -> None:
     write_json(store, COMMIT_KEY, record.to_json(), durable)
 
 
-def read_layout(store, path: str) -> ArrayLayout:
+def read_layout(store, path: str, binding: ShardBinding | None = None) -> ArrayLayout:
+    """The layout in the ``zarr.json`` of the array at ``path``, its shards bound by ``binding``."""
     doc = read_json(store, document_key(path))
     if doc is None:
         raise FormatError(f"{storage.describe(store)}: array '{path}' is missing (no {path}/zarr.json)")
-    return ArrayLayout.from_zarr_json(path, doc)
+    return ArrayLayout.from_zarr_json(path, doc, binding)
 
 
 def read_layouts(store, meta: Metadata) -> dict[str, tuple[ArrayLayout, ArrayLayout]]:
-    """The (main, hot) layouts of every per-row array the metadata names."""
-    return {name: tuple(read_layout(store, array_path(name, tier)) for tier in TIERS) for name in meta.arrays()}
+    """The (main, hot) layouts of every per-row array the metadata names, where it puts them."""
+    return {name: tuple(read_layout(store, expected.path, meta.binding) for expected in meta.layouts(name))
+            for name in meta.arrays()}
 
 
-def read_token_set_layout(store, name: str) -> ArrayLayout:
-    """The layout of ``token_sets/<name>``, refused unless it is exactly a token set's."""
-    layout = read_layout(store, token_set_path(name))
-    if not is_token_set_layout(layout, name):
+def read_token_set_layout(store, meta: Metadata, name: str) -> ArrayLayout:
+    """The layout of token set ``name`` (one the metadata lists), refused unless it is exactly a
+    token set's of at most as many ids as the token axis is long."""
+    if name not in meta.token_sets:
+        raise KeyError(f"no token set {name!r}; this trajectory has {list(meta.token_sets)}")
+    layout = read_layout(store, token_set_path(name), meta.binding)
+    vocab = vocab_size(meta.kinds)
+    if not is_token_set_layout(layout, name) or layout.shape[0] > (MAX_ROWS if vocab is None else vocab):
         raise FormatError(f"{storage.describe(store)}: array '{layout.path}': its zarr.json is not a token set's "
-                          "(int64 ids on one axis, in chunks of min(size, 65536), blosc and crc32c)")
+                          f"(at most {vocab or MAX_ROWS} int64 ids on one axis, in chunks of min(size, 65536), blosc "
+                          "and crc32c)")
     return layout
 
 

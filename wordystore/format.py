@@ -1,10 +1,12 @@
-"""The wordystore trajectory format, version 2: its facts, as small typed pieces, without I/O.
+"""The wordystore trajectory format, version 3: its facts, as small typed pieces, without I/O.
 
 ``docs/format.md`` is the specification; this module is where its facts live, each once: the
-store's key names, the names a kind may take, the metadata document (:class:`Metadata`), the
-commit record (:class:`CommitRecord`) and the tier rule it implies (:class:`RowTiers`), the two
-profiles (:class:`Profile`), the per-array encodings (:class:`ArrayLayout`), and the checks on
-each. Beside it, also pure: :mod:`wordystore.codecs` (the codecs and the shard index),
+store's key names, the names a kind may take, the limits on what a document may claim, the
+metadata document (:class:`Metadata`), the commit record (:class:`CommitRecord`) and the tier rule
+it implies (:class:`RowTiers`), the two profiles (:class:`Profile`), the per-array encodings
+(:class:`ArrayLayout`), what format 2 (still read, never written) does differently, and the
+checks on each. Beside it, also pure: :mod:`wordystore.codecs` (the codecs, the shard index and
+binding record),
 :mod:`wordystore.prediction` (Adam's replay) and :mod:`wordystore.kinds` (the dtypes). Reading and
 writing the documents is :mod:`wordystore.documents`; the resume-state record is
 :mod:`wordystore.resume_state`.
@@ -27,18 +29,39 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from wordystore.codecs import Blosc, Bytes, ChunkCodecs, Crc32c, PCodec, Transpose, encode_shard
+from wordystore.codecs import (
+    BFloat16Bits,
+    Blosc,
+    Bytes,
+    ChunkCodecs,
+    Crc32c,
+    PCodec,
+    ShardBinding,
+    ShardTail,
+    Transpose,
+    encode_shard,
+)
 from wordystore.errors import FormatError
 from wordystore.kinds import Kind, numpy_dtype
-from wordystore.prediction import AdamPrediction
+from wordystore.prediction import AdamPrediction, prediction_from_json
 
 FORMAT_NAME = "wordystore.trajectory"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # what this wordystore writes
+READ_VERSIONS = (2, 3)  # what it reads; format 2 differs as the functions taking ``version`` say
 ATTRS_KEY = "wordystore"  # root group attribute holding the metadata document
+
+# -- limits: what a document may claim, checked before anything is allocated or enumerated --------------
+
+MAX_ROWS = 2**40  # rows (recorded steps) of a store
+MAX_ROW_BYTES = 2**38  # bytes of one row of one kind (256 GiB)
+MAX_CHUNK_ROWS = 2**12  # rows per main chunk
+MAX_DOCUMENT_BYTES = 2**26  # a JSON document (64 MiB)
+MAX_STATE_BYTES = 2**36  # a resume state's safetensors file (64 GiB)
+MAX_NAME_LENGTH = 128  # a kind's or token set's name: one path component
 
 # -- keys (docs/format.md, "Keys") -------------------------------------------------------------------
 
@@ -53,10 +76,12 @@ ANALYSIS_PREFIX = "analysis"  # cached analysis results: analysis/<name>-<digest
 CHUNK_DIR = "c"  # chunk key encoding "default" with "/": <array>/c/<i>/<j>/...
 RESERVED_NAMES = frozenset({STEPS_ARRAY, TOKEN_SETS_GROUP, COMMIT_KEY, ZARR_JSON, ANALYSIS_PREFIX, HOT_GROUP,
                             STATE_PREFIX, VERIFIED_KEY})  # the store root's keys: no kind may take them
-NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")  # a kind's or token set's name
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")  # a kind's or token set's name: one path component
+RESIDUALS_SUFFIX = ".residuals"  # format 3: the main array of a predicted kind is <kind>.residuals
 GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}  # a plain group's zarr.json
 TIERS = ("main", "hot")
 STEPS_KIND = Kind((), "int64", ())
+STATE_KEY = re.compile(rf"^{STATE_PREFIX}/\d{{12,20}}\.safetensors$")  # state/<row, 12 digits>.safetensors
 
 
 def document_key(path: str) -> str:
@@ -64,9 +89,12 @@ def document_key(path: str) -> str:
     return f"{path}/{ZARR_JSON}" if path else ZARR_JSON
 
 
-def array_path(name: str, tier: str = "main") -> str:
-    """Where array ``name`` (a kind or ``recorded_steps``) of ``tier`` lives: ``name`` or ``hot/name``."""
-    return name if tier == "main" else f"{HOT_GROUP}/{name}"
+def array_path(name: str, tier: str = "main", predicted: bool = False, version: int = FORMAT_VERSION) -> str:
+    """Where array ``name`` (a kind or ``recorded_steps``) of ``tier`` lives: ``name`` or ``hot/name``;
+    a predicted kind's main array, whose values are residuals, is ``name.residuals`` (format 2: ``name``)."""
+    if tier == "hot":
+        return f"{HOT_GROUP}/{name}"
+    return f"{name}{RESIDUALS_SUFFIX}" if predicted and version >= 3 else name
 
 
 def token_set_path(name: str) -> str:
@@ -78,12 +106,23 @@ def is_chunk_key(key: str) -> bool:
     return f"/{CHUNK_DIR}/" in key
 
 
-def check_kind_name(name: str) -> str:
-    """A kind's or token set's name: letters, digits, ``_.-``, and none of the root's keys."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES:
+def state_key(row: int) -> str:
+    """Where the resume state kept with row ``row`` lives."""
+    return f"{STATE_PREFIX}/{row:012d}.safetensors"
+
+
+def is_state_key(key) -> bool:
+    return isinstance(key, str) and STATE_KEY.match(key) is not None
+
+
+def check_kind_name(name: str, what: str = "kind") -> str:
+    """A kind's or token set's name: one path component of letters, digits, ``_.-`` (starting with
+    a letter or ``_``), none of the root's keys, not ending in ``.residuals``."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in RESERVED_NAMES \
+            or len(name) > MAX_NAME_LENGTH or name.endswith(RESIDUALS_SUFFIX):
         raise ValueError(
-            f"kind name {name!r} is not allowed: use letters, digits, '_', '.', '-' "
-            f"(starting with a letter or '_'), and none of {sorted(RESERVED_NAMES)}"
+            f"{what} name {name!r} is not allowed: use up to {MAX_NAME_LENGTH} letters, digits, '_', '.', '-' "
+            f"(starting with a letter or '_'), not ending in '{RESIDUALS_SUFFIX}', and none of {sorted(RESERVED_NAMES)}"
         )
     return name
 
@@ -125,20 +164,30 @@ BITSHUFFLE_KINDS = frozenset({"grads", "momentum"})  # measured: bit shuffle win
 PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
-def zarr_dtype(kind: Kind, profile: str) -> str:
-    """The ``data_type`` a kind is stored as: bfloat16 bits go to pcodec as ``uint16``."""
-    if kind.dtype == "bfloat16" and profile == "compact":
+def stored_dtype(kind: Kind, profile: str, version: int = FORMAT_VERSION) -> str:
+    """The ``data_type`` a kind is stored as: its own (format 3); format 2 stored bfloat16 as its
+    ``uint16`` bits in the compact profile, saying so in a ``view_as`` attribute."""
+    if version < 3 and kind.dtype == "bfloat16" and profile == "compact":
         return "uint16"
     return kind.dtype
 
 
+def residual_attributes(name: str, prediction, version: int = FORMAT_VERSION) -> dict:
+    """The attributes of a predicted kind's main array, whose values are residuals: ``{"residuals_of":
+    kind, "prediction": ...}`` (format 2: ``{"view_as": "bfloat16", "residual_of": ...}``)."""
+    if version < 3:
+        return {ATTRS_KEY: {"view_as": "bfloat16", "residual_of": prediction.to_json()}}
+    return {ATTRS_KEY: {"residuals_of": name, "prediction": prediction.to_json()}}
+
+
 @dataclass(frozen=True)
 class ArrayLayout:
-    """One zarr v3 array of the store: its key, stored dtype, shape, shards, inner chunks, codecs.
+    """One zarr v3 array of the store: its key, stored dtype, shape, shards, inner chunks, codecs,
+    and (format 3) the :class:`ShardBinding` its shards carry.
 
     ``to_zarr_json`` writes the array's ``zarr.json``; ``from_zarr_json`` reads one back (and
     refuses codecs wordystore does not implement), so the arrays stay readable by any zarr v3
-    reader, and wordystore's own reader needs nothing but these documents.
+    reader, and wordystore's own reader needs nothing but these documents and the metadata.
     """
 
     path: str
@@ -149,6 +198,7 @@ class ArrayLayout:
     codecs: ChunkCodecs
     dims: tuple[str, ...]
     attributes: dict = field(default_factory=dict, compare=False)
+    binding: ShardBinding | None = field(default=None, compare=False)
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -156,13 +206,33 @@ class ArrayLayout:
 
     @property
     def prediction(self) -> AdamPrediction | None:
-        """Set when the array stores residuals of a predicted moment (see :class:`AdamPrediction`)."""
-        doc = self.attributes.get(ATTRS_KEY, {}).get("residual_of")
-        return None if doc is None else AdamPrediction.from_json(doc)
+        """Set when the array stores residuals of a predicted kind (see :func:`residual_attributes`)."""
+        attributes = self.attributes.get(ATTRS_KEY, {})
+        doc = attributes.get("prediction", attributes.get("residual_of"))  # format 3, format 2
+        return None if doc is None else prediction_from_json(doc)
 
     @property
     def chunks_per_shard(self) -> tuple[int, ...]:
         return tuple(s // c for s, c in zip(self.shard, self.chunk))
+
+    @property
+    def n_chunks(self) -> int:
+        """Inner chunks per shard."""
+        return math.prod(self.chunks_per_shard)
+
+    @property
+    def tail_nbytes(self) -> int:
+        """Bytes of a shard's tail: its index, and its binding record if bound."""
+        return ShardTail.nbytes(self.n_chunks, self.binding is not None)
+
+    @property
+    def max_chunk_nbytes(self) -> int:
+        """The most bytes an encoded inner chunk may take: no codec of a chain doubles its input."""
+        return 2 * math.prod(self.chunk) * self.numpy_dtype.itemsize + 4096
+
+    @property
+    def max_shard_nbytes(self) -> int:
+        return self.n_chunks * self.max_chunk_nbytes + self.tail_nbytes
 
     @property
     def chunk_prefix(self) -> str:
@@ -179,7 +249,9 @@ class ArrayLayout:
         """The coordinates of the shard at ``key``; None for a key that is no shard of the array
         (another array's, or a temporary file)."""
         parts = key.removeprefix(self.chunk_prefix).split("/") if key.startswith(self.chunk_prefix) else []
-        return tuple(int(p) for p in parts) if parts and all(p.isdecimal() for p in parts) else None
+        if len(parts) != len(self.shape) or not all(p.isdecimal() and p.isascii() for p in parts):
+            return None
+        return tuple(int(p) for p in parts)
 
     def shards_holding(self, lo: int, hi: int) -> Iterator[tuple[tuple[int, ...], int, int]]:
         """(shard coordinates, first row, end row) of every shard holding rows ``[lo, hi)``."""
@@ -195,18 +267,23 @@ class ArrayLayout:
         """The part of the array shard ``coords`` covers (clipped to the array's shape)."""
         return tuple(slice(c * s, min((c + 1) * s, n)) for c, s, n in zip(coords, self.shard, self.shape))
 
-    def encode_shard(self, data: np.ndarray) -> bytes:
-        """One shard's bytes from its region's data (edge shards are zero-padded to full chunks)."""
+    def encode_shard(self, coords: tuple[int, ...], data: np.ndarray) -> bytes:
+        """Shard ``coords``'s bytes from its region's data, whose first ``len(data)`` rows hold
+        written data (edge shards are zero-padded to full chunks)."""
         data = data.view(self.numpy_dtype) if data.dtype != self.numpy_dtype else data
+        rows = data.shape[0]
         if data.shape != self.shard:
             padded = np.zeros(self.shard, self.numpy_dtype)
             padded[tuple(slice(0, n) for n in data.shape)] = data
             data = padded
         grid = [range(0, s, c) for s, c in zip(self.shard, self.chunk)]
-        return encode_shard([
-            self.codecs.encode(data[tuple(slice(a, a + c) for a, c in zip(corner, self.chunk))])
-            for corner in itertools.product(*grid)
-        ])
+        chunks = [self.codecs.encode(data[tuple(slice(a, a + c) for a, c in zip(corner, self.chunk))])
+                  for corner in itertools.product(*grid)]
+        return encode_shard(chunks, self.binding, self.shard_key(coords), rows)
+
+    def decode_tail(self, tail, key: str) -> ShardTail:
+        """The tail (last :attr:`tail_nbytes` bytes) of the shard at ``key``, checked."""
+        return ShardTail.decode(tail, self.n_chunks, self.binding, key)
 
     def to_zarr_json(self) -> dict:
         return {
@@ -231,13 +308,13 @@ class ArrayLayout:
         }
 
     @classmethod
-    def from_zarr_json(cls, path: str, doc: dict) -> "ArrayLayout":
+    def from_zarr_json(cls, path: str, doc: dict, binding: ShardBinding | None = None) -> "ArrayLayout":
         try:
             (sharding,) = doc["codecs"]
             config = sharding["configuration"]
             if sharding["name"] != "sharding_indexed" or config.get("index_location", "end") != "end":
                 raise FormatError(f"array '{path}' is not sharded with the index at the end")
-            return cls(
+            layout = cls(
                 path=path,
                 dtype=doc["data_type"],
                 shape=tuple(doc["shape"]),
@@ -246,8 +323,14 @@ class ArrayLayout:
                 codecs=ChunkCodecs.from_list(config["codecs"]),
                 dims=tuple(doc.get("dimension_names") or ()),
                 attributes=doc.get("attributes", {}),
+                binding=binding,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            if not isinstance(layout.dtype, str) or not isinstance(layout.attributes, dict) \
+                    or not all(_is_count(n) for n in (*layout.shape, *layout.shard, *layout.chunk)):
+                raise ValueError("data_type, shape, chunk shapes or attributes are not what zarr v3 says")
+            numpy_dtype(layout.dtype)
+            return layout
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FormatError(f"array '{path}': zarr.json is not a wordystore array ({exc!r})") from None
 
 
@@ -257,7 +340,7 @@ class Profile:
 
     - ``compact`` (default): main chunks of ``CHUNK_ROWS`` rows, step axis fastest, pcodec (which
       delta-codes along it): 4-5x smaller than the raw tensors. Readable by zarr-python (its
-      ``numcodecs.pcodec``) and zarrs; bfloat16 is stored as its uint16 bits.
+      ``numcodecs.pcodec``, and ``wordystore.bf16_bits`` once wordystore is imported) and zarrs.
     - ``portable``: the same cuts with codecs every zarr v3 reader has (transpose, blosc zstd,
       crc32c) and the ``bfloat16`` data type: tensorstore reads it as is.
     """
@@ -269,34 +352,36 @@ class Profile:
             raise ValueError(f"profile {self.name!r} is not one of {PROFILES}")
 
     def main_layout(self, name: str, kind: Kind, rows: int, chunk_rows: int = CHUNK_ROWS,
-                    prediction: AdamPrediction | None = None) -> ArrayLayout:
-        """``prediction`` (compact profile only): store the moment as residuals against it."""
-        dtype = zarr_dtype(kind, self.name)
-        attributes = _view_attributes(kind, dtype)
-        if prediction is not None and self.name == "compact":
-            dtype = "int16"
-            attributes = {ATTRS_KEY: {"view_as": kind.dtype, "residual_of": prediction.to_json()}}
+                    prediction: AdamPrediction | None = None, version: int = FORMAT_VERSION,
+                    binding: ShardBinding | None = None) -> ArrayLayout:
+        """``prediction`` (compact profile only): store the kind as residuals against it, in an
+        array named for them (:func:`array_path`)."""
+        predicted = prediction is not None and self.name == "compact"
+        dtype = "int16" if predicted else stored_dtype(kind, self.name, version)
+        attributes = residual_attributes(name, prediction, version) if predicted else _view_attributes(kind, dtype)
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
-        if self.name == "compact" and dtype in PCODEC_DTYPES:
-            codecs = ChunkCodecs(transpose, PCodec(PCODEC_LEVEL), (Crc32c(),))
+        bits = BFloat16Bits() if dtype == "bfloat16" else None  # pcodec takes bfloat16 as its bits
+        if self.name == "compact" and (dtype in PCODEC_DTYPES or bits):
+            codecs = ChunkCodecs(transpose, PCodec(PCODEC_LEVEL), (Crc32c(),), bits)
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"
             codecs = ChunkCodecs(transpose, Bytes(), (Blosc("zstd", 1, shuffle, kind.numpy_dtype.itemsize), Crc32c()))
-        return ArrayLayout(array_path(name), dtype, (rows, *kind.shape), shard, chunk, codecs, ("step", *kind.dims),
-                           attributes)
+        return ArrayLayout(array_path(name, "main", predicted, version), dtype, (rows, *kind.shape), shard, chunk,
+                           codecs, ("step", *kind.dims), attributes, binding)
 
-    def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS) -> ArrayLayout:
+    def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS,
+                   version: int = FORMAT_VERSION, binding: ShardBinding | None = None) -> ArrayLayout:
         """Hot rows: ``block_rows`` per chunk, blosc lz4 (fast to write, read back once to compact)."""
-        dtype = zarr_dtype(kind, self.name)
+        dtype = stored_dtype(kind, self.name, version)
         chunk, shard = _cut(kind, block_rows)
         codecs = ChunkCodecs(None, Bytes(), (Blosc("lz4", 1, "shuffle", kind.numpy_dtype.itemsize), Crc32c()))
         return ArrayLayout(array_path(name, "hot"), dtype, (rows, *kind.shape), shard, chunk, codecs,
-                           ("step", *kind.dims), _view_attributes(kind, dtype))
+                           ("step", *kind.dims), _view_attributes(kind, dtype), binding)
 
 
 def _view_attributes(kind: Kind, dtype: str) -> dict:
-    """Arrays whose stored dtype is not the kind's say so, for other readers."""
+    """Format 2's arrays of bfloat16 bits say so, for other readers."""
     return {} if dtype == kind.dtype else {ATTRS_KEY: {"view_as": kind.dtype}}
 
 
@@ -316,16 +401,20 @@ def _cut(kind: Kind, rows: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return (rows, per_chunk, *rest), (rows, per_shard, *rest)
 
 
-def token_set_layout(name: str, size: int) -> ArrayLayout:
+def token_set_layout(name: str, size: int, binding: ShardBinding | None = None) -> ArrayLayout:
     """``token_sets/<name>``: int64 ids in chunks of 65,536 with blosc and crc32c, like any data."""
     chunk = max(1, min(size, 65536))
     codecs = ChunkCodecs(None, Bytes(), (Blosc("zstd", 1, "shuffle", 8), Crc32c()))
-    return ArrayLayout(token_set_path(name), "int64", (size,), (chunk,), (chunk,), codecs, ("token",))
+    return ArrayLayout(token_set_path(name), "int64", (size,), (chunk,), (chunk,), codecs, ("token",), {}, binding)
 
 
 def is_token_set_layout(layout: ArrayLayout, name: str) -> bool:
     """Exactly a token set's layout: an edited shape must not read as a shorter set."""
-    return len(layout.shape) == 1 and isinstance(layout.shape[0], int) and layout == token_set_layout(name, layout.shape[0])
+    return len(layout.shape) == 1 and _is_count(layout.shape[0]) and layout == token_set_layout(name, layout.shape[0])
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 def check_predictions(predictions: dict[str, AdamPrediction], kinds: dict[str, Kind]) -> None:
@@ -339,17 +428,33 @@ def check_predictions(predictions: dict[str, AdamPrediction], kinds: dict[str, K
 
 
 def check_rows(block_rows: int, chunk_rows: int) -> None:
-    """Hot blocks must tile main chunks: ``block_rows`` divides ``chunk_rows``."""
-    if not all(isinstance(n, int) and n >= 1 for n in (block_rows, chunk_rows)) or chunk_rows % block_rows:
-        raise ValueError(f"block_rows {block_rows!r} must be a positive int dividing chunk_rows {chunk_rows!r}")
+    """Hot blocks must tile main chunks: ``block_rows`` divides ``chunk_rows`` (at most ``MAX_CHUNK_ROWS``)."""
+    if not all(_is_count(n) and n >= 1 for n in (block_rows, chunk_rows)) or chunk_rows % block_rows \
+            or chunk_rows > MAX_CHUNK_ROWS:
+        raise ValueError(f"block_rows {block_rows!r} must be a positive int dividing chunk_rows {chunk_rows!r} "
+                         f"(at most {MAX_CHUNK_ROWS})")
+
+
+def check_kinds(kinds: Mapping[str, Kind]) -> None:
+    """Kinds a store can hold: allowed names, rows of at most ``MAX_ROW_BYTES``, one token axis length."""
+    for name, kind in kinds.items():
+        check_kind_name(name)
+        if kind.step_nbytes > MAX_ROW_BYTES:
+            raise ValueError(f"kind {name!r} of shape {list(kind.shape)} takes {kind.step_nbytes} bytes a row; "
+                             f"a row of a kind takes at most {MAX_ROW_BYTES}")
+    vocab_size(kinds)
 
 
 # -- the documents --------------------------------------------------------------------------------------
 
+STORE_ID = re.compile(r"^[0-9a-f]{32}$")  # format 3: a store's random id, which its shards are bound to
+
 
 @dataclass(frozen=True)
 class Metadata:
-    """The root group's ``attributes.wordystore``: what the trajectory records and how."""
+    """The root group's ``attributes.wordystore``: what the trajectory records and how. From
+    format 3, ``store_id`` (32 random hex digits, chosen at creation) is what every shard of the
+    store is bound to (:class:`wordystore.codecs.ShardBinding`)."""
 
     kinds: dict[str, Kind]
     profile: str
@@ -360,11 +465,19 @@ class Metadata:
     block_rows: int = BLOCK_ROWS
     chunk_rows: int = CHUNK_ROWS
     predictions: dict[str, AdamPrediction] = field(default_factory=dict)
+    store_id: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def binding(self) -> ShardBinding | None:
+        """What this store's shards are bound to; None in format 2, whose shards are not."""
+        return ShardBinding(self.store_id) if self.format_version >= 3 else None
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
+            **({"store_id": self.store_id} if self.format_version >= 3 else {}),
             "profile": self.profile,
             "block_rows": self.block_rows,
             "chunk_rows": self.chunk_rows,
@@ -381,39 +494,57 @@ class Metadata:
         return {**GROUP_JSON, "attributes": {ATTRS_KEY: self.to_json()}}
 
     @classmethod
-    def from_root_json(cls, root: dict, where: str) -> "Metadata":
-        if root.get("node_type") != "group":
-            raise FormatError(f"{where} is a zarr array, not a wordystore trajectory (a zarr group)")
-        return cls.from_json(root.get("attributes", {}).get(ATTRS_KEY), where)
+    def from_root_json(cls, root, where: str) -> "Metadata":
+        if not isinstance(root, dict) or root.get("node_type") != "group":
+            raise FormatError(f"{where} is not a wordystore trajectory: its zarr.json is not a zarr group's")
+        attributes = root.get("attributes")
+        return cls.from_json(attributes.get(ATTRS_KEY) if isinstance(attributes, dict) else None, where)
 
     @classmethod
     def from_json(cls, doc, where: str) -> "Metadata":
+        """The metadata document, every field checked (names, counts, limits) before anything
+        relies on it; a FormatError naming the first field that is wrong."""
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise FormatError(f"{where} is a zarr group but not a wordystore trajectory (no '{ATTRS_KEY}' attributes)")
         version = doc.get("format_version")
         if version == 1:
             raise FormatError(f"{where} is a format-1 trajectory; convert it with: wordystore convert {where} NEW.zarr")
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{where} has format version {version!r}; this wordystore reads version {FORMAT_VERSION}")
+        if version not in READ_VERSIONS or isinstance(version, bool):
+            raise FormatError(f"{where} has format version {version!r}; this wordystore reads versions "
+                              f"{' and '.join(map(str, READ_VERSIONS))}")
+        field_name = "kinds"
         try:
-            meta = cls(
-                kinds={name: Kind.from_json(spec) for name, spec in doc["kinds"].items()},
-                profile=Profile(doc["profile"]).name,
-                token_sets=tuple(doc["token_sets"]),
-                config=doc["config"],
-                created=doc["created"],
-                versions=doc.get("versions", {}),
-                block_rows=int(doc["block_rows"]),
-                chunk_rows=int(doc["chunk_rows"]),
-                predictions={name: AdamPrediction.from_json(p) for name, p in doc.get("predictions", {}).items()},
-            )
+            kinds = {}
+            for name, spec in _mapping(doc.get("kinds")).items():
+                field_name = f"kinds[{name!r}]"
+                kinds[name] = Kind.from_json(spec)
+            field_name = "kinds"
+            check_kinds(kinds)
+            field_name = "token_sets"
+            token_sets = tuple(doc.get("token_sets"))
+            for name in token_sets:
+                check_kind_name(name, "token set")
+            if len(set(token_sets)) != len(token_sets):
+                raise ValueError(f"names {list(token_sets)} repeat")
+            field_name = "predictions"
+            predictions = {name: prediction_from_json(p) for name, p in _mapping(doc.get("predictions", {})).items()}
+            check_predictions(predictions, kinds)
+            field_name = "block_rows and chunk_rows"
+            check_rows(doc.get("block_rows"), doc.get("chunk_rows"))
+            field_name = "profile"
+            profile = Profile(doc.get("profile")).name
+            field_name = "store_id"
+            store_id = doc.get("store_id")
+            if version >= 3 and not (isinstance(store_id, str) and STORE_ID.match(store_id)):
+                raise ValueError(f"{store_id!r} is not 32 hex digits")
+            field_name = "config, created and versions"
+            config, created, versions = _mapping(doc.get("config")), doc.get("created"), _mapping(doc.get("versions", {}))
+            if not isinstance(created, str):
+                raise ValueError(f"created is {created!r}, not a time")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FormatError(f"{where}: the metadata document is damaged ({exc!r})") from None
-        try:
-            check_rows(meta.block_rows, meta.chunk_rows)
-        except ValueError as exc:
-            raise FormatError(f"{where}: the metadata document is damaged ({exc})") from None
-        return meta
+            raise FormatError(f"{where}: the metadata document is damaged: {field_name}: {exc}") from None
+        return cls(kinds, profile, token_sets, config, created, versions, doc["block_rows"], doc["chunk_rows"],
+                   predictions, store_id, version)
 
     def arrays(self) -> dict[str, Kind]:
         """Every per-row array: the kinds and ``recorded_steps``."""
@@ -421,22 +552,34 @@ class Metadata:
 
     def layouts(self, name: str, rows: int = 0) -> tuple[ArrayLayout, ArrayLayout]:
         """The (main, hot) layouts this metadata determines for array ``name`` with ``rows`` rows."""
-        kind, profile = self.arrays()[name], Profile(self.profile)
-        return (profile.main_layout(name, kind, rows, self.chunk_rows, self.predictions.get(name)),
-                profile.hot_layout(name, kind, rows, self.block_rows))
+        kind, profile, version, binding = self.arrays()[name], Profile(self.profile), self.format_version, self.binding
+        return (profile.main_layout(name, kind, rows, self.chunk_rows, self.predictions.get(name), version, binding),
+                profile.hot_layout(name, kind, rows, self.block_rows, version, binding))
+
+    def token_set_layout(self, name: str, size: int) -> ArrayLayout:
+        return token_set_layout(name, size, self.binding)
+
+
+def _mapping(value) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{type(value).__name__} where a JSON object belongs")
+    return value
+
+
+def check_writable(meta: Metadata, where: str) -> None:
+    """Only stores of this format version are appended to: older ones are read, verified and converted."""
+    if meta.format_version != FORMAT_VERSION:
+        raise FormatError(f"{where} is a format-{meta.format_version} trajectory, which this wordystore reads but "
+                          f"does not append to; `wordystore convert {where} NEW.zarr` writes it as format "
+                          f"{FORMAT_VERSION} (rows, token sets, config and its newest resume state, bit for bit)")
 
 
 def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
-    """How an array's zarr.json disagrees with the layout the metadata determines, in what reading
-    it depends on (None if it agrees; inner chunks along other axes may differ: readers follow them)."""
-    def counts(values) -> bool:
-        return all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in values)
-
-    if len(actual.shape) != len(expected.shape) or not (len(actual.chunk) == len(actual.shard) == len(actual.shape)) \
-            or not counts((*actual.shape, *actual.chunk, *actual.shard)) \
-            or not all(c > 0 and s % c == 0 for c, s in zip(actual.chunk, actual.shard)):
+    """How an array's zarr.json disagrees with the layout the metadata determines (None if it agrees:
+    the same data type, shape per row, shards, inner chunks, codecs, dimension names and prediction)."""
+    if len(actual.shape) != len(expected.shape) or not (len(actual.chunk) == len(actual.shard) == len(actual.shape)):
         return (f"has shape {list(actual.shape)}, shards {list(actual.shard)} and chunks {list(actual.chunk)}; "
-                f"expected {len(expected.shape)} axes and chunks dividing shards")
+                f"expected {len(expected.shape)} axes")
     try:
         prediction = actual.prediction
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -446,13 +589,60 @@ def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
         "shape per row": (actual.shape[1:], expected.shape[1:]),
         "dimension names": (actual.dims, expected.dims),
         "rows per chunk and shard": ((actual.chunk[0], actual.shard[0]), (expected.chunk[0], expected.shard[0])),
+        "shards and chunks": ((actual.shard[1:], actual.chunk[1:]), (expected.shard[1:], expected.chunk[1:])),
         "transpose": (actual.codecs.transpose, expected.codecs.transpose),
         "serializer": (type(actual.codecs.serializer).__name__, type(expected.codecs.serializer).__name__),
-        "Adam prediction": (prediction, expected.prediction),
+        "codecs": (actual.codecs.to_list(), expected.codecs.to_list()),
+        "prediction": (prediction, expected.prediction),
     }
     for what, (got, want) in checks.items():
         if got != want:
             return f"has {what} {got}; the metadata says {want}"
+    return None
+
+
+def _extents(layout: ArrayLayout, keys: Iterable[str]) -> list[int] | None:
+    """Per axis, one past the largest coordinate of the shards of ``layout`` among ``keys`` (None: none)."""
+    coords = [c for c in map(layout.shard_coords, keys) if c is not None]
+    return [max(axis) + 1 for axis in zip(*coords)] if coords else None
+
+
+def rows_held(layouts: Iterable[ArrayLayout], keys: list[str]) -> int:
+    """The rows the shards present (``keys``) of these layouts of one array can hold at most."""
+    extents = [(layout, _extents(layout, keys)) for layout in layouts]
+    return max([extent[0] * layout.shard[0] for layout, extent in extents if extent] + [0])
+
+
+def rows_problem(name: str, pair: tuple[ArrayLayout, ArrayLayout], record: "CommitRecord",
+                 keys: list[str]) -> str | None:
+    """Whether the shards present (``keys``) of array ``name``'s (main, hot) tiers can hold the rows
+    the record admits (None if they can). A bound on what the record claims, checked before anything
+    is allocated or enumerated by it; a missing shard below it is found when read. List the hot
+    tier's shards before the main tier's: a compaction deleting hot shards meanwhile has written
+    their main ones."""
+    held = rows_held(pair, keys)
+    if record.committed_rows <= held:
+        return None
+    layout = pair[0] if held < record.compacted_rows else pair[1]
+    first = layout.shard_key((held // layout.shard[0],) + (0,) * (len(layout.shape) - 1))
+    return (f"{COMMIT_KEY} admits {record.committed_rows} rows but the shards of array '{name}' hold at most {held} "
+            f"('{first}' is missing)")
+
+
+def width_problem(name: str, layouts: Iterable[ArrayLayout], keys: list[str]) -> str | None:
+    """Whether the shards present (``keys``) of array ``name`` reach across the shape per row the
+    metadata declares (None if they do, or if there are none: an empty array is read as nothing)."""
+    layouts = list(layouts)
+    extents = [extent for extent in (_extents(layout, keys) for layout in layouts) if extent]
+    if not extents:
+        return None
+    layout = layouts[0]
+    for axis, needed in enumerate(layout.shard_grid()[1:], start=1):
+        have = max(extent[axis] for extent in extents)
+        if needed > have:
+            return (f"array '{name}' is {layout.shape[axis]} long along '{layout.dims[axis]}' (the metadata's "
+                    f"kinds[{name!r}].shape is {list(layout.shape[1:])}): {needed} shards, but its shards present "
+                    f"cover {have}")
     return None
 
 
@@ -471,47 +661,76 @@ class RowTiers:
         return self.compacted_rows, self.committed_rows
 
 
+def state_entry_problem(entry, version: int = FORMAT_VERSION) -> str | None:
+    """Why a commit record's ``states`` entry is not one (None if it is): ``{"row", "step", "key"}``,
+    the key the row's (:func:`state_key`), and from format 3 the state file's ``crc32c`` and
+    ``nbytes``, which a reader checks before trusting it."""
+    fields = ("row", "step", "key", *(("crc32c", "nbytes") if version >= 3 else ()))
+    if not isinstance(entry, dict) or not set(fields) <= set(entry):
+        return f"is not an object with {', '.join(fields)}"
+    row, step, key = entry["row"], entry["step"], entry["key"]
+    if not (_is_count(row) and row < MAX_ROWS and _is_count(step)):
+        return f"has row {row!r} and step {step!r}; expected counts"
+    if key != state_key(row):
+        return f"has key {key!r}; the state of row {row} is {state_key(row)!r}"
+    if version >= 3 and not (_is_count(entry["crc32c"]) and entry["crc32c"] < 2**32
+                             and _is_count(entry["nbytes"]) and entry["nbytes"] <= MAX_STATE_BYTES):
+        return (f"has crc32c {entry['crc32c']!r} and nbytes {entry['nbytes']!r}; expected a CRC-32C and a size of at "
+                f"most {MAX_STATE_BYTES} bytes")
+    return None
+
+
 @dataclass(frozen=True)
 class CommitRecord:
     """``commit.json``: rows ``[0, committed_rows)`` are valid; ``[0, compacted_rows)`` of them
     are in the main tier, the rest in the hot tier. ``states`` lists the resume states kept
-    (``{"row", "step", "key"}``, oldest first; see :mod:`wordystore.resume_state`)."""
+    (``{"row", "step", "key", "crc32c", "nbytes"}``, oldest first; see :mod:`wordystore.resume_state`)."""
 
     committed_rows: int = 0
     compacted_rows: int = 0
     last_step: int | None = None
     states: tuple[dict, ...] = ()
+    format_version: int = FORMAT_VERSION
 
     @property
     def tiers(self) -> RowTiers:
         return RowTiers(self.compacted_rows, self.committed_rows)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "committed_rows": self.committed_rows,
+        return {"format": FORMAT_NAME, "format_version": self.format_version, "committed_rows": self.committed_rows,
                 "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states)}
 
     @classmethod
     def from_json(cls, doc, where: str) -> "CommitRecord":
-        def is_count(v):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}/{COMMIT_KEY} is not a wordystore commit record")
+        version = doc.get("format_version")
+        if version not in READ_VERSIONS or isinstance(version, bool):
+            raise FormatError(f"{where}/{COMMIT_KEY} has format version {version!r}; this wordystore reads versions "
+                              f"{' and '.join(map(str, READ_VERSIONS))}")
         committed, compacted = doc.get("committed_rows"), doc.get("compacted_rows")
         last, states = doc.get("last_step"), doc.get("states", [])
-        if not (is_count(committed) and is_count(compacted) and compacted <= committed):
+        if not (_is_count(committed) and _is_count(compacted) and compacted <= committed <= MAX_ROWS):
             raise FormatError(f"{where}/{COMMIT_KEY} is damaged: committed_rows {committed!r} and compacted_rows "
-                              f"{compacted!r} must be counts with compacted <= committed")
-        if (last is None) != (committed == 0) or (last is not None and not is_count(last)):
+                              f"{compacted!r} must be counts with compacted <= committed <= {MAX_ROWS}")
+        if (last is None) != (committed == 0) or (last is not None and not _is_count(last)):
             raise FormatError(f"{where}/{COMMIT_KEY} is damaged: last_step {last!r} with {committed} rows")
-        if not isinstance(states, list) or not all(isinstance(s, dict) and {"row", "step", "key"} <= set(s) for s in states):
-            raise FormatError(f"{where}/{COMMIT_KEY} is damaged: states {states!r}")
-        return cls(committed, compacted, last, tuple(states))
+        if not isinstance(states, list):
+            raise FormatError(f"{where}/{COMMIT_KEY} is damaged: states is {states!r}, not a list")
+        for i, entry in enumerate(states):
+            problem = state_entry_problem(entry, version)
+            if problem:
+                raise FormatError(f"{where}/{COMMIT_KEY} is damaged: states[{i}] {problem}")
+        return cls(committed, compacted, last, tuple(states), version)
 
 
 def check_arrays(where: str, meta: Metadata, record: CommitRecord,
                  layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
     """The arrays (name -> (main, hot) layouts) of the store ``where`` agree with the metadata and
     hold every row the record admits in their tier; else a FormatError naming the first that does not."""
+    if record.format_version != meta.format_version:
+        raise FormatError(f"{where}: {COMMIT_KEY} is of format {record.format_version} but the metadata of format "
+                          f"{meta.format_version}; run `wordystore verify {where}`")
     for name, pair in layouts.items():
         for actual, expected in zip(pair, meta.layouts(name)):
             mismatch = layout_mismatch(actual, expected)

@@ -7,6 +7,7 @@ added in front of every kind. The axis named ``token`` is the one token sets ind
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -67,14 +68,19 @@ class Kind:
 
     @property
     def step_nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.numpy_dtype.itemsize
+        return math.prod(self.shape) * self.numpy_dtype.itemsize  # exact: a document's shape may be absurd
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype, "dims": list(self.dims)}
 
     @classmethod
     def from_json(cls, data: dict) -> "Kind":
-        return cls(shape=tuple(data["shape"]), dtype=data["dtype"], dims=tuple(data["dims"]))
+        """A kind from a document: a shape of counts, a dtype name, a name per axis (else ValueError)."""
+        shape, dtype, dims = data["shape"], data["dtype"], data["dims"]
+        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape) \
+                or not isinstance(dtype, str) or not isinstance(dims, list) or not all(isinstance(d, str) for d in dims):
+            raise ValueError(f"{data!r} is not a kind (shape: a list of ints, dtype: a name, dims: a list of names)")
+        return cls(shape=tuple(shape), dtype=dtype, dims=tuple(dims))
 
 
 def scalar_value(kind: Kind, value) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import secrets
 import shutil
 from importlib import metadata as importlib_metadata
 from typing import Mapping
@@ -63,7 +64,8 @@ def create(
     """
     if not kinds:
         raise ValueError("create() needs at least one kind, e.g. wordystore.seed_kinds(vocab_size, hidden_dim)")
-    kinds = {format.check_kind_name(name): kind for name, kind in kinds.items()}
+    kinds = dict(kinds)
+    format.check_kinds(kinds)
     format.Profile(profile)
     format.check_rows(block_rows, chunk_rows)
     predictions = dict(predictions or {})
@@ -92,7 +94,7 @@ def create(
         meta = format.Metadata(
             kinds=kinds, profile=profile, token_sets=tuple(sorted(sets)), config=config, versions=library_versions(),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            block_rows=block_rows, chunk_rows=chunk_rows, predictions=predictions,
+            block_rows=block_rows, chunk_rows=chunk_rows, predictions=predictions, store_id=secrets.token_hex(16),
         )
         documents.write_group(store, format.HOT_GROUP)
         for name in meta.arrays():
@@ -101,7 +103,7 @@ def create(
         if sets:
             documents.write_group(store, format.TOKEN_SETS_GROUP)
         for name, ids in sets.items():
-            write_token_set(store, name, ids)
+            write_token_set(store, meta, name, ids)
         documents.write_metadata(store, meta)
         documents.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
         return TrajectoryWriter(store, lock, durable, keep_states)

@@ -42,14 +42,23 @@ class AdamPrediction:
         if self.moment not in ("exp_avg", "exp_avg_sq"):
             raise ValueError(f"AdamPrediction moment must be 'exp_avg' or 'exp_avg_sq', got {self.moment!r}")
 
+    NAME = "adam"  # how documents name this prediction (``"name"``; format 2 named none)
+
     def to_json(self) -> dict:
-        return {"moment": self.moment, "grads": self.grads, "grad_norm": self.grad_norm, "beta": self.beta,
-                "max_norm": self.max_norm}
+        return {"name": self.NAME, "moment": self.moment, "grads": self.grads, "grad_norm": self.grad_norm,
+                "beta": self.beta, "max_norm": self.max_norm}
 
     @classmethod
     def from_json(cls, doc: dict) -> "AdamPrediction":
-        return cls(doc["moment"], doc["grads"], doc["grad_norm"], float(doc["beta"]),
-                   None if doc.get("max_norm") is None else float(doc["max_norm"]))
+        def number(value) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{value!r} is not a number")
+            return float(value)
+
+        if not all(isinstance(doc[k], str) for k in ("moment", "grads", "grad_norm")):
+            raise ValueError(f"an Adam prediction names its moment, grads and grad_norm kinds: {doc!r}")
+        return cls(doc["moment"], doc["grads"], doc["grad_norm"], number(doc["beta"]),
+                   None if doc.get("max_norm") is None else number(doc["max_norm"]))
 
     def _predict(self, prev: np.ndarray, grad: np.ndarray, norm: np.float32) -> np.ndarray:
         """float32 ``prev`` and a bfloat16 ``grad`` (or its uint16 bits, as the compact profile
@@ -98,6 +107,17 @@ class AdamPrediction:
 
 
 CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
+PREDICTIONS = {AdamPrediction.NAME: AdamPrediction}  # every prediction a store may name
+
+
+def prediction_from_json(doc) -> AdamPrediction:
+    """The prediction a document describes, by its ``name`` (``adam`` when it names none, as format 2's)."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"a prediction is a JSON object, not {doc!r}")
+    name = doc.get("name", AdamPrediction.NAME)
+    if name not in PREDICTIONS:
+        raise ValueError(f"prediction {name!r} is not one of {sorted(PREDICTIONS)}")
+    return PREDICTIONS[name].from_json(doc)
 
 
 def _bf16(x) -> np.ndarray:

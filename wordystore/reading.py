@@ -31,9 +31,18 @@ import cachetools
 import numpy as np
 
 from wordystore import documents, storage
-from wordystore.codecs import ShardIndex
+from wordystore.codecs import ShardTail
 from wordystore.errors import CorruptChunkError, FormatError
-from wordystore.format import STEPS_ARRAY, TIERS, ArrayLayout, CommitRecord, Metadata, array_path, check_arrays
+from wordystore.format import (
+    STEPS_ARRAY,
+    TIERS,
+    ArrayLayout,
+    CommitRecord,
+    Metadata,
+    check_arrays,
+    rows_problem,
+    width_problem,
+)
 
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
@@ -59,10 +68,12 @@ class StoreReader:
         return reader
 
     def refresh(self) -> None:
-        """Re-read the commit record and the arrays' layouts, checked against the metadata."""
+        """Re-read the commit record and the arrays' layouts, checked against the metadata and
+        against the shards present (:func:`check_held`)."""
         record = documents.read_commit(self.store)
         layouts = documents.read_layouts(self.store, self.meta)
         check_arrays(storage.describe(self.store), self.meta, record, layouts)
+        check_held(self.store, record, layouts)
         self._adopt(record, layouts)
 
     def _adopt(self, record: CommitRecord, layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
@@ -111,12 +122,12 @@ class StoreReader:
             return False
         compacted = min(record.compacted_rows, self.record.committed_rows)
         self._adopt(dataclasses.replace(self.record, compacted_rows=compacted),
-                    {name: (documents.read_layout(self.store, array_path(name)), hot)
-                     for name, (_, hot) in self.layouts.items()})
+                    {name: (documents.read_layout(self.store, main.path, main.binding), hot)
+                     for name, (main, hot) in self.layouts.items()})
         return True
 
     def read_token_set(self, name: str) -> np.ndarray:
-        return self._chunks.read_whole(documents.read_token_set_layout(self.store, name))
+        return self._chunks.read_whole(documents.read_token_set_layout(self.store, self.meta, name))
 
     def uncached(self) -> "StoreReader":
         """The same rows, read without a chunk cache (a reader of its own)."""
@@ -126,6 +137,22 @@ class StoreReader:
         """Stop the read threads and drop the chunk cache."""
         self._chunks.close()
         self._chunks.cache.clear()
+
+
+def check_held(store, record: CommitRecord, layouts: dict[str, tuple[ArrayLayout, ArrayLayout]]) -> None:
+    """The shards present (listed, hot tier first) can hold the rows the record admits and the
+    shape per row the metadata declares (:func:`wordystore.format.rows_problem`, :func:`width_problem`):
+    what the documents claim is bounded by the files before a read allocates or plans by it; else
+    FormatError."""
+    if record.committed_rows == 0:
+        return
+    where = storage.describe(store)
+    for name, (main, hot) in layouts.items():
+        keys = storage.list_prefix(store, hot.chunk_prefix) + storage.list_prefix(store, main.chunk_prefix)
+        problem = width_problem(name, (main, hot), keys) or rows_problem(name, (main, hot), record, keys)
+        if problem:
+            raise FormatError(f"{where}: {problem}; the store is damaged or not what it claims "
+                              f"(`wordystore verify {where}` lists what it holds)")
 
 
 @dataclass(frozen=True)
@@ -355,33 +382,56 @@ class ChunkReader:
         return rebuilt
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
-        """The encoded bytes of each chunk of one shard: the whole shard when most of it is needed."""
+        """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed),
+        each checked to be the chunk its shard binds to that place (format 3)."""
         layout = reads[0].layout
         key = layout.shard_key(reads[0].shard)
-        n_chunks = int(np.prod(layout.chunks_per_shard))
-        index_bytes = ShardIndex.nbytes(n_chunks)
-        whole = 2 * len(reads) >= n_chunks
-        data = storage.get(self.store, key, suffix=None if whole else index_bytes)
+        whole = 2 * len(reads) >= layout.n_chunks
+        try:
+            data = storage.get(self.store, key, suffix=None if whole else layout.tail_nbytes,
+                               limit=layout.max_shard_nbytes)
+        except FormatError as exc:  # not a regular file, or larger than such a shard can be
+            raise CorruptChunkError(f"unreadable shard: '{key}' of {storage.describe(self.store)} "
+                                    f"({reads[0].describe()}): {exc}") from None
         if data is None:
             raise self._missing(key, reads[0])
-        spans = self._spans(data[-index_bytes:], n_chunks, key, reads)
+        tail = self._tail(data[-layout.tail_nbytes:], key, reads)
+        spans = self._spans(tail, key, reads)
         if whole:
             view = memoryview(data)
-            return [view[start:end] for start, end in spans]
-        return storage.get_ranges(self.store, key, spans)
+            chunks = [view[start:end] for start, end in spans]
+        else:
+            chunks = storage.get_ranges(self.store, key, spans)
+        for read, chunk in zip(reads, chunks):
+            try:
+                tail.check_chunk(read.inner_index, chunk)
+            except CorruptChunkError as exc:
+                raise CorruptChunkError(f"misplaced chunk: {read.describe()} of {storage.describe(self.store)}: "
+                                        f"{exc}") from None
+        return chunks
 
-    def _spans(self, tail, n_chunks: int, key: str, reads: list[ChunkRead]) -> list[tuple[int, int]]:
-        """Where each read's chunk lies in the shard, from the shard's index (``tail``)."""
+    def _tail(self, data, key: str, reads: list[ChunkRead]) -> ShardTail:
+        """The shard's index (and binding record), checked to bind it to ``key`` and to hold the
+        rows read from it."""
         try:
-            index = ShardIndex.decode(tail, n_chunks)
+            tail = reads[0].layout.decode_tail(data, key)
+            tail.check_rows(max(read.valid_rows for read in reads))
         except CorruptChunkError as exc:
-            raise CorruptChunkError(f"corrupt shard index of '{key}' in {storage.describe(self.store)} "
+            raise CorruptChunkError(f"corrupt shard: '{key}' of {storage.describe(self.store)} "
                                     f"(holds {reads[0].describe()} and its neighbours): {exc}") from None
-        spans = [index.span(read.inner_index) for read in reads]
+        return tail
+
+    def _spans(self, tail: ShardTail, key: str, reads: list[ChunkRead]) -> list[tuple[int, int]]:
+        """Where each read's chunk lies in the shard, from the shard's index."""
+        spans = [tail.index.span(read.inner_index) for read in reads]
         for span, read in zip(spans, reads):
             if span is None:
                 raise CorruptChunkError(f"missing chunk: {read.describe()} of {storage.describe(self.store)} holds "
                                         f"committed rows but shard '{key}' has no such chunk")
+            if span[1] - span[0] > read.layout.max_chunk_nbytes:
+                raise CorruptChunkError(f"corrupt shard index: {read.describe()} of {storage.describe(self.store)}: "
+                                        f"shard '{key}' lists {span[1] - span[0]} bytes for the chunk, more than such "
+                                        f"a chunk can take")
         return spans
 
     def _missing(self, key: str, read: ChunkRead) -> CorruptChunkError:

@@ -17,6 +17,8 @@ import datetime
 import math
 from dataclasses import dataclass
 
+import crc32c
+
 from wordystore import documents, format, resume_state, storage
 from wordystore.scan import StoreScan
 
@@ -61,7 +63,7 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
         needed = 0 if record is None else record.tiers.span(tier)[1]
         if (tier, name) in found.unreadable or (layout is not None and layout.shape[0] < min(needed, held)):
             replace(format.document_key(expected.path), found.expected_layout(tier, name, held).to_zarr_json())
-    disagree = [format.array_path(name, tier) for (tier, name), layout in found.layouts.items()
+    disagree = [found.expected_layout(tier, name, 0).path for (tier, name), layout in found.layouts.items()
                 if layout is None and (tier, name) not in found.unreadable]
     if disagree:  # which of the two documents is wrong cannot be told: leave both, and the record
         return Repair(found.old_record, record, tuple(rewritten), tuple(backups), (
@@ -74,14 +76,15 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
         salvage.scan(salvage.salvage_plan(math.inf, record.committed_rows if record else math.inf))
         prefix = salvage.prefix(record.compacted_rows if record else 0,
                                 record.committed_rows if record else math.inf, extend=True)
-        candidates = record.states if record else _states_present(store)
+        candidates = record.states if record else _states_present(store, found.meta.format_version)
         states = tuple(s for s in candidates if salvage.state_problem(s, prefix.steps, prefix.committed_rows) is None)
     finally:
         salvage.close()
     committed = prefix.committed_rows
     not_saved += [f"resume state {s.get('key')!r}: {salvage.state_problem(s, prefix.steps, committed)}"
                   for s in (record.states if record else ()) if s not in states]
-    new = format.CommitRecord(committed, prefix.compacted_rows, int(prefix.steps[-1]) if committed else None, states)
+    new = format.CommitRecord(committed, prefix.compacted_rows, int(prefix.steps[-1]) if committed else None, states,
+                              found.meta.format_version)
     if new != record:
         old = storage.get(store, format.COMMIT_KEY)
         if old is not None:
@@ -114,16 +117,18 @@ def _backup(store, key: str, data: bytes, stamp: str) -> str:
     return backup
 
 
-def _states_present(store) -> tuple[dict, ...]:
-    """Resume states found by their keys (when there is no record to name them), oldest first."""
+def _states_present(store, version: int) -> tuple[dict, ...]:
+    """Resume states found by their keys (when there is no record to name them), oldest first, as
+    the record of format ``version`` names them."""
     found = []
     for key in storage.list_prefix(store, resume_state.KEY_PREFIX):
-        data = storage.get(store, key) if resume_state.is_state_key(key) else None
-        if data is None:
-            continue
         try:
+            data = storage.get(store, key, limit=format.MAX_STATE_BYTES) if format.is_state_key(key) else None
             row, step = resume_state.held_by(data)
-        except Exception:  # unreadable: state_problem() would refuse it anyway
+        except Exception:  # absent, unreadable or no state: state_problem() would refuse it anyway
             continue
-        found.append({"row": row, "step": step, "key": key})
+        entry = {"row": row, "step": step, "key": key, "crc32c": crc32c.crc32c(data), "nbytes": len(data)}
+        entry = entry if version >= 3 else {k: entry[k] for k in ("row", "step", "key")}
+        if format.state_entry_problem(entry, version) is None:
+            found.append(entry)
     return tuple(sorted(found, key=lambda s: s["row"]))

@@ -4,37 +4,30 @@ A state is one safetensors file at ``state/<row, 12 digits>.safetensors``: the t
 provider gave (parameters, optimizer moments, RNGs) and, in the safetensors header's
 ``__metadata__``, ``{"info": <JSON text>, "row": "<row>", "step": "<step>"}``: the row the state
 follows and that row's training step. The commit record names the states it keeps in ``states``,
-as ``{"row", "step", "key"}`` entries, oldest first; a state is usable only if the record names it,
-its header agrees with the entry and the row holds that step. The writer stores a state in the same
-commit as its row (:class:`ResumeState`), ``wordystore verify`` checks each (:func:`entry_problem`,
-:func:`file_problem`), and :func:`load_state` reads the newest back.
+as ``{"row", "step", "key", "crc32c", "nbytes"}`` entries, oldest first (format 2's carry no
+``crc32c`` and ``nbytes``); a state is usable only if the record names it, the file has the size
+and CRC-32C the entry records, its header agrees with the entry and the row holds that step. The
+writer stores a state in the same commit as its row (:class:`ResumeState`), ``wordystore verify``
+checks each (:func:`entry_problem`, :func:`file_problem`), and :func:`load_state` reads the newest
+back, checking the same.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import struct
 from dataclasses import dataclass
 
+import crc32c
 import numpy as np
 import torch
 
 from wordystore import documents, storage
 from wordystore.errors import FormatError
-from wordystore.format import COMMIT_KEY, STATE_PREFIX
+from wordystore.format import COMMIT_KEY, MAX_STATE_BYTES, STATE_PREFIX, state_key
 from wordystore.storage import as_store, describe
 
-KEY_PREFIX, KEY_SUFFIX = f"{STATE_PREFIX}/", ".safetensors"
-_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}\d+{re.escape(KEY_SUFFIX)}$")
-
-
-def state_key(row: int) -> str:
-    return f"{KEY_PREFIX}{row:012d}{KEY_SUFFIX}"
-
-
-def is_state_key(key) -> bool:
-    return isinstance(key, str) and _KEY.match(key) is not None
+KEY_PREFIX = f"{STATE_PREFIX}/"
 
 
 def read_header(data: bytes) -> dict:
@@ -65,9 +58,10 @@ class ResumeState:
     def key(self) -> str:
         return state_key(self.row)
 
-    def entry(self) -> dict:
-        """The commit record's ``states`` entry naming this state."""
-        return {"row": self.row, "step": self.step, "key": self.key}
+    def entry(self, data: bytes) -> dict:
+        """The commit record's ``states`` entry naming this state, stored as ``data`` (:meth:`encode`)."""
+        return {"row": self.row, "step": self.step, "key": self.key, "crc32c": crc32c.crc32c(data),
+                "nbytes": len(data)}
 
     def encode(self) -> bytes:
         from safetensors.torch import save
@@ -77,16 +71,21 @@ class ResumeState:
 
 
 def entry_problem(entry: dict, steps: np.ndarray, rows: int) -> str | None:
-    """Why a record's ``states`` entry cannot name a usable state with ``rows`` committed rows, the
-    first of which hold ``steps`` (judged without reading the file); None if it can."""
-    key, row, step = entry.get("key"), entry.get("row"), entry.get("step")
-    if not is_state_key(key) or not isinstance(row, int) or not isinstance(step, int):
-        return f"the record's entry {entry} is not a state (key, row, step)"
+    """Why a record's ``states`` entry (well-formed: :func:`wordystore.format.state_entry_problem`)
+    cannot name a usable state with ``rows`` committed rows, the first of which hold ``steps``
+    (judged without reading the file); None if it can."""
+    row, step = entry["row"], entry["step"]
     if row >= rows:
         return f"it is of row {row}, past the {rows} committed rows"
     if row < len(steps) and steps[row] != step:
         return f"it is of row {row}, step {step}, but that row holds step {steps[row]}"
     return None
+
+
+def read_state(store, entry: dict) -> bytes | None:
+    """The bytes of the state file ``entry`` names (None: absent), read only up to the size the
+    entry records (format 2: ``MAX_STATE_BYTES``)."""
+    return storage.get(store, entry["key"], limit=entry.get("nbytes", MAX_STATE_BYTES))
 
 
 def file_problem(entry: dict, data: bytes | None) -> str | None:
@@ -95,6 +94,9 @@ def file_problem(entry: dict, data: bytes | None) -> str | None:
 
     if data is None:
         return "it is missing"
+    if "nbytes" in entry and (len(data), crc32c.crc32c(data)) != (entry["nbytes"], entry["crc32c"]):
+        return (f"it is {len(data)} bytes of CRC-32C {crc32c.crc32c(data):#010x}; {COMMIT_KEY} recorded "
+                f"{entry['nbytes']} bytes of CRC-32C {entry['crc32c']:#010x}: the file was changed or damaged")
     row, step = entry["row"], entry["step"]
     try:
         load(data)
@@ -109,7 +111,8 @@ def file_problem(entry: dict, data: bytes | None) -> str | None:
 
 def load_state(where) -> tuple[dict[str, torch.Tensor], dict, int] | None:
     """The newest resume state a writer committed with the trajectory at ``where``: ``(tensors,
-    info, step)``, or None if it has none. Safe to call on any store: safetensors and JSON only.
+    info, step)``, or None if it has none. Safe to call on any store: safetensors and JSON only,
+    the file checked against its size and CRC-32C in the commit record (format 3) first.
 
     >>> tensors, info, step = wordystore.load_state("runs/wb1b.zarr")
     """
@@ -120,15 +123,15 @@ def load_state(where) -> tuple[dict[str, torch.Tensor], dict, int] | None:
     if not record.states:
         return None
     newest = record.states[-1]
-    data = storage.get(store, newest["key"])
+    repair = f"`wordystore verify {describe(store)} --repair` drops it from {COMMIT_KEY}"
+    try:
+        data = read_state(store, newest)
+    except FormatError as exc:
+        raise FormatError(f"{describe(store)}: resume state {newest['key']} cannot be read ({exc}); {repair}") from None
     if data is None:
         raise FormatError(f"{describe(store)}: resume state {newest['key']} named by {COMMIT_KEY} is missing")
-    try:
-        header = read_header(data)
-        if (int(header["row"]), int(header["step"])) != (newest["row"], newest["step"]):
-            raise ValueError(f"it holds row {header['row']}, step {header['step']}; {COMMIT_KEY} says "
-                             f"row {newest['row']}, step {newest['step']}")
-        return load(data), json.loads(header["info"]), int(newest["step"])
-    except Exception as exc:  # damaged bytes: safetensors raises its own SafetensorError, json and struct theirs
-        raise FormatError(f"{describe(store)}: resume state {newest['key']} is damaged ({type(exc).__name__}: {exc}); "
-                          f"`wordystore verify {describe(store)} --repair` drops it from {COMMIT_KEY}") from None
+    problem = file_problem(newest, data)
+    if problem:
+        raise FormatError(f"{describe(store)}: resume state {newest['key']} is damaged: {problem}; {repair}")
+    header = read_header(data)
+    return load(data), json.loads(header["info"]), int(newest["step"])

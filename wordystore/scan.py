@@ -7,18 +7,25 @@ What is checked, in this order:
 1. the metadata document (the root ``zarr.json``) and the group documents ``hot/zarr.json`` and
    ``token_sets/zarr.json``;
 2. the commit record, and each array's ``zarr.json`` against the metadata (data type, shape,
-   dimension names, rows per chunk, transpose, serializer, Adam prediction) and against the
-   record (its shape covers the rows the record admits);
-3. every inner chunk of every committed row of every array, in the tier that holds it (main below
-   ``compacted_rows``, hot above): shard present, shard index checksum, chunk present, chunk
-   checksum, decode. Decoding goes through :class:`wordystore.reading.ChunkReader`, one shard per
-   task on every core, nothing cached: memory stays at a few shards whatever the store's size;
-4. ``recorded_steps`` strictly increasing from 0 or more, ending at the record's ``last_step``;
-5. every token set: checksums, and sorted unique ids on the token axis;
-6. the resume states the record lists: present, readable safetensors, of the step their row holds.
+   dimension names, shards and chunks, codecs, prediction) and against the record (its shape
+   covers the rows the record admits);
+3. what the documents claim against the shards present (listed): an array whose shape per row
+   reaches past its shards is not read, and a record admitting more rows than the shards hold is
+   set aside (below): nothing is allocated or enumerated by a claim the files cannot back;
+4. every inner chunk of every committed row of every array, in the tier that holds it (main below
+   ``compacted_rows``, hot above): shard present and a regular file, shard index checksum,
+   binding record (format 3: the shard is the one of this store and key, holds the rows read, and
+   each chunk is the one bound to its place), chunk present, chunk checksum, decode. Decoding goes
+   through :class:`wordystore.reading.ChunkReader`, one shard per task on every core, nothing
+   cached: memory stays at a few shards whatever the store's size;
+5. ``recorded_steps`` strictly increasing from 0 or more, ending at the record's ``last_step``;
+6. every token set: checksums, binding, and sorted unique ids on the token axis;
+7. the resume states the record lists: present, of the size and CRC-32C the record gives (format
+   3), readable safetensors, of the step their row holds.
 
-A store whose commit record is missing or unreadable is checked all the same: its rows are
-inferred from the arrays (each main array's ``zarr.json`` shape, and the hot blocks present).
+A store whose commit record is missing, unreadable or set aside is checked all the same: its rows
+are inferred from the arrays (each main array's ``zarr.json`` shape and shards present, and the
+hot blocks present).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wordystore import documents, format, reading, resume_state, storage
-from wordystore.codecs import ShardIndex
+from wordystore.codecs import BindingRecord, ShardIndex
 from wordystore.errors import CorruptChunkError, FormatError
 from wordystore.format import TIERS
 from wordystore.storage import describe
@@ -106,6 +113,7 @@ class StoreScan:
             self.read_documents()
             if self.meta is None:
                 return
+            self.check_held()
             if self.record is None:  # infer the rows from the arrays
                 self.scan(self.salvage_plan(math.inf, math.inf))
                 self.verified = self.prefix(0, math.inf, extend=True)
@@ -171,6 +179,24 @@ class StoreScan:
         except FormatError as exc:
             self.problem(format.COMMIT_KEY, str(exc))
 
+    def check_held(self) -> None:
+        """What the documents claim against the shards present (:func:`wordystore.format.rows_problem`,
+        :func:`~wordystore.format.width_problem`): an array declaring more per row than its shards
+        cover is not read; a record admitting more rows than the shards hold is set aside."""
+        for name in self.meta.arrays():
+            pair = [self.layouts.get((tier, name)) or self.expected_layout(tier, name, 0) for tier in TIERS]
+            keys = storage.list_prefix(self.store, pair[1].chunk_prefix) + \
+                storage.list_prefix(self.store, pair[0].chunk_prefix)
+            problem = format.width_problem(name, pair, keys)
+            if problem:
+                self.problem(pair[0].path, f"{problem}: the array is not read")
+                for tier in TIERS:
+                    self.layouts[tier, name] = None
+            elif self.record is not None and format.rows_problem(name, pair, self.record, keys):
+                self.problem(format.COMMIT_KEY, f"{format.rows_problem(name, pair, self.record, keys)}; the rows are "
+                                                "inferred from the arrays instead")
+                self.record = None
+
     def expected_layout(self, tier: str, name: str, rows: int) -> format.ArrayLayout:
         """The layout the metadata determines for array ``name`` in ``tier``."""
         return self.meta.layouts(name, rows)[TIERS.index(tier)]
@@ -178,7 +204,7 @@ class StoreScan:
     def read_layout(self, tier: str, name: str) -> format.ArrayLayout | None:
         path = self.expected_layout(tier, name, 0).path
         try:
-            layout = documents.read_layout(self.store, path)
+            layout = documents.read_layout(self.store, path, self.meta.binding)
             mismatch = format.layout_mismatch(layout, self.expected_layout(tier, name, 0))
         except (FormatError, KeyError, TypeError, ValueError) as exc:  # Key...: e.g. a damaged prediction
             self.problem(path, str(exc) if isinstance(exc, FormatError) else f"array '{path}': zarr.json is damaged ({exc!r})")
@@ -211,11 +237,12 @@ class StoreScan:
         for (tier, name), layout in self.layouts.items():
             if layout is None:
                 continue
-            hi = int(min(layout.shape[0], compacted if tier == "main" else committed))
+            present = storage.list_prefix(self.store, layout.chunk_prefix)
+            hi = int(min(layout.shape[0], format.rows_held([layout], present), compacted if tier == "main" else committed))
             if tier == "main":
                 jobs += self._jobs(tier, name, layout, 0, hi)
             else:
-                present = set(storage.list_prefix(self.store, layout.chunk_prefix))
+                present = set(present)
                 held = [job for job in self._jobs(tier, name, layout, 0, hi) if layout.shard_key(job.coords) in present]
                 self.hot_held.extend((job.lo, job.hi) for job in held)
                 jobs += held
@@ -268,16 +295,18 @@ class StoreScan:
         region = layout.shard_region(job.coords)
         span = ", ".join([f"rows {job.lo}..{job.hi - 1}"] + [f"{d} {r.start}..{r.stop - 1}"
                                                              for d, r in zip(layout.dims[1:2], region[1:2])])
-        n_chunks = int(np.prod(layout.chunks_per_shard))
-        tail = storage.get(self.store, key, suffix=ShardIndex.nbytes(n_chunks))
+        try:
+            tail = storage.get(self.store, key, suffix=layout.tail_nbytes)
+        except FormatError as exc:
+            return [Problem(layout.path, f"unreadable shard: '{key}' of array '{layout.path}' ({span}): {exc}", rows)]
         if tail is None:
             return [Problem(layout.path, f"missing shard: '{key}' of array '{layout.path}' ({span}) holds committed "
                                          "rows but does not exist", rows)]
         try:
-            ShardIndex.decode(tail, n_chunks)
+            layout.decode_tail(tail, key).check_rows(max(read.valid_rows for read in reads))
         except CorruptChunkError as exc:
-            return [Problem(layout.path, f"corrupt shard index: '{key}' of array '{layout.path}' ({span}): {exc}; "
-                                         "none of its chunks can be found", rows)]
+            return [Problem(layout.path, f"corrupt shard: '{key}' of array '{layout.path}' ({span}): {exc}"
+                                         f"{self._origin(layout, key, tail)}; none of its chunks can be read", rows)]
         problems = []
         for read in reads:  # one by one, to name each chunk that fails
             try:
@@ -285,6 +314,20 @@ class StoreScan:
             except UNREADABLE as exc:
                 problems.append(Problem(layout.path, " ".join(str(exc).split()), rows))
         return problems or [Problem(layout.path, f"shard '{key}' ({span}) could not be read as a whole", rows)]
+
+    def _origin(self, layout: format.ArrayLayout, key: str, tail: bytes) -> str:
+        """Where the bytes of shard ``key``, bound to another place, come from: the shard of this
+        store its binding record names, or another store ("" if it is bound here, or has no record)."""
+        try:
+            record = BindingRecord.decode(tail[: -ShardIndex.nbytes(layout.n_chunks)], layout.n_chunks)
+        except CorruptChunkError:
+            return ""
+        if layout.binding is None or record.place == layout.binding.place(key):
+            return ""
+        for other in storage.list_prefix(self.store, ""):
+            if format.is_chunk_key(other) and layout.binding.place(other) == record.place:
+                return f" (they are the bytes of '{other}')"
+        return " (of no shard of this store: another store's?)"
 
     def _buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """This thread's scratch buffer, grown as needed: one per thread, never one per shard."""
@@ -349,7 +392,7 @@ class StoreScan:
         for name in self.meta.token_sets:
             path = format.token_set_path(name)
             try:
-                layout = documents.read_token_set_layout(self.store, name)
+                layout = documents.read_token_set_layout(self.store, self.meta, name)
                 ids = self._chunks.read_whole(layout)
                 self.chunks += layout.shard_grid()[0]
             except UNREADABLE as exc:
@@ -363,5 +406,10 @@ class StoreScan:
     def state_problem(self, entry: dict, steps: np.ndarray, rows: int) -> str | None:
         """Why a resume state (a record's ``states`` entry) is unusable with ``rows`` committed rows,
         the first of which hold ``steps``; None if it is fine (read only if the entry is)."""
-        return (resume_state.entry_problem(entry, steps, rows)
-                or resume_state.file_problem(entry, storage.get(self.store, entry["key"])))
+        problem = resume_state.entry_problem(entry, steps, rows)
+        if problem:
+            return problem
+        try:
+            return resume_state.file_problem(entry, resume_state.read_state(self.store, entry))
+        except FormatError as exc:  # not a regular file, or larger than the record says
+            return f"it cannot be read ({exc})"

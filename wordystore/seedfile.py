@@ -64,7 +64,14 @@ def _progress(total: int, desc: str, enabled: bool, unit: str):
 def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     """The notebook's scalars for ``t``: kept from an import, else from the trainer's run config."""
     if "seed_scalars" in t.config:
-        return dict(t.config["seed_scalars"])
+        scalars = t.config["seed_scalars"]
+        missing = [n for n in (*FLOAT_SCALARS, *COUNT_SCALARS)
+                   if not isinstance(scalars, dict) or isinstance(scalars.get(n), bool)
+                   or not isinstance(scalars.get(n), (int, float))]
+        if missing:
+            raise ValueError(f"the trajectory's config['seed_scalars'] lacks numbers for {missing}; an imported store "
+                             f"keeps the notebook's {list(FLOAT_SCALARS + COUNT_SCALARS)}")
+        return dict(scalars)
     params = t.config.get("run")  # the trainer's parameters
     if params is None:
         raise ValueError("the trajectory has neither 'seed_scalars' nor a trainer 'run' config to export scalars from")

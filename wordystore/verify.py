@@ -41,6 +41,7 @@ class VerifyReport:
     repair: Repair | None = None
     note: str | None = None  # set when the outcome could not be recorded in verified.json
     known_steps: np.ndarray | None = None  # per row checked, its training step (-1 where recorded_steps is damaged)
+    format_version: int | None = None  # of the metadata (None: unreadable)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +76,11 @@ class VerifyReport:
             lines.extend(f"  could not save: {line}" for line in r.not_saved)
             if not (r.rewritten or r.not_saved):
                 lines.append("  nothing to repair")
+        if self.format_version is not None and self.format_version < format.FORMAT_VERSION:
+            lines.append(f"format {self.format_version}: this store predates chunks bound to their place and resume "
+                         "states with checksums, so a shard copied over another, a chunk swapped or a changed resume "
+                         f"state is not detected; `wordystore convert {self.store} NEW.zarr` writes it as format "
+                         f"{format.FORMAT_VERSION}, bit for bit")
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -133,7 +139,8 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
             scan = StoreScan(store, progress)
             scan.check()
         report = VerifyReport(scan.where, scan.record, scan.verified.committed_rows, scan.verified.steps, scan.chunks,
-                              tuple(scan.problems), done, known_steps=scan.known_steps())
+                              tuple(scan.problems), done, known_steps=scan.known_steps(),
+                              format_version=scan.meta.format_version if scan.meta else None)
         try:
             documents.write_json(store, format.VERIFIED_KEY, {
                 "committed_rows": report.record.committed_rows if report.record else 0,
@@ -149,7 +156,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
 
 def _looks_like_a_trajectory(store) -> bool:
     """A store whose metadata does not read is a damaged trajectory, rather than something else,
-    if it has a format-2 commit record or a hot tier."""
+    if it has a commit record of a version this wordystore reads, or a hot tier."""
     try:
         doc = documents.read_json(store, format.COMMIT_KEY)
         hot = storage.exists(store, format.document_key(format.HOT_GROUP))
@@ -158,4 +165,4 @@ def _looks_like_a_trajectory(store) -> bool:
     except FormatError:
         doc, hot = None, storage.exists(store, format.document_key(format.HOT_GROUP))
     version = doc.get("format_version") if isinstance(doc, dict) else None
-    return version == format.FORMAT_VERSION or hot
+    return version in format.READ_VERSIONS or hot

@@ -50,11 +50,11 @@ def check_token_set(name: str, ids, vocab: int | None) -> np.ndarray:
     return ids
 
 
-def write_token_set(store, name: str, ids: np.ndarray) -> None:
-    layout = format.token_set_layout(name, ids.size)
+def write_token_set(store, meta: format.Metadata, name: str, ids: np.ndarray) -> None:
+    layout = meta.token_set_layout(name, ids.size)
     documents.write_layout(store, layout)
     for coords in np.ndindex(*layout.shard_grid()):
-        storage.put(store, layout.shard_key(coords), layout.encode_shard(ids[layout.shard_region(coords)]))
+        storage.put(store, layout.shard_key(coords), layout.encode_shard(coords, ids[layout.shard_region(coords)]))
 
 
 class TrajectoryWriter:
@@ -65,6 +65,7 @@ class TrajectoryWriter:
         self._durable = durable and local_root(store) is not None
         self._keep_states = keep_states
         self._meta = documents.read_metadata(store)
+        format.check_writable(self._meta, describe(store))
         self.kinds = dict(self._meta.kinds)
         self.block_rows, self.chunk_rows = self._meta.block_rows, self._meta.chunk_rows
         self._record = documents.read_commit(store)
@@ -72,6 +73,7 @@ class TrajectoryWriter:
         self.last_step = self._record.last_step
         layouts = documents.read_layouts(store, self._meta)
         format.check_arrays(describe(store), self._meta, self._record, layouts)
+        reading.check_held(store, self._record, layouts)
         self._main = {name: main for name, (main, _) in layouts.items()}
         self._hot = {name: hot for name, (_, hot) in layouts.items()}
 
@@ -188,13 +190,26 @@ class TrajectoryWriter:
             self._submit(min(self._filled, self.block_rows))
             self._wait_in_flight()
 
+    def keep_state(self, state: ResumeState) -> None:
+        """Keep ``state``, the state of the last committed row, with the commits (``convert``
+        carries a run's newest state over to the store it writes)."""
+        self.flush()
+        if (state.row, state.step) != (self.committed - 1, self.last_step):
+            raise ValueError(f"a resume state of row {state.row}, step {state.step} is not of the last committed row "
+                             f"{self.committed - 1}, step {self.last_step}")
+        data = state.encode()
+        storage.put(self._store, state.key, data)
+        if self._durable:
+            storage.sync_to_disk(self._store, [state.key])
+        self._commit_with_state(state.entry(data))
+
     def add_token_set(self, name: str, ids) -> None:
         """Store a named set of token ids (sorted, unique) with the trajectory."""
         self._check_open()
         ids = check_token_set(name, ids, format.vocab_size(self.kinds))
         if not self._meta.token_sets:
             documents.write_group(self._store, format.TOKEN_SETS_GROUP)
-        write_token_set(self._store, name, ids)
+        write_token_set(self._store, self._meta, name, ids)
         self._set_metadata(token_sets=tuple(sorted({*self._meta.token_sets, name})))
 
     def update_config(self, **entries) -> None:
@@ -340,6 +355,12 @@ class TrajectoryWriter:
     def _collect_finished(self) -> None:
         if self._in_flight is not None and self._in_flight[0].done():
             self._wait_in_flight()
+        compaction = self._compaction
+        if compaction is not None and compaction.done() and compaction.exception() is not None:
+            self._fail(compaction.exception())
+            raise WriterFailedError(
+                f"the background compaction of {describe(self._store)} failed; {self.committed} rows are committed"
+            ) from compaction.exception()
 
     def _wait_in_flight(self) -> None:
         if self._in_flight is None:
@@ -349,7 +370,7 @@ class TrajectoryWriter:
         try:
             future.result()
         except BaseException as exc:
-            self._failure = exc
+            self._fail(exc)
             raise WriterFailedError(
                 f"the background writer of {describe(self._store)} failed; {self.committed} rows are committed"
             ) from exc
@@ -363,6 +384,15 @@ class TrajectoryWriter:
         self._filled = rest
         if self._filled >= self.block_rows:
             self._submit(self.block_rows)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A background write failed: write nothing more, let the other thread finish, and release
+        the lock, so that once the cause is fixed ``wordystore.resume`` goes on (in this process
+        too). Every committed row stays as it is."""
+        self._failure = exc
+        self._pool.shutdown(wait=True)
+        self._compactor.shutdown(wait=True)
+        self._lock.release()
 
     def _submit(self, n: int) -> None:
         self._wait_for_gpu_copies()
@@ -387,18 +417,18 @@ class TrajectoryWriter:
             self._hot[name] = layout
             documents.write_layout(self._store, layout)
             keys.append(format.document_key(layout.path))
+        entry = None
         if state is not None:
-            storage.put(self._store, state.key, state.encode())
+            data = state.encode()
+            storage.put(self._store, state.key, data)
             keys.append(state.key)
+            entry = state.entry(data)
         if self._durable:
             storage.sync_to_disk(self._store, keys)
-        states = self._record.states + ((state.entry(),) if state else ())
-        self._commit(committed_rows=end, last_step=int(block[format.STEPS_ARRAY][-1]),
-                     states=states[-self._keep_states:])
-        for old in states[: -self._keep_states]:
-            storage.delete(self._store, old["key"])
+        self._commit_with_state(entry, committed_rows=end, last_step=int(block[format.STEPS_ARRAY][-1]))
+        previous = self._compaction  # a failed compaction is not retried: the main thread reports it
         if self.committed - self._record.compacted_rows >= self.chunk_rows and (
-                self._compaction is None or self._compaction.done()):
+                previous is None or (previous.done() and previous.exception() is None)):
             self._compaction = self._compactor.submit(self._compact)
 
     def _commit(self, **changes) -> None:
@@ -406,6 +436,14 @@ class TrajectoryWriter:
         with self._record_lock:
             self._record = dataclasses.replace(self._record, **changes)
             documents.write_commit(self._store, self._record, durable=self._durable)
+
+    def _commit_with_state(self, entry: dict | None, **changes) -> None:
+        """Commit ``changes`` with the state ``entry`` names (None: none) kept too; the states past
+        ``keep_states`` are dropped from the record, then their files deleted."""
+        states = self._record.states + ((entry,) if entry else ())
+        self._commit(states=states[-self._keep_states:], **changes)
+        for old in states[: -self._keep_states]:
+            storage.delete(self._store, old["key"])
 
     def _set_metadata(self, **changes) -> None:
         self._meta = dataclasses.replace(self._meta, **changes)

@@ -1,0 +1,460 @@
+"""The hostile-store suite (issue 16): a store from someone else, damaged or made to harm, opened
+as a user would (``info``, ``verify``, ``export``, reading, ``load_state``, ``resume``).
+
+Every case mutates a copy of a real store (written by the real writer) that lies in a small world
+directory beside files a hostile store might reach for (``outside/``: a victim file, a token set,
+another store's resume state). Each command ends in a clear error, or the right values, within a
+bounded time (an alarm, far above what it takes), and the ``world`` fixture asserts afterwards that
+nothing outside the store changed: every path, its type, size, mtime and content.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import wordystore
+from wordystore import CorruptChunkError, FormatError, Kind, analysis
+from wordystore.cli import main
+from wordystore.codecs import Crc32c, decode_shard_index, shard_index_nbytes
+
+VOCAB, DIM, STEPS = 12, 2, 14
+KINDS = {**wordystore.seed_kinds(VOCAB, DIM), "wide": Kind((8, 4096), "bfloat16", ("slot", "dim"))}  # 2 chunks a shard
+SCALARS = {"init_scale": 0.02, "learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+           "n_trained": 6, "n_untrained": 6}
+SETS = {"trained": list(range(0, VOCAB, 2)), "untrained": list(range(1, VOCAB, 2))}
+BOUND = 60  # seconds: a generous bound on any command here (each takes well under one)
+
+
+def row(step: int) -> dict:
+    rng = np.random.default_rng(step)
+    data = {name: rng.standard_normal(kind.shape).astype(np.float32).astype(kind.numpy_dtype)
+            for name, kind in KINDS.items()}
+    data["grad_norm"] = np.float32(1.0 + step)
+    return data
+
+
+def state(step: int):
+    return {"weights": torch.full((4,), float(step))}, {"after_step": step}
+
+
+def build(path) -> None:
+    w = wordystore.create(path, KINDS, token_sets=SETS, config={"seed_scalars": SCALARS}, block_rows=2, chunk_rows=4,
+                          predictions=wordystore.adam_predictions(0.9, 0.999, 1.0))
+    w.set_state_provider(lambda: state(w.last_step))
+    for step in range(STEPS):
+        w.append(step, **row(step))
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """The store every case copies, and another store of the same kinds (another store id)."""
+    root = tmp_path_factory.mktemp("pristine")
+    build(root / "store.zarr")
+    build(root / "other.zarr")
+    return root
+
+
+def snapshot(root: Path, store: Path) -> dict:
+    """Every path under ``root`` but the store: its type, size, mtime and content (files)."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path == store or store in path.parents:
+                continue
+            info = os.lstat(path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
+            seen[str(path)] = (stat.S_IFMT(info.st_mode), info.st_size, info.st_mtime_ns, digest)
+    return seen
+
+
+@dataclass
+class World:
+    root: Path
+    store: Path
+    outside: Path
+    other: Path  # another store, outside this one
+
+
+@pytest.fixture
+def world(pristine, tmp_path):
+    root = tmp_path / "world"
+    store, outside = root / "store.zarr", root / "outside"
+    shutil.copytree(pristine / "store.zarr", store)
+    shutil.copytree(pristine / "other.zarr", root / "other.zarr")
+    outside.mkdir()
+    (outside / "victim.txt").write_text("a file the store must never touch\n")
+    shutil.copytree(store / "token_sets" / "trained", outside / "evil_set")
+    shutil.copy(store / "state" / f"{STEPS - 1:012d}.safetensors", outside / "outside.safetensors")
+    shutil.copytree(store / "embeddings/c/1", outside / "rows")  # where a linked directory could lead
+    shutil.copytree(store / "hot/losses", outside / "losses")
+    before = snapshot(root, store)
+    yield World(root, store, outside, root / "other.zarr")
+    assert snapshot(root, store) == before, "something outside the store changed"
+
+
+@contextlib.contextmanager
+def bounded(seconds: int = BOUND):
+    """Fail (rather than hang) if the block takes longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    with bounded():
+        status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def refused(capsys, command: str, store: Path, message: str) -> None:
+    """``wordystore COMMAND STORE`` exits 2 with one line naming what is wrong."""
+    status, _, err = cli(capsys, command, store)
+    assert status == 2 and err.count("\n") == 1 and re.search(message, err), err
+
+
+def verify_lists(capsys, store: Path, message: str) -> str:
+    """``wordystore verify --quiet STORE`` exits 1, listing a problem that matches ``message``."""
+    status, out, _ = cli(capsys, "verify", "--quiet", store)
+    assert status == 1 and re.search(message, out), out
+    return out
+
+
+def read_everything(store: Path) -> None:
+    with bounded():
+        t = wordystore.open(store)
+        for name in t.kinds:
+            t[name].numpy()
+        t.token_sets
+        wordystore.load_state(store)
+
+
+def edit(path: Path, change) -> None:
+    doc = json.loads(path.read_bytes())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def meta_of(doc: dict) -> dict:
+    return doc["attributes"]["wordystore"]
+
+
+# -- names and keys that lead outside the store -----------------------------------------------------------
+
+
+def test_a_resume_state_key_outside_the_store_deletes_nothing(world, capsys):
+    edit(world.store / "commit.json", lambda d: d["states"][0].update(key="../outside/victim.txt"))
+    message = r"states\[0\] has key '\.\./outside/victim\.txt'; the state of row 13 is 'state/000000000013"
+    refused(capsys, "info", world.store, message)
+    with pytest.raises(FormatError, match=message):
+        wordystore.resume(world.store)
+    with pytest.raises(FormatError, match=message):
+        wordystore.load_state(world.store)
+    verify_lists(capsys, world.store, message)
+    assert cli(capsys, "verify", "--quiet", "--repair", world.store)[0] == 0  # the record rebuilt from the store
+    with wordystore.resume(world.store) as w:  # and the run goes on: 8 appends, old states deleted
+        w.set_state_provider(lambda: state(w.last_step))
+        for step in range(STEPS, STEPS + 8):
+            w.append(step, **row(step))
+    assert wordystore.load_state(world.store)[2] == STEPS + 7
+
+
+@pytest.mark.parametrize("key", ["../outside/outside.safetensors", "OUTSIDE", "state/../../outside/outside.safetensors"])
+def test_a_resume_state_outside_the_store_is_not_loaded(world, capsys, key):
+    key = str(world.outside / "outside.safetensors") if key == "OUTSIDE" else key
+    edit(world.store / "commit.json", lambda d: d["states"][0].update(key=key))
+    with pytest.raises(FormatError, match=r"states\[0\] has key"):
+        wordystore.load_state(world.store)
+    refused(capsys, "info", world.store, r"commit\.json is damaged: states\[0\] has key")
+
+
+def test_a_resume_state_linked_outside_the_store_is_not_loaded(world, capsys):
+    state_file = world.store / "state" / f"{STEPS - 1:012d}.safetensors"
+    state_file.unlink()
+    state_file.symlink_to(world.outside / "outside.safetensors")
+    with pytest.raises(FormatError, match="is a symbolic link"):
+        wordystore.load_state(world.store)
+    verify_lists(capsys, world.store, r"resume state 'state/000000000013\.safetensors': it cannot be read .*symbolic link")
+
+
+def test_a_kind_named_outside_the_store_is_refused_and_nothing_is_written_outside(world, capsys):
+    edit(world.store / "zarr.json",
+         lambda d: meta_of(d)["kinds"].update({"../outside_kind": meta_of(d)["kinds"]["losses"]}))
+    message = r"metadata document is damaged: kinds: kind name '\.\./outside_kind' is not allowed"
+    refused(capsys, "info", world.store, message)
+    with pytest.raises(FormatError, match=message):
+        wordystore.resume(world.store)
+    verify_lists(capsys, world.store, message)
+
+
+def test_a_token_set_named_outside_the_store_is_refused(world, capsys):
+    edit(world.store / "zarr.json", lambda d: meta_of(d)["token_sets"].append("../../outside/evil_set"))
+    message = r"token_sets: token set name '\.\./\.\./outside/evil_set' is not allowed"
+    refused(capsys, "info", world.store, message)
+    status, _, err = cli(capsys, "export", world.store, world.root.parent / "x.safetensors", "--tokens", "trained")
+    assert status == 2 and re.search(message, err), err
+    verify_lists(capsys, world.store, message)
+
+
+def test_a_symbolic_link_for_the_writer_lock_is_refused_and_its_target_untouched(world, capsys):
+    (world.store / ".wordystore-writer.lock").unlink(missing_ok=True)
+    (world.store / ".wordystore-writer.lock").symlink_to(world.outside / "victim.txt")
+    refused(capsys, "verify", world.store, r"\.wordystore-writer\.lock is a symbolic link")
+    with pytest.raises(FormatError, match="is a symbolic link"):
+        wordystore.resume(world.store)
+
+
+# -- shards out of place --------------------------------------------------------------------------------
+
+
+COPIES = {  # the case -> (shard copied, shard it replaces, (kind, rows) that read it)
+    "rows 0-3 over rows 4-7": ("embeddings/c/0/0/0", "embeddings/c/1/0/0", ("embeddings", slice(4, 8))),
+    "grads over embeddings": ("grads/c/1/0/0", "embeddings/c/1/0/0", ("embeddings", slice(4, 8))),
+    "learning_rate over grad_norm": ("learning_rate/c/1", "grad_norm/c/1", ("grad_norm", slice(4, 8))),
+    "grad_norm_clipped over grad_norm": ("grad_norm_clipped/c/2", "grad_norm/c/2", ("grad_norm", slice(8, 12))),
+    "variance's residuals over momentum's": ("variance.residuals/c/0/0/0", "momentum.residuals/c/0/0/0",
+                                             ("momentum", slice(0, 4))),
+    "a token set over another": ("token_sets/trained/c/0", "token_sets/untrained/c/0", None),
+}
+
+
+@pytest.mark.parametrize("case", COPIES)
+def test_a_shard_copied_over_another_is_detected_on_read_and_by_verify(world, capsys, case):
+    source, target, read = COPIES[case]
+    shutil.copy(world.store / source, world.store / target)
+    with bounded(), pytest.raises(CorruptChunkError, match=rf"'{re.escape(target)}'.*binding record names another place"):
+        t = wordystore.open(world.store)
+        t[read[0]].numpy(read[1]) if read else t.token_set("untrained")
+    origin = rf".*\(they are the bytes of '{re.escape(source)}'\)" if read else ""  # named for per-row arrays
+    verify_lists(capsys, world.store, rf"corrupt shard: '{re.escape(target)}' .*binding record names another place{origin}")
+
+
+def test_a_shard_of_another_store_is_detected(world, capsys):
+    shutil.copy(world.other / "embeddings/c/1/0/0", world.store / "embeddings/c/1/0/0")
+    with pytest.raises(CorruptChunkError, match="binding record names another place"):
+        wordystore.open(world.store).embeddings.numpy(slice(4, 8))
+    verify_lists(capsys, world.store, r"'embeddings/c/1/0/0'.*\(of no shard of this store: another store's\?\)")
+    report = wordystore.verify(world.store, repair=True)  # the rows before it are kept
+    assert report.verified_rows == 4 and len(wordystore.open(world.store)) == 4
+
+
+def test_a_store_whose_id_was_edited_binds_none_of_its_shards(world, capsys):
+    edit(world.store / "zarr.json", lambda d: meta_of(d).update(store_id="0" * 32))
+    with pytest.raises(CorruptChunkError, match="binding record names another place"):
+        wordystore.open(world.store)  # its steps are read at once
+    verify_lists(capsys, world.store, "of no shard of this store")
+
+
+def swap_chunks(file: Path, copy: bool = False) -> None:
+    """Swap the index entries of a shard's two inner chunks (or point both at the first), with a valid crc."""
+    data = file.read_bytes()
+    index = decode_shard_index(data[-shard_index_nbytes(2):], 2).copy()
+    index[[0, 1]] = index[[0, 0]] if copy else index[[1, 0]]
+    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["swapped", "one copied over the other"])
+def test_chunks_moved_inside_a_shard_are_detected(world, capsys, copy):
+    swap_chunks(world.store / "wide/c/1/0/0", copy)
+    with pytest.raises(CorruptChunkError, match=r"misplaced chunk: array 'wide' chunk \(1, [01], 0\).*inner chunk [01] "
+                                                r"is not the chunk bound to that place"):
+        wordystore.open(world.store).wide.numpy(slice(4, 8))
+    verify_lists(capsys, world.store, r"misplaced chunk: array 'wide'")
+
+
+def test_an_older_copy_of_a_shard_is_detected(world, capsys):
+    shard = world.store / "embeddings/c/3/0/0"  # rows 12..13 of a chunk of 4
+    old = shard.read_bytes()
+    with wordystore.resume(world.store) as w:
+        for step in range(STEPS, STEPS + 2):  # rows 14..15 complete the chunk, which is rewritten
+            w.append(step, **row(step))
+    shard.write_bytes(old)
+    with pytest.raises(CorruptChunkError, match="it holds 2 written rows but 4 are read from it: an older copy"):
+        wordystore.open(world.store).embeddings.numpy(slice(14, 16))
+    verify_lists(capsys, world.store, r"'embeddings/c/3/0/0'.*holds 2 written rows but 4 are read")
+
+
+# -- resume states --------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_resume_state_is_detected(world, capsys):
+    file = world.store / "state" / f"{STEPS - 1:012d}.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-3] ^= 0x01  # in the tensors' data, past the header
+    file.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=r"resume state state/000000000013\.safetensors is damaged: it is \d+ bytes of "
+                                          r"CRC-32C 0x[0-9a-f]{8}; commit\.json recorded \d+ bytes of CRC-32C"):
+        wordystore.load_state(world.store)
+    verify_lists(capsys, world.store, r"resume state 'state/000000000013\.safetensors': it is \d+ bytes of CRC-32C")
+
+
+# -- sizes a document claims ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, message", [
+    (10**15, r"committed_rows 1000000000000000 .* must be counts with compacted <= committed <= 1099511627776"),
+    (10**9, r"commit\.json admits 1000000000 rows but the shards of array 'embeddings' hold at most 16 "
+            r"\('hot/embeddings/c/8/0/0' is missing\)"),
+])
+def test_row_counts_past_what_the_store_holds_are_refused(world, capsys, rows, message):
+    edit(world.store / "commit.json", lambda d: d.update(committed_rows=rows, last_step=rows))
+    for document in (world.store / "hot").glob("*/zarr.json"):
+        edit(document, lambda d: d.update(shape=[rows, *d["shape"][1:]]))
+    refused(capsys, "info", world.store, message)
+    with pytest.raises(FormatError, match=message):
+        wordystore.resume(world.store)
+    verify_lists(capsys, world.store, r"commit\.json")
+
+
+def test_a_kind_declared_too_wide_for_the_format_is_refused(world, capsys):
+    edit(world.store / "zarr.json", lambda d: meta_of(d)["kinds"]["logits"].update(shape=[10**12]))
+    message = r"kind 'logits' of shape \[1000000000000\] takes 2000000000000 bytes a row; a row of a kind takes at most"
+    refused(capsys, "info", world.store, message)
+    verify_lists(capsys, world.store, message)
+
+
+def test_a_kind_declared_wider_than_its_shards_is_refused(world, capsys):
+    edit(world.store / "zarr.json", lambda d: meta_of(d)["kinds"]["wide"].update(shape=[80_000, 4096]))
+    meta = wordystore.format.Metadata.from_json(meta_of(json.loads((world.store / "zarr.json").read_text())), "x")
+    for layout in meta.layouts("wide", STEPS):  # the array's own documents agree with the metadata
+        (world.store / layout.path / "zarr.json").write_text(json.dumps(layout.to_zarr_json()))
+    message = r"array 'wide' is 80000 long along 'slot' .*: 1250 shards, but its shards present cover 1"
+    refused(capsys, "info", world.store, message)
+    verify_lists(capsys, world.store, message)
+
+
+def test_a_document_too_large_or_too_deep_is_refused(world, capsys):
+    (world.store / "commit.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(capsys, "info", world.store, r"commit\.json is not valid JSON \(RecursionError")
+    (world.store / "commit.json").write_text('{"committed_rows": ' + "9" * 5000 + "}")
+    refused(capsys, "info", world.store, r"commit\.json is not valid JSON \(ValueError")
+    with open(world.store / "zarr.json", "r+b") as f:
+        f.truncate(1 << 30)  # a sparse GiB: refused by its size, never read
+    refused(capsys, "info", world.store, r"zarr\.json is 1073741824 bytes; wordystore reads at most 67108864")
+
+
+def test_a_shard_larger_than_its_chunks_can_be_is_not_read(world, capsys):
+    with open(world.store / "embeddings/c/1/0/0", "r+b") as f:
+        f.truncate(1 << 32)  # a sparse 4 GiB
+    with pytest.raises(CorruptChunkError, match=r"unreadable shard: 'embeddings/c/1/0/0'.*is 4294967296 bytes; "
+                                                r"wordystore reads at most"):
+        wordystore.open(world.store).embeddings.numpy(slice(4, 8))
+    verify_lists(capsys, world.store, r"'embeddings/c/1/0/0'")
+
+
+def test_a_shard_index_claiming_a_huge_chunk_is_refused(world, capsys):
+    file = world.store / "wide/c/1/0/0"
+    data = file.read_bytes()
+    index = decode_shard_index(data[-shard_index_nbytes(2):], 2).copy()
+    index[1, 1] = 1 << 40
+    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+    with pytest.raises(CorruptChunkError, match=r"lists 1099511627776 bytes for the chunk, more than such a chunk"):
+        wordystore.open(world.store).wide.numpy((slice(4, 8), slice(4, 8)))
+    verify_lists(capsys, world.store, "'wide")
+
+
+def test_inner_chunks_edited_to_multiply_the_reads_are_refused(world, capsys):
+    edit(world.store / "embeddings/zarr.json",
+         lambda d: d["codecs"][0]["configuration"].update(chunk_shape=[4, 1, 1]))
+    refused(capsys, "info", world.store, r"array 'embeddings': its zarr\.json has shards and chunks")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_rows", "2", r"block_rows and chunk_rows: block_rows '2' must be a positive int"),
+    ("chunk_rows", 2**40, r"chunk_rows 1099511627776 \(at most 4096\)"),
+    ("store_id", "../x", r"store_id: '\.\./x' is not 32 hex digits"),
+    ("predictions", {"momentum": {"name": "pickle"}}, r"predictions: prediction 'pickle' is not one of \['adam'\]"),
+    ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
+])
+def test_metadata_fields_of_the_wrong_kind_are_named(world, capsys, field, value, message):
+    edit(world.store / "zarr.json", lambda d: meta_of(d).update({field: value}))
+    refused(capsys, "info", world.store, message)
+
+
+# -- files that are not regular files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", ["fifo", "device link", "directory link"])
+def test_a_shard_that_is_not_a_regular_file_is_refused_at_once(world, capsys, make):
+    shard = world.store / "embeddings/c/1/0/0"
+    shard.unlink()
+    if make == "fifo":
+        os.mkfifo(shard)
+    elif make == "device link":
+        shard.symlink_to("/dev/zero")
+    else:  # the row block's directory leads outside the store, to a copy of it
+        shutil.rmtree(shard.parent.parent)
+        shard.parent.parent.symlink_to(world.outside / "rows")
+    message = {"fifo": "is not a regular file", "device link": "is a symbolic link",
+               "directory link": "is a symbolic link"}[make]
+    with bounded(), pytest.raises(CorruptChunkError, match=message):
+        wordystore.open(world.store).embeddings.numpy(slice(4, 8))
+    verify_lists(capsys, world.store, rf"'embeddings/c/1/0/0'.*{message}")
+    status, out, _ = cli(capsys, "info", world.store)
+    assert status == 0 and "embeddings" in out  # info decodes nothing: it still describes the store
+
+
+def test_a_document_that_is_a_fifo_is_refused_at_once(world, capsys):
+    (world.store / "commit.json").unlink()
+    os.mkfifo(world.store / "commit.json")
+    refused(capsys, "info", world.store, r"commit\.json is not a regular file")
+
+
+def test_a_linked_array_directory_is_refused_by_reader_and_writer(world, capsys):
+    shutil.rmtree(world.store / "hot" / "losses")
+    (world.store / "hot" / "losses").symlink_to(world.outside / "losses")
+    refused(capsys, "info", world.store, r"hot/losses is a symbolic link")
+    with pytest.raises(FormatError, match="is a symbolic link"):
+        wordystore.resume(world.store)
+
+
+# -- other documents a store holds ------------------------------------------------------------------------
+
+
+def test_an_imported_store_whose_scalars_lack_one_is_a_clear_export_error(world, capsys, tmp_path):
+    edit(world.store / "zarr.json", lambda d: meta_of(d)["config"]["seed_scalars"].pop("n_trained"))
+    status, _, err = cli(capsys, "export", world.store, tmp_path / "x.safetensors")
+    assert status == 2 and err.count("\n") == 1 and re.search(
+        r"config\['seed_scalars'\] lacks numbers for \['n_trained'\]", err), err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("result", [{"ndarray": [1, 2], "dtype": "|O"}, {"ndarray": [1], "dtype": "V100000000"},
+                                    {"ndarray": "x", "dtype": 5}, "not a result"])
+def test_a_hostile_analysis_cache_entry_is_recomputed(world, result):
+    first = analysis.moment_norms(wordystore.open(world.store), "trained", cache=True)
+    (entry,) = (world.store / "analysis").glob("*.json")
+    edit(entry, lambda d: d.update(result=result))
+    again = analysis.moment_norms(wordystore.open(world.store), "trained", cache=True)
+    assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
+    assert json.loads(entry.read_text())["result"] != result  # replaced by the recomputed one
+
+
+def test_the_pristine_store_reads_right(world):
+    """The cases above start from a store that reads its recorded values."""
+    read_everything(world.store)
+    t = wordystore.open(world.store)
+    for name in ("embeddings", "momentum", "grad_norm", "wide"):
+        expected = np.stack([row(step)[name] for step in range(STEPS)])
+        assert t[name].numpy().view(np.uint8).tobytes() == expected.view(np.uint8).tobytes(), name
+    assert wordystore.verify(world.store).ok
