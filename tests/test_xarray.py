@@ -219,7 +219,7 @@ def test_trajectories_and_views_pickle_as_where_to_reopen_them(store, tmp_path, 
     proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(payloads), capture_output=True, cwd=other)
     assert proc.returncode == 0, proc.stderr.decode()
     got = pickle.loads(proc.stdout)
-    assert got["rows"] == ROWS and got["store"] == "LocalStore"
+    assert got["rows"] == ROWS and got["store"] == "GuardedLocalStore"  # a given LocalStore is guarded (docs/security.md)
     np.testing.assert_array_equal(got["steps"], t.steps)
     for name, expected in (("view", ref["momentum"]), ("uncached", ref["variance"]), ("store object", ref["logits"]),
                            ("dask", ref["embeddings"][:, SETS["untrained"]]), ("xarray", ref["momentum"][:, 5:9])):

@@ -107,6 +107,7 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
     kinds = [k for k in asked if k not in in_metadata and (kinds is not None or k in STEP_KINDS)]
     rows = _selected_rows(t, rows, steps)
     token_ids = _token_ids(t, tokens)
+    scalars = seed_scalars(t)  # every refusal before any warning: a refused export says one line
     _warn_left_behind(t, [k for k in asked if k not in kinds and k not in in_metadata])
 
     plan = {"recorded_steps": ("int64", (len(rows),), t.steps[rows].astype("<i8"))}
@@ -116,7 +117,6 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
         if token_ids is not None and "token" in kind.dims:
             shape[kind.dims.index("token")] = len(token_ids)
         plan[name] = (kind.dtype, (len(rows), *shape), kind)
-    scalars = seed_scalars(t)
     for name in FLOAT_SCALARS:
         plan[name] = ("float32", (), np.float32(scalars[name]))
     for name in COUNT_SCALARS:
