@@ -311,7 +311,7 @@ CORRUPTIONS = {
 
 def files(path: Path) -> dict[str, bytes]:
     return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*")
-            if f.is_file() and f.name not in (storage.LOCK_FILE, VERIFIED_KEY)}
+            if f.is_file() and f.name not in (format.WRITER_LOCK_KEY, VERIFIED_KEY)}
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)

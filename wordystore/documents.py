@@ -1,6 +1,6 @@
 """The store's JSON documents, read and written over :mod:`wordystore.storage`: the metadata (in the
-root ``zarr.json``), the commit record, each array's and group's ``zarr.json``, and any other JSON
-key (``verified.json``, the analysis cache). The documents' contents are :mod:`wordystore.format`'s;
+root ``zarr.json``), the commit record, each array's and group's ``zarr.json``, the writer lease of
+a store on object storage, and any other JSON key (``verified.json``, the analysis cache). The documents' contents are :mod:`wordystore.format`'s;
 this module only moves them, naming the key of a document that does not parse. No document is read
 past ``format.MAX_DOCUMENT_BYTES``.
 """
@@ -17,8 +17,10 @@ from wordystore.format import (
     GROUP_JSON,
     MAX_DOCUMENT_BYTES,
     MAX_ROWS,
+    WRITER_LOCK_KEY,
     ArrayLayout,
     CommitRecord,
+    LeaseRecord,
     Metadata,
     document_key,
     is_token_set_layout,
@@ -74,16 +76,45 @@ def write_metadata(store, meta: Metadata, durable: bool = False) -> None:
 def read_commit(store) -> CommitRecord:
     where = storage.describe(store)
     try:
-        doc = read_json(store, COMMIT_KEY)
-        if doc is None:
-            raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was lost")
-        return CommitRecord.from_json(doc, where)
+        return _commit_record(read_json(store, COMMIT_KEY), where)
     except FormatError as exc:  # every damaged record: say how to rebuild it
         raise FormatError(f"{exc}; `wordystore verify {where} --repair` rebuilds it from the rows that verify") from None
 
 
+def read_commit_version(store) -> tuple[CommitRecord, str]:
+    """On object storage: the commit record and its version (etag), which a writer taking the store
+    over rewrites on that version only."""
+    where = storage.describe(store)
+    try:
+        found = storage.get_versioned(store, COMMIT_KEY, MAX_DOCUMENT_BYTES)
+        return _commit_record(None if found is None else loads(found[0], f"{where}/{COMMIT_KEY}"), where), found[1]
+    except FormatError as exc:
+        raise FormatError(f"{exc}; `wordystore verify {where} --repair` rebuilds it from the rows that verify") from None
+
+
+def _commit_record(doc, where: str) -> CommitRecord:
+    if doc is None:
+        raise FormatError(f"{where} has no {COMMIT_KEY}: it was never completely created, or the record was lost")
+    return CommitRecord.from_json(doc, where)
+
+
 def write_commit(store, record: CommitRecord, durable: bool = False) -> None:
     write_json(store, COMMIT_KEY, record.to_json(), durable)
+
+
+def read_lease(store) -> tuple[LeaseRecord | None, str | None]:
+    """On object storage: the writer lease and its version (etag); (None, None) if there is none."""
+    found = storage.get_versioned(store, WRITER_LOCK_KEY, MAX_DOCUMENT_BYTES)
+    if found is None:
+        return None, None
+    where = storage.describe(store)
+    return LeaseRecord.from_json(loads(found[0], f"{where}/{WRITER_LOCK_KEY}"), where), found[1]
+
+
+def write_lease(store, lease: LeaseRecord, version: str | None) -> str:
+    """Put the writer lease only if there is none (``version`` None) or it is still at ``version``;
+    returns the new version. Refused: :class:`wordystore.objectstore.ConditionFailed`."""
+    return storage.put_if(store, WRITER_LOCK_KEY, dumps(lease.to_json()), version)
 
 
 def read_layout(store, path: str, binding: ShardBinding | None = None) -> ArrayLayout:

@@ -18,7 +18,17 @@ class ReadOnlyError(WordystoreError, PermissionError):
 
 
 class StoreLockedError(WordystoreError):
-    """Another writer holds the store's lock."""
+    """Another writer holds the store's lock (on object storage, its lease)."""
+
+
+class StaleWriterError(StoreLockedError):
+    """This writer lost its lease on object storage (it expired, or another writer took it over):
+    it writes nothing more. Names the key it was refused and the generations."""
+
+
+class StorageError(WordystoreError):
+    """Object storage refused or could not be reached (credentials, permissions, network); names
+    the URL, the operation and what to check."""
 
 
 class WriterFailedError(WordystoreError):
@@ -31,6 +41,11 @@ class CorruptChunkError(WordystoreError):
 
 class MissingExtraError(WordystoreError, ImportError):
     """An optional dependency is not installed; names the extra that brings it."""
+
+
+class LeaseWaitWarning(UserWarning):
+    """A writer waits for another writer's lease on object storage to expire (a writer that died
+    holds it until then); names the holder and how long."""
 
 
 class RoundTripWarning(UserWarning):

@@ -73,6 +73,7 @@ TOKEN_SETS_GROUP = "token_sets"
 HOT_GROUP = "hot"
 STATE_PREFIX = "state"  # resume states: state/<row>.safetensors (wordystore.resume_state)
 ANALYSIS_PREFIX = "analysis"  # cached analysis results: analysis/<name>-<digest>.json
+WRITER_LOCK_KEY = ".wordystore-writer.lock"  # a directory's flock file; an object store's lease (LeaseRecord)
 CHUNK_DIR = "c"  # chunk key encoding "default" with "/": <array>/c/<i>/<j>/...
 RESERVED_NAMES = frozenset({STEPS_ARRAY, TOKEN_SETS_GROUP, COMMIT_KEY, ZARR_JSON, ANALYSIS_PREFIX, HOT_GROUP,
                             STATE_PREFIX, VERIFIED_KEY})  # the store root's keys: no kind may take them
@@ -684,21 +685,27 @@ def state_entry_problem(entry, version: int = FORMAT_VERSION) -> str | None:
 class CommitRecord:
     """``commit.json``: rows ``[0, committed_rows)`` are valid; ``[0, compacted_rows)`` of them
     are in the main tier, the rest in the hot tier. ``states`` lists the resume states kept
-    (``{"row", "step", "key", "crc32c", "nbytes"}``, oldest first; see :mod:`wordystore.resume_state`)."""
+    (``{"row", "step", "key", "crc32c", "nbytes"}``, oldest first; see :mod:`wordystore.resume_state`).
+    ``writer_generation``: on object storage, the lease generation of the writer that wrote it
+    (:class:`LeaseRecord`); absent (0) on directories. Readers ignore it."""
 
     committed_rows: int = 0
     compacted_rows: int = 0
     last_step: int | None = None
     states: tuple[dict, ...] = ()
     format_version: int = FORMAT_VERSION
+    writer_generation: int = 0
 
     @property
     def tiers(self) -> RowTiers:
         return RowTiers(self.compacted_rows, self.committed_rows)
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "format_version": self.format_version, "committed_rows": self.committed_rows,
-                "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states)}
+        doc = {"format": FORMAT_NAME, "format_version": self.format_version, "committed_rows": self.committed_rows,
+               "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states)}
+        if self.writer_generation:
+            doc["writer_generation"] = self.writer_generation
+        return doc
 
     @classmethod
     def from_json(cls, doc, where: str) -> "CommitRecord":
@@ -721,7 +728,47 @@ class CommitRecord:
             problem = state_entry_problem(entry, version)
             if problem:
                 raise FormatError(f"{where}/{COMMIT_KEY} is damaged: states[{i}] {problem}")
-        return cls(committed, compacted, last, tuple(states), version)
+        generation = doc.get("writer_generation", 0)
+        if not (_is_count(generation) and generation <= MAX_LEASE_GENERATION):
+            raise FormatError(f"{where}/{COMMIT_KEY} is damaged: writer_generation {generation!r} is not a count of "
+                              f"at most {MAX_LEASE_GENERATION}")
+        return cls(committed, compacted, last, tuple(states), version, generation)
+
+
+# -- the writer lease on object storage (docs/format.md, "Object storage") ----------------------------
+
+MAX_LEASE_GENERATION = 2**53  # exact in every JSON reader
+MAX_OWNER_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """The object ``.wordystore-writer.lock`` of a store on object storage: which writer holds it
+    (``owner``, ``host:pid:random``), its ``generation`` (1 for the first writer, one more for each
+    writer that takes it over: the fencing token ``commit.json`` carries), until when (``expires_at``,
+    Unix seconds; 0 once released) and for how long each renewal extends it (``duration_s``)."""
+
+    owner: str
+    generation: int
+    expires_at: float
+    duration_s: float
+
+    def to_json(self) -> dict:
+        return {"owner": self.owner, "generation": self.generation, "expires_at": self.expires_at,
+                "duration_s": self.duration_s}
+
+    @classmethod
+    def from_json(cls, doc, where: str) -> "LeaseRecord":
+        owner, generation = (doc.get(k) if isinstance(doc, dict) else None for k in ("owner", "generation"))
+        expires_at, duration = (doc.get(k) if isinstance(doc, dict) else None for k in ("expires_at", "duration_s"))
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                      for x in (expires_at, duration))
+        if not (isinstance(owner, str) and 0 < len(owner) <= MAX_OWNER_LENGTH and _is_count(generation)
+                and 0 < generation <= MAX_LEASE_GENERATION and numbers):
+            raise FormatError(f"{where}/{WRITER_LOCK_KEY} is not a writer lease: expected owner (at most "
+                              f"{MAX_OWNER_LENGTH} characters), generation (1 to {MAX_LEASE_GENERATION}), expires_at "
+                              "and duration_s (seconds); delete it once no writer runs")
+        return cls(owner, generation, float(expires_at), float(duration))
 
 
 def check_arrays(where: str, meta: Metadata, record: CommitRecord,

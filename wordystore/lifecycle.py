@@ -1,7 +1,8 @@
 """A store's life before and around its writer: :func:`create` a trajectory, :func:`resume` one, or
 build a whole one aside and put it in place when complete (:func:`create_whole`, for ``convert``,
 ``import`` and ``stitch``). Each hands back a :class:`wordystore.writer.TrajectoryWriter` holding
-the store's writer lock.
+the store's writer lock (:func:`wordystore.lease.writer_lock`: a directory's ``flock``, or on object
+storage a lease that fences the store's writes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Mapping
 from wordystore import documents, format, storage
 from wordystore.errors import ReadOnlyError
 from wordystore.kinds import Kind
+from wordystore.lease import writer_lock
 from wordystore.prediction import AdamPrediction
 from wordystore.storage import WriterLock, as_store, describe, local_root
 from wordystore.writer import TrajectoryWriter, check_token_set, write_token_set
@@ -46,8 +48,10 @@ def create(
     block_rows: int = format.BLOCK_ROWS,
     chunk_rows: int = format.CHUNK_ROWS,
     predictions: Mapping[str, AdamPrediction] | None = None,
+    storage_options: dict | None = None,
 ) -> TrajectoryWriter:
-    """Create a trajectory at ``where`` (a directory path, a URL or a zarr store) and open it for appending.
+    """Create a trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
+    ``file://`` URL, or a zarr store) and open it for appending.
 
     ``kinds`` maps each tensor kind's name to its per-step :class:`Kind`; ``token_sets`` maps names
     to token ids; ``config`` is any JSON-serialisable dict (the run's full config); ``profile`` is
@@ -56,8 +60,10 @@ def create(
     ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
     compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
     (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
-    residuals against a replay of the optimizer: several times smaller, still bit for bit. Everything is
-    checked before anything is written; a create that fails leaves nothing behind.
+    residuals against a replay of the optimizer: several times smaller, still bit for bit.
+    ``storage_options``: a URL's endpoint, region and credentials (default: from the environment;
+    :func:`wordystore.objectstore.open_url`). Everything is checked before anything is written; a
+    create that fails leaves nothing behind.
 
     >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
     ...     w.append(0, embeddings=..., grads=..., ...)
@@ -77,13 +83,13 @@ def create(
     if not isinstance(keep_states, int) or keep_states < 1:
         raise ValueError(f"keep_states must be a positive int, got {keep_states!r}")
 
-    store = as_store(where, read_only=False)
+    store = as_store(where, read_only=False, storage_options=storage_options)
     if store.read_only:
         raise ReadOnlyError(f"cannot create a trajectory in {describe(store)}: the store is read-only")
     _refuse_existing(store, overwrite)  # before the lock, whose file would change the store
     root = local_root(store)
     made_dir = root is not None and not root.exists()
-    lock = WriterLock(store)
+    lock = writer_lock(store)
     try:
         _refuse_existing(store, overwrite)  # again, now that no other writer can be making it
     except BaseException:
@@ -105,7 +111,8 @@ def create(
         for name, ids in sets.items():
             write_token_set(store, meta, name, ids)
         documents.write_metadata(store, meta)
-        documents.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
+        record = format.CommitRecord(writer_generation=lock.generation)
+        documents.write_commit(store, record, durable=durable)  # last: the store is complete
         return TrajectoryWriter(store, lock, durable, keep_states)
     except BaseException:  # remove what this call wrote (the refusals above have written nothing)
         try:
@@ -117,19 +124,21 @@ def create(
         raise
 
 
-def resume(where, *, durable: bool = True, keep_states: int = 1) -> TrajectoryWriter:
+def resume(where, *, durable: bool = True, keep_states: int = 1,
+           storage_options: dict | None = None) -> TrajectoryWriter:
     """Open an existing trajectory to append after its last committed row.
 
     Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
     never touched. A store whose commit record is missing or damaged is refused: see
-    ``wordystore verify --repair``.
+    ``wordystore verify --repair``. On object storage, the lease of a writer that was killed is
+    waited out (a warning says so; up to 32 s by default), and a live writer's refuses this one.
     """
-    store = as_store(where, read_only=False)
+    store = as_store(where, read_only=False, storage_options=storage_options)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
     if not storage.exists(store, format.document_key("")):  # before the lock, which would make the directory
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
-    lock = WriterLock(store)
+    lock = writer_lock(store)
     try:
         return TrajectoryWriter(store, lock, durable, keep_states)
     except BaseException:
@@ -139,10 +148,13 @@ def resume(where, *, durable: bool = True, keep_states: int = 1) -> TrajectoryWr
 
 @contextlib.contextmanager
 def create_whole(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, **create_args):
-    """``create`` for commands that write a whole store at once (convert, import, stitch): the store
-    appears at ``where`` only once complete. A local store is built under a temporary name beside
-    ``where`` and renamed into place: a failed build leaves nothing behind, and an existing store
-    (with ``overwrite``) stays intact until its replacement is whole.
+    """``create`` for commands that write a whole store at once (convert, import, stitch): a local
+    store is built under a temporary name beside ``where`` and renamed into place, so it appears
+    only once complete, a failed build leaves nothing behind, and an existing store (with
+    ``overwrite``) stays intact until its replacement is whole. Object storage has no renames: the
+    store is built in place under the writer's lease, a chunk of rows committed at a time (readers
+    see a prefix of it meanwhile, as of a recording run), an existing one (with ``overwrite``)
+    replaced from the start, and a failed build deleted.
 
     >>> with create_whole("out.zarr", kinds, config=cfg) as w:
     ...     w.bulk_append(steps, read_tile)

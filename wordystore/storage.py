@@ -1,8 +1,10 @@
 """Where a trajectory lives: a zarr store, opened from a path, a URL or a ready store; bytes in and
-out of it; and the single-writer lock.
+out of it; and the single-writer lock of a directory.
 
-Everything goes through zarr's ``Store`` API (synchronous shortcuts where the store has them), so
-the same code serves a local directory today and object storage later.
+Everything goes through zarr's ``Store`` API, with synchronous shortcuts where the store has them:
+a local directory (:class:`GuardedLocalStore`) and object storage (``s3://``, ``gs://``, ``az://``:
+:class:`wordystore.objectstore.ObjectUrlStore`, whose writes a writer's lease fences; the lease is
+:mod:`wordystore.lease`).
 
 A store may come from someone else, so nothing here leaves it (docs/security.md): every key is
 checked to be a relative path inside the store (no ``..``, no absolute path, no empty part) on
@@ -28,8 +30,9 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from wordystore.errors import FormatError, StoreLockedError
+from wordystore.format import WRITER_LOCK_KEY
+from wordystore.objectstore import ObjectUrlStore, open_url
 
-LOCK_FILE = ".wordystore-writer.lock"
 MAX_READ_BYTES = 2**36  # what a read given no limit of its own may take: far more than any key of a store
 
 
@@ -172,18 +175,19 @@ def _local_exists(root: Path, key: str) -> bool:
         return False
 
 
-def as_store(where: str | os.PathLike | Store, read_only: bool) -> Store:
-    """A zarr store for a local path, an fsspec URL (``s3://...``), or a store given as is (a
-    local one made a :class:`GuardedLocalStore`)."""
+def as_store(where: str | os.PathLike | Store, read_only: bool, storage_options: dict | None = None) -> Store:
+    """A zarr store for a local path or ``file://`` URL, an ``s3://``, ``gs://`` or ``az://`` URL
+    (``storage_options``: endpoint, region, credentials; see :func:`wordystore.objectstore.open_url`),
+    or a store given as is (a local one made a :class:`GuardedLocalStore`)."""
     if isinstance(where, LocalStore) and not isinstance(where, GuardedLocalStore):
         return GuardedLocalStore(where.root, read_only=where.read_only)
     if isinstance(where, Store):
         return where
     text = os.fspath(where)
     if "://" in text and not text.startswith("file://"):
-        from zarr.storage import FsspecStore
-
-        return FsspecStore.from_url(text, read_only=read_only)
+        return open_url(text, storage_options, read_only)
+    if storage_options:
+        raise ValueError(f"storage_options apply to s3://, gs:// and az:// URLs, not to the local path {text}")
     return GuardedLocalStore(text.removeprefix("file://"), read_only=read_only)
 
 
@@ -193,8 +197,11 @@ def local_root(store: Store) -> Path | None:
 
 
 def describe(store: Store) -> str:
+    """Where the store is, as a user would name it: a directory, a URL."""
     root = local_root(store)
-    return str(root) if root is not None else repr(store)
+    if root is not None:
+        return str(root)
+    return store.url if isinstance(store, ObjectUrlStore) else repr(store)
 
 
 def get(store: Store, key: str, suffix: int | None = None, byte_range: tuple[int, int] | None = None,
@@ -211,6 +218,8 @@ def get(store: Store, key: str, suffix: int | None = None, byte_range: tuple[int
         return None if data is None else data[0]
     check_key(key)
     limit = MAX_READ_BYTES if limit is None else limit
+    if isinstance(store, ObjectUrlStore):
+        return store.read(key, request, limit)
     if request is None:
         try:
             size = sync(store.getsize(key))
@@ -227,6 +236,8 @@ def get_ranges(store: Store, key: str, ranges: list[tuple[int, int]]) -> list[by
     root = local_root(store)
     if root is not None:
         values = read_local(root, key, [RangeByteRequest(*r) for r in ranges])
+    elif isinstance(store, ObjectUrlStore):
+        values = store.read_ranges(check_key(key), ranges)
     else:
         values = [get(store, key, byte_range=r) for r in ranges]
     if values is None or any(v is None for v in values):
@@ -236,19 +247,36 @@ def get_ranges(store: Store, key: str, ranges: list[tuple[int, int]]) -> list[by
 
 def put(store: Store, key: str, data: bytes) -> None:
     """Replace ``key`` atomically (LocalStore writes a temporary file and renames it; object
-    stores replace objects whole)."""
-    buffer = default_buffer_prototype().buffer.from_bytes(data)
+    stores replace objects whole, a writer's fenced: :mod:`wordystore.objectstore`)."""
     check_key(key)
+    if isinstance(store, ObjectUrlStore):
+        store.write(key, data)
+        return
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
     if isinstance(store, LocalStore):
         store.set_sync(key, buffer)
     else:
         sync(store.set(key, buffer))
 
 
+def get_versioned(store: ObjectUrlStore, key: str, limit: int) -> tuple[bytes, str] | None:
+    """An object's value and its version (etag), for :func:`put_if`; None if absent (object storage only)."""
+    return store.read_versioned(check_key(key), limit)
+
+
+def put_if(store: ObjectUrlStore, key: str, data: bytes, version: str | None) -> str:
+    """Put ``key`` only if absent (``version`` None) or still at ``version``; returns its new version.
+    Refused: :class:`wordystore.objectstore.ConditionFailed` (object storage only: the writer lease's primitive)."""
+    return store.write_if(check_key(key), data, version)
+
+
 def delete(store: Store, key: str) -> None:
     """Delete ``key`` (absent is fine); local stores also drop the directories it leaves empty."""
     check_key(key)
     root = local_root(store)
+    if isinstance(store, ObjectUrlStore):
+        store.remove(key)
+        return
     if root is None:
         sync(store.delete(key))
         return
@@ -261,7 +289,11 @@ def delete(store: Store, key: str) -> None:
 
 def exists(store: Store, key: str) -> bool:
     root = local_root(store)
-    return _local_exists(root, key) if root is not None else sync(store.exists(check_key(key)))
+    if root is not None:
+        return _local_exists(root, key)
+    if isinstance(store, ObjectUrlStore):
+        return store.etag(check_key(key)) is not None
+    return sync(store.exists(check_key(key)))
 
 
 def list_prefix(store: Store, prefix: str) -> list[str]:
@@ -273,6 +305,8 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
         top = _no_links(root, prefix.rstrip("/").split("/")) if prefix else root
         return [os.path.relpath(os.path.join(folder, name), root)
                 for folder, _, names in os.walk(top) for name in names]  # os.walk skips vanished ones, follows no link
+    if isinstance(store, ObjectUrlStore):
+        return list(store.sizes(prefix))
 
     async def collect():
         return [key async for key in store.list_prefix(prefix)]
@@ -283,6 +317,10 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
 def size(store: Store, prefix: str = "") -> int:
     """Bytes of every key under ``prefix``; a key that vanishes meanwhile (a writer compacting)
     counts 0."""
+    if isinstance(store, ObjectUrlStore):
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        return sum(store.sizes(prefix).values())
     root, total = local_root(store), 0
     for key in list_prefix(store, prefix):
         try:
@@ -308,9 +346,12 @@ def sync_to_disk(store: Store, keys: list[str]) -> None:
 class WriterLock:
     """An exclusive ``flock`` on a file in the store's directory, held while a writer is open.
 
-    The kernel drops it when the process dies, so a killed writer never leaves a stale lock.
-    Stores that are not local directories are not locked (documented in docs/format.md).
+    The kernel drops it when the process dies, so a killed writer never leaves a stale lock. On
+    object storage the writer holds a lease instead (:mod:`wordystore.lease`); other stores (a
+    zarr store object given as is) are not locked (docs/format.md).
     """
+
+    generation = 0  # a directory's writers need no fencing token (the lease's: docs/format.md)
 
     def __init__(self, store: Store):
         self._fd = None
@@ -319,15 +360,15 @@ class WriterLock:
             return
         root.mkdir(parents=True, exist_ok=True)
         try:  # never through a link (a hostile store's lock file could point at a file to truncate)
-            fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            fd = os.open(root / WRITER_LOCK_KEY, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise FormatError(f"{root / LOCK_FILE} is a symbolic link; the writer lock is a regular file of "
+                raise FormatError(f"{root / WRITER_LOCK_KEY} is a symbolic link; the writer lock is a regular file of "
                                   "the store (delete the link)") from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise FormatError(f"{root / LOCK_FILE} is not a regular file; the writer lock is one (delete it)")
+            raise FormatError(f"{root / WRITER_LOCK_KEY} is not a regular file; the writer lock is one (delete it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -354,5 +395,5 @@ class WriterLock:
 def clear_store(store: Store) -> None:
     """Delete every key of the store but the writer lock (which the caller holds)."""
     for key in list_prefix(store, ""):
-        if key != LOCK_FILE:
+        if key != WRITER_LOCK_KEY:
             delete(store, key)

@@ -9,10 +9,11 @@ Nothing is read until a view is sliced. A reader sees the committed prefix of th
 ``open`` or its last ``refresh()``, even while a writer appends.
 
 Trajectories and views pickle as where to reopen them: the store's location (a local path made
-absolute, a URL as given) and the open options, never their data, cache or threads, nor any
-credentials; a zarr ``Store`` object given to ``open`` pickles as that store does (its options
-with it). Unpickling reopens the store, as ``open`` does (and so imports this module, which
-registers zarr's bfloat16 data type), so dask can send them to other processes.
+absolute, a URL as given, with the ``storage_options`` that name no secret) and the open options,
+never their data, cache or threads, nor any credentials (a worker finds its own in its environment);
+a zarr ``Store`` object given to ``open`` pickles as that store does (its options with it).
+Unpickling reopens the store, as ``open`` does (and so imports this module, which registers zarr's
+bfloat16 data type), so dask can send them to other processes.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ from wordystore.kinds import Kind, numpy_to_torch
 from wordystore.storage import as_store, describe
 
 
-def open(where, *, cache_bytes: int = reading.DEFAULT_CACHE_BYTES) -> "Trajectory":  # noqa: A001 - as zarr.open
-    """Open the trajectory at ``where`` (a directory path, a URL or a zarr store) for reading.
+def open(where, *, cache_bytes: int = reading.DEFAULT_CACHE_BYTES,  # noqa: A001 - as zarr.open
+         storage_options: dict | None = None) -> "Trajectory":
+    """Open the trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
+    ``file://`` URL, or a zarr store) for reading.
 
     ``cache_bytes`` bounds the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``).
+    ``storage_options``: a URL's endpoint, region and credentials (default: from the environment;
+    :func:`wordystore.objectstore.open_url`).
     """
-    return Trajectory(where, cache_bytes)
+    return Trajectory(as_store(where, read_only=True, storage_options=storage_options) if storage_options else where,
+                      cache_bytes)
 
 
 class Trajectory:

@@ -23,9 +23,10 @@ import numpy as np
 
 from wordystore import documents, format, storage
 from wordystore.errors import FormatError
+from wordystore.lease import writer_lock
 from wordystore.repair import Repair, repair_store
 from wordystore.scan import Problem, StoreScan
-from wordystore.storage import WriterLock, as_store
+from wordystore.storage import as_store
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
         if not _looks_like_a_trajectory(looking):
             raise
     store = as_store(where, read_only=False)
-    lock = WriterLock(store)
+    lock = writer_lock(store)
     try:
         scan = StoreScan(store, progress)
         scan.check()
