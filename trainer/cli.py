@@ -25,6 +25,7 @@ EXAMPLES = examples(
     "wordystore train runs/wb1b.zarr                      # the seed notebook's 200-step run",
     "wordystore train runs/quick.zarr --steps 20 --vocab-size 512 --hidden-dim 16",
     "wordystore train runs/wb1b.zarr --resume             # after Ctrl-C or kill -9",
+    "wordystore train s3://bucket/runs/wb1b.zarr          # into a bucket (credentials from the environment)",
     "wordystore train runs/wb1b.zarr --extend-to 400 --lr-policy hold",
     "wordystore train runs/const.zarr --training-arg lr_scheduler_type=constant",
     "TENSORBOARD_LOGGING_DIR=tb/wb1b wordystore train runs/wb1b.zarr --training-arg report_to=tensorboard "
@@ -38,8 +39,8 @@ def register(sub) -> None:
                        description="Run the seed notebook's Wordybird experiment (its parameters are the defaults\n"
                                    "below), recording every step into a trajectory. Needs the train extra.",
                        epilog=EXAMPLES)
-    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr); with --resume or "
-                               "--extend-to, the run to go on with")
+    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr, or an s3://, gs:// or "
+                               "az:// URL); with --resume or --extend-to, the run to go on with")
     p.add_argument("--config", help="JSON file of run parameters, keys as the flags below with _ for - "
                                     "(flags override it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT (default: refuse)")

@@ -40,7 +40,7 @@ class ProgressBar(TrainerCallback):
     """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
     rate are those recorded for the step (the scheduler has moved the optimizer's on by then)."""
 
-    def __init__(self, recording: TrajectoryCallback, store_path: Path, total: int, initial: int = 0):
+    def __init__(self, recording: TrajectoryCallback, store_path: str | Path, total: int, initial: int = 0):
         from tqdm.auto import tqdm
 
         self.recording, self.store_path = recording, store_path
@@ -95,8 +95,9 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-def store_size(path: Path) -> int:
-    """Bytes on disk, counted while the writer writes and compacts (see wordystore.storage.size)."""
+def store_size(path: str | Path) -> int:
+    """Bytes stored (a directory's or a bucket's), counted while the writer writes and compacts (see
+    wordystore.storage.size)."""
     return storage.size(storage.as_store(path, read_only=True))
 
 
@@ -137,7 +138,7 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
             predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
         writer = wordystore.create(out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite,
                                    predictions=predictions)
-        return _train_recording(writer, Path(out), model, args, cfg, inputs, progress=progress)
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress)
 
 
 def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = True,
@@ -255,11 +256,11 @@ def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, 
         if new_extension:
             stored = wordystore.open(out).config
             writer.update_config(extensions=[*(stored.get("extensions") or []), extension])
-        return _train_recording(writer, Path(out), model, args, cfg, inputs, progress=progress,
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress,
                     resume_state=(tensors, info), checkpoint=checkpoint, extension=extension, start=step)
 
 
-def _train_recording(writer, out: Path, model, args, cfg, inputs, *, progress: bool, resume_state=None,
+def _train_recording(writer, out: str | Path, model, args, cfg, inputs, *, progress: bool, resume_state=None,
                      checkpoint=None, extension=None, start: int = 0) -> dict:
     """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
     embedding = model.transformer.wte.weight

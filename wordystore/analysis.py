@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from wordystore import documents, format
-from wordystore.errors import FormatError
+from wordystore.errors import FormatError, StorageError
 from wordystore.trajectory import Trajectory
 
 Table = dict[str, np.ndarray]
@@ -433,7 +433,7 @@ def _cached(t: Trajectory, name: str, args: dict, compute: Callable, result_type
                 "result": _encode(asdict(result) if result_type is not dict else result)}
     try:
         documents.write_json(t.store.with_read_only(False), key, document)
-    except (OSError, NotImplementedError):  # read-only media; a kind of store that cannot reopen writable
+    except (OSError, NotImplementedError, StorageError):  # read-only media or bucket; a store that cannot reopen writable
         pass
     return result
 

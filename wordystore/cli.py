@@ -2,6 +2,9 @@
 (verify), convert to and from the seed notebook's safetensors layout (export, import), join runs
 (stitch), and hand their scalars to TensorBoard (export-scalars).
 
+A store is a directory or an s3://, gs:// or az:// URL (endpoint and credentials from the environment:
+AWS_*, GOOGLE_*, AZURE_*, ~/.aws with boto3; docs/scale.md).
+
 A mistake in what was asked for (a missing store, a bad flag value, a full disk) prints one line,
 "wordystore COMMAND: error: what was wrong; what was expected", and exits with status 2. Set
 WORDYSTORE_DEBUG=1, or pass --debug, to see the traceback too. docs/errors.md lists the errors.
@@ -247,8 +250,8 @@ def cmd_completion(ns) -> None:
 # -- the parser -------------------------------------------------------------------------------------
 
 
-def _store(p, what: str = "the trajectory to read (a directory such as runs/wb1b.zarr)") -> None:
-    p.add_argument("store", help=what)
+def _store(p, what: str = "the trajectory to read") -> None:
+    p.add_argument("store", help=f"{what} (a directory such as runs/wb1b.zarr, or an s3://, gs:// or az:// URL)")
 
 
 def _overwrite(p, what: str) -> None:

@@ -50,11 +50,12 @@ from wordystore.storage import WriterLock, describe
 DURATION_S = float(os.environ.get("WORDYSTORE_LEASE_SECONDS", 30))
 
 
-def writer_lock(store, duration_s: float = DURATION_S) -> Lease | WriterLock:
-    """The store's writer lock, held until ``release()``: a lease on object storage (which fences the
-    store's writes from then on), a ``flock`` on a directory; refused while another writer holds it."""
+def writer_lock(store) -> Lease | WriterLock:
+    """The store's writer lock, held until ``release()``: a lease of :data:`DURATION_S` on object
+    storage (which fences the store's writes from then on), a ``flock`` on a directory; refused
+    while another writer holds it."""
     if isinstance(store, ObjectUrlStore):
-        return Lease.take(store, duration_s)
+        return Lease.take(store, DURATION_S)
     return WriterLock(store)
 
 
@@ -82,7 +83,7 @@ class Lease:
         return self.record.generation
 
     @classmethod
-    def take(cls, store: ObjectUrlStore, duration_s: float = DURATION_S) -> "Lease":
+    def take(cls, store: ObjectUrlStore, duration_s: float) -> "Lease":
         """Take the lease of ``store`` (module docstring), then fence the store's commit record."""
         if not 0 < duration_s <= 86400:
             raise ValueError(f"a writer lease lasts more than 0 and at most 86400 s; got {duration_s}")
