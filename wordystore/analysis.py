@@ -14,6 +14,12 @@ Results are plain numpy arrays, or *tables*: dicts of equal-length numpy arrays 
 ``step``, is the training step of each row. Every function reads through the public reader
 (``t[kind].numpy((rows, ids))``) in blocks of rows x tokens, so its peak memory stays below
 ``max_bytes`` plus a few float32 rows of the token selection, however many steps the store holds.
+
+On a ``dask.distributed`` cluster: :func:`embedding_stats` and :func:`moment_norms` take ``client=``,
+or use the current client (``distributed.get_client()``) when there is one. Each block of rows is
+then a task of its own (it reads the rows it compares with itself), the results are the same bits
+as in this process, and the tasks carry the trajectory as where to reopen it, never credentials
+(each worker finds its own).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -127,6 +134,27 @@ class _Blocks:
         block = self.t[self.kind].numpy((rows, self.ids[cols]))
         return block.reshape(rows.stop - rows.start, cols.stop - cols.start, self.width)
 
+    def read_block(self, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """[rows, tokens, width] of the whole selection, ``read_tile`` tokens at a time (into ``out``)."""
+        if out is None:
+            out = np.empty((rows.stop - rows.start, self.ids.size, self.width), self.t.kinds[self.kind].numpy_dtype)
+        for cols in self.tiles(self.read_tile):
+            out[:, cols] = self.read(rows, cols)
+        return out
+
+    def run(self, task: Callable, client, progress: bool, label: str) -> Iterator[tuple[slice, object]]:
+        """``(rows, task(self, rows))`` for every block of rows, in order: here, or as tasks on
+        ``client`` (this plan sent to each worker once)."""
+        if client is None:
+            for rows in self.row_blocks(progress, label):
+                yield rows, task(self, rows)
+            return
+        blocks = [slice(start, min(len(self.t), start + self.rows)) for start in range(0, len(self.t), self.rows)]
+        plan = client.scatter(self, broadcast=True)
+        futures = client.map(task, [plan] * len(blocks), blocks, pure=False)
+        for rows, future in zip(self.row_blocks(progress, label), futures):
+            yield rows, future.result()
+
 
 # -- embeddings: displacement, movement, centroid, freezing, lattice hops -------------------------------
 
@@ -169,6 +197,7 @@ def embedding_stats(
     max_bytes: int = MAX_BYTES,
     progress: bool = False,
     cache: bool = False,
+    client=None,
 ) -> EmbeddingStats:
     """Per-step statistics of ``kind`` (the token embeddings) over ``tokens``, in one streaming pass.
 
@@ -190,7 +219,8 @@ def embedding_stats(
     ``hop_histogram[row]`` counts coordinates by hops (bins: :meth:`EmbeddingStats.hop_bin_labels`);
     ``freeze_step[i]`` is the step from which token ``token_ids[i]`` never changes again in the recorded
     rows, or -1 if it changed at the last row. With ``cache``, the result is kept in the store (see
-    docs/analysis.md) and reused until the store grows.
+    docs/analysis.md) and reused until the store grows. ``client``: a ``dask.distributed`` client to
+    run on (default: the current one, if any; module docstring).
 
     >>> s = embedding_stats(t, "untrained")
     >>> s.table["displacement_max"][-1], s.table["frozen_fraction"][-1]
@@ -199,8 +229,21 @@ def embedding_stats(
     if t.kinds[kind].dtype not in LATTICE_DTYPES:
         raise ValueError(f"kind {kind!r} has dtype {t.kinds[kind].dtype}; embedding_stats needs one of {LATTICE_DTYPES}")
     args = {"kind": kind, "tokens": label, "ids": _digest(ids.tobytes())}
-    compute = lambda: _embedding_pass(t, kind, label, ids, max_bytes, progress)  # noqa: E731
+    compute = lambda: _embedding_pass(t, kind, label, ids, max_bytes, progress, current_client(client))  # noqa: E731
     return _cached(t, "embedding_stats", args, compute, EmbeddingStats) if cache else compute()
+
+
+def current_client(client=None):
+    """The ``dask.distributed`` client an analysis runs on: ``client``, else the current one
+    (``distributed.get_client()``) if this process has one, else None (in this process)."""
+    if client is not None or "distributed" not in sys.modules:  # no client without distributed imported
+        return client
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError:  # no client
+        return None
 
 
 LATTICE_DTYPES = ("bfloat16", "float16", "float32")
@@ -244,24 +287,15 @@ def _hop_counts(x: np.ndarray, before: np.ndarray, n_bins: int) -> tuple[np.ndar
     return hops.sum(axis=1), hops.max(axis=1), np.count_nonzero(hops, axis=1), histogram
 
 
-def _embedding_pass(t: Trajectory, kind: str, label: str, ids: np.ndarray, max_bytes: int, progress: bool) -> EmbeddingStats:
+def _embedding_pass(t: Trajectory, kind: str, label: str, ids: np.ndarray, max_bytes: int, progress: bool,
+                    client) -> EmbeddingStats:
     plan = _Blocks.plan(t, kind, ids, max_bytes)
     dtype, n_rows, n = t.kinds[kind].numpy_dtype, len(t), ids.size
-    n_bins = 8 * dtype.itemsize + 1
     table = {"step": t.steps, **{c: np.full(n_rows, np.nan) for c in STATS_COLUMNS}}
-    histogram = np.zeros((n_rows, n_bins), dtype=np.int64)
-    first = np.empty((n, plan.width), np.float32)  # row 0, the displacement's origin
-    previous = np.empty((n, plan.width), dtype)  # the row before the current block
+    histogram = np.zeros((n_rows, _hop_bin_count(dtype)), dtype=np.int64)
     last_change = np.zeros(n, np.int64)  # per token, the last row at which it changed
-    buffer = np.empty((plan.rows, n, plan.width), dtype)  # one row block, reused: never two alive at once
-    for rows in plan.row_blocks(progress, label):
-        block = buffer[: rows.stop - rows.start]
-        for cols in plan.tiles(plan.read_tile):
-            block[:, cols] = plan.read(rows, cols)
-        if rows.start == 0:  # row 0 is its own previous row: no movement, no hops
-            first[:] = block[0]
-            previous[:] = block[0]
-        columns, changed, histogram[rows] = _block_stats(block, first, previous, plan.tiles(plan.tile), n_bins)
+    task = _embedding_block if client is not None else _EmbeddingBlocks(plan)  # here: row 0 and the previous row kept
+    for rows, (columns, changed, histogram[rows]) in plan.run(task, client, progress, label):
         for name, values in columns.items():
             table[name][rows] = values
         touched = changed.any(axis=0)
@@ -273,6 +307,37 @@ def _embedding_pass(t: Trajectory, kind: str, label: str, ids: np.ndarray, max_b
     if n_rows > 1:
         freeze_step[last_change == n_rows - 1] = -1
     return EmbeddingStats(kind, label, ids, table, freeze_step, histogram)
+
+
+def _hop_bin_count(dtype: np.dtype) -> int:
+    return 8 * dtype.itemsize + 1
+
+
+def _embedding_block(plan: _Blocks, rows: slice) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One block's :func:`_block_stats`, reading row 0 and the row before the block itself (a task
+    of its own on a cluster)."""
+    first = plan.read_block(slice(0, 1))[0].astype(np.float32)
+    previous = plan.read_block(slice(max(rows.start - 1, 0), max(rows.start, 1)))[0]
+    block = plan.read_block(rows)
+    return _block_stats(block, first, previous, plan.tiles(plan.tile), _hop_bin_count(block.dtype))
+
+
+class _EmbeddingBlocks:
+    """:func:`_embedding_block` in this process, block after block: row 0 and the previous row are
+    kept from the blocks before rather than read again, and one block's buffer is reused."""
+
+    def __init__(self, plan: _Blocks):
+        width, dtype = plan.width, plan.t.kinds[plan.kind].numpy_dtype
+        self.first = np.empty((plan.ids.size, width), np.float32)  # row 0, the displacement's origin
+        self.previous = np.empty((plan.ids.size, width), dtype)  # the row before the current block
+        self.buffer = np.empty((plan.rows, plan.ids.size, width), dtype)  # never two blocks alive at once
+
+    def __call__(self, plan: _Blocks, rows: slice):
+        block = plan.read_block(rows, self.buffer[: rows.stop - rows.start])
+        if rows.start == 0:  # row 0 is its own previous row: no movement, no hops
+            self.first[:] = block[0]
+            self.previous[:] = block[0]
+        return _block_stats(block, self.first, self.previous, plan.tiles(plan.tile), _hop_bin_count(block.dtype))
 
 
 STATS_COLUMNS = ("displacement_max", "displacement_mean", "displacement_median", "movement_max", "movement_mean",
@@ -344,10 +409,12 @@ def moment_norms(
     max_bytes: int = MAX_BYTES,
     progress: bool = False,
     cache: bool = False,
+    client=None,
 ) -> Table:
     """Per row, the L2 norm over ``tokens`` of each kind (default: the gradient and Adam's two moments,
     those of ``grads``, ``momentum``, ``variance`` the store has with a token axis), accumulated in float64 so that
-    tiny second moments do not underflow. One column per kind, after ``step``.
+    tiny second moments do not underflow. One column per kind, after ``step``. ``client``: a
+    ``dask.distributed`` client to run on (default: the current one, if any; module docstring).
 
     >>> moment_norms(t, "untrained")["momentum"]
     """
@@ -358,19 +425,26 @@ def moment_norms(
     label, ids = resolve_tokens(t, tokens, kinds[0])
 
     def compute() -> Table:
-        table = {"step": t.steps}
+        table, on = {"step": t.steps}, current_client(client)
         for kind in kinds:
             plan = _Blocks.plan(t, kind, resolve_tokens(t, ids, kind)[1], max_bytes)
             squares = np.zeros(len(t))
-            for rows in plan.row_blocks(progress, label):
-                for cols in plan.tiles(plan.read_tile):  # float64 copies: as many bytes again
-                    x = plan.read(rows, cols).astype(np.float64).reshape(rows.stop - rows.start, -1)
-                    squares[rows] += np.einsum("ij,ij->i", x, x)
+            for rows, block_squares in plan.run(_squares, on, progress, label):
+                squares[rows] = block_squares
             table[kind] = np.sqrt(squares)
         return table
 
     args = {"kinds": kinds, "tokens": label, "ids": _digest(ids.tobytes())}
     return _cached(t, "moment_norms", args, compute, dict) if cache else compute()
+
+
+def _squares(plan: _Blocks, rows: slice) -> np.ndarray:
+    """Per row of the block, the sum of squares of the selection, in float64."""
+    squares = np.zeros(rows.stop - rows.start)
+    for cols in plan.tiles(plan.read_tile):  # float64 copies: as many bytes again
+        x = plan.read(rows, cols).astype(np.float64).reshape(rows.stop - rows.start, -1)
+        squares += np.einsum("ij,ij->i", x, x)
+    return squares
 
 
 def curves(t: Trajectory) -> Table:
