@@ -4,6 +4,7 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench               # the real 200-step seed run (first time: trains it, ~8 minutes)
     python -m bench --quick       # a small run of every measurement, for CI (about a minute)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
+    python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
@@ -420,7 +421,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small run of every measurement (CI)")
     parser.add_argument("--store", help="measure this trajectory instead of the cached seed run")
     parser.add_argument("--skip-training", action="store_true", help="leave out the recording measurements")
+    parser.add_argument("--scale", action="store_true",
+                        help="object storage, writer processes and a cluster instead (bench/scale.py, docs/scale.md)")
     ns = parser.parse_args()
+    if ns.scale:
+        from bench import scale
+
+        scale.main(ns.quick)
+        return
     CACHE.mkdir(parents=True, exist_ok=True)
     from trainer import numerics
 

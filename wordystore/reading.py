@@ -147,8 +147,9 @@ def check_held(store, record: CommitRecord, layouts: dict[str, tuple[ArrayLayout
     if record.committed_rows == 0:
         return
     where = storage.describe(store)
+    present = storage.list_prefix(store, "")  # one listing (on object storage, a request per 1,000 keys)
     for name, (main, hot) in layouts.items():
-        keys = storage.list_prefix(store, hot.chunk_prefix) + storage.list_prefix(store, main.chunk_prefix)
+        keys = [key for key in present if key.startswith((hot.chunk_prefix, main.chunk_prefix))]
         problem = width_problem(name, (main, hot), keys) or rows_problem(name, (main, hot), record, keys)
         if problem:
             raise FormatError(f"{where}: {problem}; the store is damaged or not what it claims "
