@@ -10,7 +10,9 @@ How blocks are found and run (README.md, "Docs that run"):
 - ``json`` blocks must parse; blocks without an info string or marked ``text`` are not code
   (diagrams, outputs, synopses);
 - ``no-run`` after the language (```` ```bash no-run ````) marks a block that must not run here,
-  with the reason in the text around it: the main job itself (minutes), the test suite itself.
+  with the reason in the text around it: the main job itself (minutes), the test suite itself;
+- ``s3://BUCKET/`` URLs name buckets of a real S3 server on loopback (moto's, tests/s3_servers.py),
+  empty when a file's blocks start, with the ``AWS_*`` environment pointing at it.
 """
 
 import json
@@ -26,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.M | re.S)
+BUCKET = re.compile(r"s3://([a-z0-9][a-z0-9.-]{2,62})/")
 RUNNABLE, DATA, NOT_CODE = {"python", "bash"}, {"json"}, {"", "text"}
 
 
@@ -70,6 +73,31 @@ def stores(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server for the blocks that name s3:// URLs (None without obstore or moto)."""
+    from s3_servers import ServerUnavailable, start_moto
+
+    try:
+        import obstore  # noqa: F401
+
+        with start_moto() as server:
+            yield server
+    except (ImportError, ServerUnavailable):
+        yield None
+
+
+def empty_buckets(server, text: str) -> None:
+    """Every bucket ``text`` names, made and emptied (a file's blocks start from no store)."""
+    client = server.boto3_client()
+    for name in sorted(set(BUCKET.findall(text))):
+        if name not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+            client.create_bucket(Bucket=name)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=name, Key=item["Key"])
+
+
 def workdir(stores, tmp_path) -> Path:
     where = tmp_path / "work"
     shutil.copytree(stores, where)
@@ -83,9 +111,15 @@ def run_bash(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
-def test_every_block_runs(path, stores, tmp_path, monkeypatch):
+def test_every_block_runs(path, stores, s3, tmp_path, monkeypatch):
     cwd = workdir(stores, tmp_path)
     monkeypatch.chdir(cwd)
+    if BUCKET.search(path.read_text()):
+        if s3 is None:
+            pytest.skip(f"{path.name} names s3:// buckets and no S3 server starts here (obstore, moto)")
+        for name, value in s3.env(tmp_path).items():
+            monkeypatch.setenv(name, value)
+        empty_buckets(s3, path.read_text())
     monkeypatch.setattr(sys, "argv", [f"{path.name}-block.py"])
     for line, language, markers, code in blocks(path):
         if language in DATA:

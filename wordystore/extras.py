@@ -1,4 +1,4 @@
-"""The optional parts of wordystore (pyproject.toml's extras: train, analysis, tensorboard,
+"""The optional parts of wordystore (pyproject.toml's extras: train, analysis, tensorboard, s3,
 completion) and how to install one.
 
 wordystore is not published on a package index, so ``pip install 'wordystore[train]'`` finds
