@@ -467,9 +467,9 @@ if pytest is not None:
         except ServerUnavailable as exc:
             pytest.skip(str(exc))
 
-    @pytest.fixture(params=["moto", "seaweedfs"])
+    @pytest.fixture(params=["moto", pytest.param("seaweedfs", marks=pytest.mark.s3_slow)])
     def s3_server(request) -> S3Server:
-        """Each real server in turn (a test using it runs twice)."""
+        """Each real server in turn (a test using it runs twice; SeaweedFS's run is marked s3_slow)."""
         return request.getfixturevalue(f"{request.param}_server")
 
     @pytest.fixture

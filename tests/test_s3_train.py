@@ -16,7 +16,7 @@ from test_resume import FLAGS, SMALL, assert_same_bits, interrupt  # noqa: E402
 from trainer import run  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 
-STEPS = 40
+STEPS = 24
 
 
 @pytest.fixture
@@ -27,11 +27,12 @@ def bucket(moto_server, tmp_path, monkeypatch):
     return moto_server.new_bucket()
 
 
+@pytest.mark.s3_slow
 def test_train_on_s3_killed_then_resumed_records_the_same_bits_as_locally(bucket, tmp_path):
     url = f"{bucket.url}/runs/wb.zarr"
     command = [sys.executable, "-m", "wordystore.cli", "train", url, "--steps", str(STEPS), *FLAGS]
     killed = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
-    interrupt(killed, url, 16, signal.SIGKILL)
+    interrupt(killed, url, 8, signal.SIGKILL)
     resumed = subprocess.run([*command[:5], "--resume", "--quiet"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "wordystore train: warning: " in resumed.stderr and "waiting up to" in resumed.stderr
