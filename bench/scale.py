@@ -15,6 +15,7 @@ training). Results: bench/results/scale.md and scale.json.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,6 +124,7 @@ def bench_cluster(server, bucket, quick: bool) -> None:
     """moment_norms of the S3 store in this process, against a LocalCluster of 2 worker processes."""
     import distributed
 
+    environment = dict(os.environ)  # a LocalCluster sets OMP_NUM_THREADS=1 in its parent for good
     t = wordystore.open(f"{bucket.url}/seed.zarr")
     began = time.perf_counter()
     here = analysis.moment_norms(t, "untrained")
@@ -134,6 +136,8 @@ def bench_cluster(server, bucket, quick: bool) -> None:
         there = analysis.moment_norms(t, "untrained", client=client)
         cluster_s = time.perf_counter() - began
         same = t.momentum.to_dask()[:, :100].compute().tobytes() == t.momentum.numpy((slice(None), slice(0, 100))).tobytes()
+    os.environ.clear()
+    os.environ.update(environment)
     equal = all(here[k].tobytes() == there[k].tobytes() for k in here) and same
     say(f"| {server.name} | moment_norms of the untrained tokens, {len(t)} rows: rows/s | {len(t) / local_s:.2f} "
         f"(this process) | {len(t) / cluster_s:.2f} (2 workers) | **{local_s / cluster_s:.2f}x**; bit-equal: {equal} |")

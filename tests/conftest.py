@@ -7,6 +7,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def restored_environment():
+    """Each test leaves the environment as it found it. dask.distributed's LocalCluster sets
+    OMP_NUM_THREADS=1 (and MKL_, OPENBLAS_) in its parent's environment for good: a training run
+    started later in a child process would then take one thread where the test's own process takes
+    two, and round differently."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """``mount(size, why)``: a new directory on a tmpfs of ``size`` (e.g. "4k"), for a real ENOSPC.

@@ -23,9 +23,8 @@ from wordystore import analysis, trajectory  # noqa: E402
 def bucket_and_cluster(moto_server, tmp_path_factory):
     """A bucket holding a 40-row store, and a LocalCluster of 2 worker processes started with the
     server's AWS_* environment (as workers on a real cluster have their own)."""
-    env = moto_server.env(tmp_path_factory.mktemp("aws"))
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    saved = dict(os.environ)  # the cluster sets OMP_NUM_THREADS=1 here too (tests/conftest.py)
+    os.environ.update(moto_server.env(tmp_path_factory.mktemp("aws")))
     try:
         bucket = moto_server.new_bucket()
         rows = Rows()
@@ -34,11 +33,8 @@ def bucket_and_cluster(moto_server, tmp_path_factory):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             yield bucket, cluster
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def test_a_cluster_reads_and_analyses_an_s3_store_as_this_process_does(bucket_and_cluster):
