@@ -89,6 +89,28 @@ def test_explicit_credentials_are_used_and_never_pickled(s3_bucket, monkeypatch)
     assert done.stdout.decode().split() == ["9", str(t.momentum[:, :100].float().abs().sum().item())]
 
 
+def test_credentials_from_the_aws_config_files_through_boto3(s3_bucket, tmp_path, monkeypatch):
+    url, rows = f"{s3_bucket.url}/run.zarr", Rows()
+    for name in NO_CREDENTIALS:
+        monkeypatch.delenv(name)
+    server = s3_bucket.server  # the fixture points AWS_SHARED_CREDENTIALS_FILE at an empty file: fill it
+    Path(os.environ["AWS_SHARED_CREDENTIALS_FILE"]).write_text(
+        f"[default]\naws_access_key_id = {server.access_key_id}\naws_secret_access_key = {SECRET_KEY}\n")
+    with wordystore.create(url, rows.kinds()) as writer:
+        rows.append(writer, 0, 3)
+    assert rows.check(trajectory.open(url)) == 3
+
+
+def test_a_damaged_lease_is_a_format_error_naming_it(s3_bucket):
+    url = f"{s3_bucket.url}/run.zarr"
+    with wordystore.create(url, Rows().kinds()):
+        pass
+    store = s3_bucket.obstore(prefix="run.zarr")
+    __import__("obstore").put(store, format.WRITER_LOCK_KEY, b'{"owner": "x", "generation": -1}')
+    with pytest.raises(wordystore.FormatError, match=f"{url}/.wordystore-writer.lock is not a writer lease"):
+        wordystore.resume(url)
+
+
 def test_missing_or_wrong_credentials_are_one_line_and_exit_status_2(s3_bucket, monkeypatch, capsys):
     url = f"{s3_bucket.url}/run.zarr"
     with wordystore.create(url, Rows().kinds()):

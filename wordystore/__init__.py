@@ -28,6 +28,7 @@ from wordystore.version import __version__
 _API = {
     "AppendError": "errors", "CorruptChunkError": "errors", "FormatError": "errors", "ReadOnlyError": "errors",
     "StoreLockedError": "errors", "WordystoreError": "errors", "WriterFailedError": "errors",
+    "StaleWriterError": "errors", "StorageError": "errors", "LeaseWaitWarning": "errors",
     "Kind": "kinds", "seed_kinds": "kinds",
     "create": "lifecycle", "resume": "lifecycle",
     "AdamPrediction": "prediction", "adam_predictions": "prediction",
