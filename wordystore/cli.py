@@ -206,7 +206,8 @@ def cmd_import(ns) -> None:
 
     if ns.token_masks is not None:
         check_mask_file("--token-masks", ns.token_masks)
-    t = import_seed_file(ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns))
+    t = import_seed_file(ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns),
+                         predict=ns.predict)
     print(t)
 
 
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="the trajectory to create")
     p.add_argument("--token-masks", help="the notebook's token-mask safetensors file, stored as token sets "
                                          "(default: those the file's metadata carries, if any)")
+    p.add_argument("--no-predict", dest="predict", action="store_false",
+                   help="store Adam's moments as they are, not as residuals of a replayed update (default: the "
+                        "smaller of the options measured on a sample, about 1.7x smaller in all on the seed run)")
     _overwrite(p, "trajectory at STORE")
     _quiet(p)
     p.set_defaults(func=cmd_import)
