@@ -353,11 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stitch)
 
     p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 or -2 store in today's format",
-                       epilog=examples("wordystore convert runs/wb1b.zarr runs/wb1b-portable.zarr --profile portable"))
+                       epilog=examples("wordystore convert runs/wb1b.zarr runs/wb1b-portable.zarr --profile portable",
+                                       "wordystore convert runs/wb1b.zarr runs/wb1b-archive.zarr --profile archive"))
     _store(p, "the trajectory to rewrite")
     p.add_argument("out", help="the trajectory to create")
     p.add_argument("--profile", choices=Later("wordystore.format", "PROFILES"), default="compact", metavar="PROFILE",
-                   help="compact: pcodec, smallest (default); portable: standard zarr codecs, read by tensorstore")
+                   help="compact: pcodec, small and fast (default); portable: standard zarr codecs, read by tensorstore; "
+                        "archive: compact with the embeddings replayed from their moments too, the smallest, reading them "
+                        "several times slower")
     _overwrite(p, "trajectory at OUT")
     _quiet(p)
     p.set_defaults(func=cmd_convert)
