@@ -93,9 +93,9 @@ def kinds() -> dict[str, Kind]:
     return {**wordystore.seed_kinds(VOCAB, DIM)}
 
 
-def write_run(path, run, profile, predictions, **args):
+def write_run(path, run, profile, predictions, rows=None, **args):
     with wordystore.create(path, kinds(), profile=profile, predictions=predictions, **args) as w:
-        for r in range(len(run["embeddings"])):
+        for r in range(len(run["embeddings"])) if rows is None else rows:
             w.append(r, embeddings=run["embeddings"][r], grads=run["grads"][r], momentum=run["momentum"][r],
                      variance=run["variance"][r], logits=np.zeros(VOCAB, np.float32).astype(run["grads"].dtype),
                      losses=0.0, learning_rate=run["learning_rate"][r], grad_norm=0.0, grad_norm_clipped=0.0)
@@ -129,6 +129,12 @@ def test_the_archive_profile_writes_compacts_and_converts_bit_for_bit(tmp_path):
         assert bits(again[name].numpy()).tobytes() == bits(compact[name].numpy()).tobytes(), name
     size = {p: sum(f.stat().st_size for f in (tmp_path / p).rglob("*") if f.is_file()) for p in ("b.zarr", "c.zarr")}
     assert size["b.zarr"] < size["c.zarr"]
+    # stitch: a run and its continuation, both archived, joined in the archive profile
+    write_run(tmp_path / "first.zarr", run, "archive", archive, rows=range(15), chunk_rows=8, block_rows=4)
+    write_run(tmp_path / "then.zarr", run, "archive", archive, rows=range(10, ROWS), chunk_rows=8, block_rows=4)
+    joined = wordystore.stitch.stitch([tmp_path / "first.zarr", tmp_path / "then.zarr"], tmp_path / "j.zarr", progress=False)
+    assert joined.profile == "archive"
+    assert np.array_equal(bits(joined.embeddings.numpy()), bits(run["embeddings"]))
 
 
 def test_predictions_are_checked(tmp_path):

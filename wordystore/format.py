@@ -162,6 +162,7 @@ PCODEC_LEVEL = 8
 PROFILES = ("compact", "portable", "archive")
 RESIDUAL_PROFILES = frozenset({"compact", "archive"})  # profiles whose main tier stores predicted kinds as residuals
 BITSHUFFLE_KINDS = frozenset({"grads", "momentum"})  # measured: bit shuffle wins on these
+INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8"})
 PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
@@ -439,6 +440,9 @@ def check_predictions(predictions: dict[str, Prediction], kinds: dict[str, Kind]
                 or not all(a is not None and a.shape == () and a.dtype != "bool" for a in rows):
             raise ValueError(f"prediction of {name!r} needs bfloat16 kinds {[name, *p.inputs[: p.TENSORS]]} of one shape "
                              f"and 0-d arrays {list(p.inputs[p.TENSORS:])}; the kinds are {sorted(kinds)}")
+        if isinstance(p, AdamStepPrediction) and arrays[p.steps].dtype not in INTEGER_DTYPES:
+            raise ValueError(f"prediction of {name!r} reads the steps from {p.steps!r}, which is "
+                             f"{arrays[p.steps].dtype}; steps are integers")
     for name in predictions:
         _check_acyclic(name, predictions, ())
     parameters = sorted(name for name, p in predictions.items() if isinstance(p, AdamStepPrediction))

@@ -363,8 +363,9 @@ def _as_given(value: float) -> float:
 
 def _sample_tokens(width: int, vocab: int) -> list[np.ndarray]:
     """Up to ``SAMPLED_CHUNKS`` chunks of ``width`` tokens spread evenly over the token axis, as
-    positions (the compact profile's inner chunks, so their encoded sizes are the store's)."""
-    chunks = -(-vocab // width)
+    positions (the compact profile's inner chunks, so their encoded sizes are the store's): whole
+    chunks, unless the axis has none."""
+    chunks = max(vocab // width, 1)
     picked = np.unique(np.linspace(0, chunks - 1, min(SAMPLED_CHUNKS, chunks)).round().astype(int))
     return [np.arange(c * width, min((c + 1) * width, vocab)) for c in picked]
 
