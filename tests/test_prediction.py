@@ -15,6 +15,7 @@ import zarr
 import wordystore
 from wordystore import AdamPrediction, AdamStepPrediction, Kind
 from wordystore.convert import convert
+from wordystore.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
 from wordystore.errors import FormatError
 from wordystore.prediction import estimate_clip
 
@@ -33,7 +34,7 @@ def adamw_run(weight_decay: float, rows: int = ROWS, max_norm: float = 0.5, seed
 
     def keep(p, g, m, v, lr, c):
         for k, x in zip(rec, (p, g, m, v)):
-            rec[k].append(x.detach().clone().view(torch.int16).numpy().view(np.uint16).view(wordystore.Kind((), "bfloat16").numpy_dtype))
+            rec[k].append(x.detach().float().numpy().astype(BFLOAT16))  # exact: bfloat16 -> float32 -> bfloat16
         rec["learning_rate"].append(np.float32(lr))
         rec["clip"].append(np.float32(c))
 
@@ -77,7 +78,8 @@ def test_the_adamw_step_replay_predicts_torch_and_rebuilds_bit_for_bit(weight_de
     assert np.array_equal(step.rebuild(residuals, inputs), bits(run["embeddings"]))
     # stored rows-last (a transposed chunk), the same
     moved = [np.moveaxis(a, 0, -1) if a.ndim > 1 else a for a in inputs]
-    assert np.array_equal(step.rebuild(np.moveaxis(residuals, 0, -1), moved, axis=2), np.moveaxis(bits(run["embeddings"]), 0, -1))
+    rebuilt = step.rebuild(np.moveaxis(residuals, 0, -1), moved, axis=2)
+    assert np.array_equal(rebuilt, np.moveaxis(bits(run["embeddings"]), 0, -1))
 
 
 def test_moments_with_clip_coefficients_predict_torch_exactly():
@@ -90,7 +92,7 @@ def test_moments_with_clip_coefficients_predict_torch_exactly():
 
 
 def kinds() -> dict[str, Kind]:
-    return {**wordystore.seed_kinds(VOCAB, DIM)}
+    return wordystore.seed_kinds(VOCAB, DIM)
 
 
 def write_run(path, run, profile, predictions, rows=None, **args):
@@ -132,7 +134,8 @@ def test_the_archive_profile_writes_compacts_and_converts_bit_for_bit(tmp_path):
     # stitch: a run and its continuation, both archived, joined in the archive profile
     write_run(tmp_path / "first.zarr", run, "archive", archive, rows=range(15), chunk_rows=8, block_rows=4)
     write_run(tmp_path / "then.zarr", run, "archive", archive, rows=range(10, ROWS), chunk_rows=8, block_rows=4)
-    joined = wordystore.stitch.stitch([tmp_path / "first.zarr", tmp_path / "then.zarr"], tmp_path / "j.zarr", progress=False)
+    joined = wordystore.stitch.stitch([tmp_path / "first.zarr", tmp_path / "then.zarr"], tmp_path / "j.zarr",
+                                      progress=False)
     assert joined.profile == "archive"
     assert np.array_equal(bits(joined.embeddings.numpy()), bits(run["embeddings"]))
 

@@ -377,7 +377,8 @@ class ChunkReader:
         inputs = [self._companion(name, read.coords[: len(self.main_layouts[name].chunk)], read.valid_rows)
                   for name in prediction.inputs]
         axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
-        arrays = [_reordered(array, self.main_layouts[name], layout) for name, (array, _) in zip(prediction.inputs, inputs)]
+        arrays = [_reordered(array, self.main_layouts[name], layout)
+                  for name, (array, _) in zip(prediction.inputs, inputs)]
         rebuilt = prediction.rebuild(residuals, arrays, axis=axis)
         for array, own in inputs:
             if own:

@@ -350,8 +350,9 @@ def choose_predictions(read_tile, kinds: dict[str, Kind], extra: dict[str, np.nd
         options["grad_norm"] = adam_predictions(beta1, beta2, max_norm or None)
     measured = _sample_bytes(read_tile, kinds, options, clips, sample, rows)
     chosen = min(measured, key=measured.get)
-    return options.get(chosen, {}), added, {"chosen": chosen, "sample_bytes": measured, "sampled_tokens": int(sum(len(t) for t in sample)),
-                                "clip_coef": "estimated" if added else ("from the file" if CLIP_KIND in extra else None)}
+    record = {"chosen": chosen, "sample_bytes": measured, "sampled_tokens": int(sum(len(t) for t in sample)),
+              "clip_coef": "estimated" if added else "from the file"}
+    return options.get(chosen, {}), added, record
 
 
 def _as_given(value: float) -> float:
@@ -392,7 +393,8 @@ def _estimate_clips(read_tile, kinds: dict[str, Kind], sample: list[np.ndarray],
     with _progress(rows, "import: estimating clipping", progress, "row") as bar:
         for chunk in _row_chunks(rows):
             before = slice(max(chunk.start - 1, 0), chunk.stop, 1)
-            moment, grads = (np.concatenate([a.reshape(len(a), -1) for a in _read_sample(read_tile, kinds[k], k, before, sample)], 1)
+            moment, grads = (np.concatenate([a.reshape(len(a), -1) for a in _read_sample(read_tile, kinds[k], k, before,
+                                                                                              sample)], 1)
                              for k in ("momentum", "grads"))
             if chunk.start == 0:  # row 0 follows zeros
                 moment, grads = np.concatenate([np.zeros_like(moment[:1]), moment]), np.concatenate([grads[:1], grads])
