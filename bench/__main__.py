@@ -114,6 +114,35 @@ def bench_size(store: Path, portable: Path, seed: Path) -> None:
             f">= {target}x" if target else "", ratio >= target if target else None)
 
 
+def bench_archive(store: Path, seed: Path, quick: bool) -> None:
+    """Issue 15's sizes: the seed file imported (moments predicted), the run in the archive profile,
+    and the archive's untrained-slice read against the compact profile's, in this run."""
+    import wordystore
+
+    archive = store.with_name(store.stem + "-archive.zarr")
+    if not (archive / "commit.json").exists():
+        cli("convert", store, archive, "--profile", "archive", "--overwrite", "--quiet", stdout=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
+    file_bytes = seed.stat().st_size
+    try:
+        cli("import", seed, tmp / "imported.zarr", "--quiet", stdout=subprocess.DEVNULL)
+        chosen = wordystore.open(tmp / "imported.zarr").config["import_prediction"]["chosen"]
+        for label, path, target in ((f"imported seed file ({chosen} prediction)", tmp / "imported.zarr", 7.0),
+                                    ("archive profile", archive, 9.0)):
+            ratio = file_bytes / store_bytes(path)
+            row("size", f"bytes on disk, {label}", f"{file_bytes / 1e6:,.0f} MB (seed file)",
+                f"{store_bytes(path) / 1e6:,.0f} MB", f"{ratio:.2f}x smaller", f">= {target}x", ratio >= target)
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    reads = {}
+    for label, path in (("compact", store), ("archive", archive)):
+        t = wordystore.open(path, cache_bytes=0)
+        reads[label] = best(lambda: t.embeddings[0 : len(t), "untrained"], 1 if quick else 3)
+    ratio = reads["archive"] / reads["compact"]
+    row("read, warm page cache", "untrained slice, archive profile", f"{reads['compact'] * 1e3:,.0f} ms (compact)",
+        f"{reads['archive'] * 1e3:,.0f} ms", f"{ratio:.2f}x the compact profile's time", "<= 2x", ratio <= 2)
+
+
 def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
     """The canonical reads of embeddings against the seed file, warm and cold, cached, iterated."""
     import torch
@@ -440,6 +469,7 @@ def main() -> None:
         bench_main_job(ns.quick)
     bench_writer_memory(ns.quick)
     bench_size(store, portable, seed)
+    bench_archive(store, seed, ns.quick)
     bench_reads(store, portable, seed, ns.quick)
     bench_efficiency(store)
     bench_peer(portable, ns.quick)

@@ -19,6 +19,7 @@ def test_the_quick_benchmark_measures_every_row(tmp_path):
                     "one step", "through the chunk cache", "iterate over all steps", "read efficiency",
                     "tensorstore", "export to the seed layout", "import: peak RSS", "median step time",
                     "writer's extra peak RSS", "compaction and close", "seed job", "CPU class",
-                    "quick step: float32 against native", "quick step: auto (picks"):
+                    "quick step: float32 against native", "quick step: auto (picks", "imported seed file",
+                    "bytes on disk, archive profile", "untrained slice, archive profile"):
         assert measure in table, measure
     assert not list(tmp_path.glob("wordystore-bench-*"))  # its scratch space is cleaned up

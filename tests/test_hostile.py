@@ -383,7 +383,7 @@ def test_inner_chunks_edited_to_multiply_the_reads_are_refused(world, capsys):
     ("block_rows", "2", r"block_rows and chunk_rows: block_rows '2' must be a positive int"),
     ("chunk_rows", 2**40, r"chunk_rows 1099511627776 \(at most 4096\)"),
     ("store_id", "../x", r"store_id: '\.\./x' is not 32 hex digits"),
-    ("predictions", {"momentum": {"name": "pickle"}}, r"predictions: prediction 'pickle' is not one of \['adam'\]"),
+    ("predictions", {"momentum": {"name": "pickle"}}, r"predictions: prediction 'pickle' is not one of \['adam', 'adamw_step'\]"),
     ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
 ])
 def test_metadata_fields_of_the_wrong_kind_are_named(world, capsys, field, value, message):

@@ -63,6 +63,23 @@ def test_import_then_export_reproduces_the_original(runs, tmp_path):
     assert_same_tensors(load_file(str(tmp_path / "again.safetensors")), load_file(str(runs / "notebook.safetensors")))
 
 
+def test_import_predicts_the_moments_by_measure_and_no_predict_stores_them_plainly(runs, tmp_path):
+    t = import_seed_file(runs / "notebook.safetensors", tmp_path / "p.zarr", progress=False)
+    choice = t.config["import_prediction"]
+    assert set(choice["sample_bytes"]) == {"estimated", "unclipped", "plain"}  # the file carries no grad_norm
+    assert choice["chosen"] == min(choice["sample_bytes"], key=choice["sample_bytes"].get)
+    assert t.kinds["clip_coef"] == wordystore.Kind((), "float32", ()) and choice["clip_coef"] == "estimated"
+    coefficients = t.clip_coef.numpy()
+    assert coefficients[0] == 1 and np.all((coefficients > 0) & (coefficients <= 1))
+    if choice["chosen"] == "estimated":
+        assert t.predictions["momentum"].clip == "clip_coef" and (tmp_path / "p.zarr" / "momentum.residuals").is_dir()
+    assert cli(["import", str(runs / "notebook.safetensors"), str(tmp_path / "plain.zarr"), "--no-predict", "--quiet"]) == 0
+    plain = wordystore.open(tmp_path / "plain.zarr")
+    assert plain.predictions == {} and "clip_coef" not in plain.kinds and "import_prediction" not in plain.config
+    export(tmp_path / "plain.zarr", tmp_path / "again.safetensors", progress=False)
+    assert_same_tensors(load_file(str(tmp_path / "again.safetensors")), load_file(str(runs / "notebook.safetensors")))
+
+
 def test_import_attaches_a_mask_file_as_token_sets(runs, tmp_path):
     mask = torch.zeros(SMALL["vocab_size"], dtype=torch.bool)
     mask[::3] = True

@@ -97,12 +97,18 @@ class PCodec:
 
     pcodec takes 16-, 32- and 64-bit numbers; bfloat16 chunks are passed as their uint16 bits
     (:class:`BFloat16Bits` before it in the chain; format 2 stored such arrays as ``uint16``).
+    ``pages`` (numcodecs' ``equal_pages_up_to``; pcodec's default 262,144 when None) cuts the
+    numbers into pages of at most that many, which the standalone format writes as chunks, each
+    with its own statistics: the archive profile's residuals, one row a page, so that a chunk's
+    first row (its own values) and its other rows (mostly zeros) do not share one distribution.
     """
 
     level: int = 8
+    pages: int | None = None
 
     def to_dict(self) -> dict:
-        return {"name": "numcodecs.pcodec", "configuration": {"level": self.level}}
+        pages = {} if self.pages is None else {"equal_pages_up_to": self.pages}
+        return {"name": "numcodecs.pcodec", "configuration": {"level": self.level, **pages}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PCodec":
@@ -111,12 +117,18 @@ class PCodec:
         unusual = {k: v for k, v in config.items() if k in defaults and v != defaults[k]}
         if unusual:  # decoding never needs them, but a writer must not silently change them
             raise FormatError(f"numcodecs.pcodec with {unusual} is not a wordystore codec")
-        return cls(int(config.get("level", 8)))
+        pages = config.get("equal_pages_up_to")
+        if pages is not None and not (isinstance(pages, int) and not isinstance(pages, bool) and pages > 0):
+            raise FormatError(f"numcodecs.pcodec with equal_pages_up_to {pages!r} is not a wordystore codec")
+        return cls(int(config.get("level", 8)), pages)
 
     def encode(self, chunk: np.ndarray) -> bytes:
-        from pcodec import ChunkConfig, standalone
+        from pcodec import ChunkConfig, PagingSpec, standalone
 
-        return standalone.simple_compress(np.ascontiguousarray(chunk).reshape(-1), ChunkConfig(compression_level=self.level))
+        config = ChunkConfig(compression_level=self.level)
+        if self.pages is not None:
+            config = ChunkConfig(compression_level=self.level, paging_spec=PagingSpec.equal_pages_up_to(self.pages))
+        return standalone.simple_compress(np.ascontiguousarray(chunk).reshape(-1), config)
 
     def decode_into(self, data, out: np.ndarray) -> None:
         from pcodec import standalone

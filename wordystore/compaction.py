@@ -33,14 +33,14 @@ def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], block: np.nda
     return layout.encode_shard(coords, block[(slice(None), *region[1:])])
 
 
-def encode_main_shard(layout: ArrayLayout, coords: tuple[int, ...], data: np.ndarray, grads: np.ndarray | None = None,
-                      norms: np.ndarray | None = None) -> bytes:
+def encode_main_shard(layout: ArrayLayout, coords: tuple[int, ...], data: np.ndarray,
+                      inputs: list[np.ndarray] | None = None) -> bytes:
     """Main shard ``coords``'s bytes from its region's rows (from a chunk's first row). A predicted
-    moment is stored as residuals, counted from that first row, against the same rows' ``grads``
-    and gradient ``norms``."""
+    kind is stored as residuals, counted from that first row, against the same rows of its
+    prediction's ``inputs`` (the gradients and norms of a moment, the moments of a parameter...)."""
     prediction = layout.prediction
     if prediction is not None:
-        data = prediction.residuals(data, grads, norms)
+        data = prediction.residuals(data, inputs)
     return layout.encode_shard(coords, data)
 
 
@@ -56,11 +56,11 @@ def write_main_rows(store, layouts: dict[str, ArrayLayout], arrays: dict[str, Ki
     array into main-tier shards, one shard per task on ``pool``; ``read_tile`` gives the rows' data.
     Returns the layouts grown to ``stop`` rows (their ``zarr.json`` written; the caller commits)."""
     jobs, grown = [], {}
-    for name, kind in arrays.items():
+    for name in arrays:
         layout = layouts[name].with_rows(max(stop, layouts[name].shape[0]))
         grown[name] = layout
         for coords in np.ndindex(*layout.shard_grid()[1:]):
-            jobs.append(pool.submit(_write_main_shard, store, layout, kind, read_tile, name,
+            jobs.append(pool.submit(_write_main_shard, store, layout, arrays, read_tile, name,
                                     (start // layout.shard[0], *coords), stop))
     keys = [job.result() for job in jobs]
     for layout in grown.values():
@@ -71,19 +71,19 @@ def write_main_rows(store, layouts: dict[str, ArrayLayout], arrays: dict[str, Ki
     return grown
 
 
-def _write_main_shard(store, layout: ArrayLayout, kind: Kind, read_tile: TileReader, name: str,
+def _write_main_shard(store, layout: ArrayLayout, arrays: dict[str, Kind], read_tile: TileReader, name: str,
                       coords: tuple[int, ...], stop: int) -> str:
-    """Read one main shard's rows (up to ``stop``), encode and store them; returns its key."""
+    """Read one main shard's rows (up to ``stop``), encode and store them; returns its key. A
+    predicted kind's inputs are read for the same rows (and tokens, when they have them)."""
     region = layout.shard_region(coords)
     fetch = (slice(region[0].start, stop, 1), *(slice(r.start, r.stop, 1) for r in region[1:]))
-    data = np.zeros((stop - region[0].start, *(r.stop - r.start for r in region[1:])), kind.numpy_dtype)
+    data = np.zeros((stop - region[0].start, *(r.stop - r.start for r in region[1:])), arrays[name].numpy_dtype)
     read_tile(name, fetch, data)
-    grads = norms = None
-    prediction = layout.prediction
-    if prediction is not None:
-        grads, norms = np.empty_like(data), np.empty(len(data), np.float32)
-        read_tile(prediction.grads, fetch, grads)
-        read_tile(prediction.grad_norm, fetch[:1], norms)
+    inputs = []
+    for source in layout.prediction.inputs if layout.prediction is not None else ():
+        kind = arrays[source]
+        inputs.append(np.empty(data.shape if kind.shape else data.shape[:1], kind.numpy_dtype))
+        read_tile(source, fetch if kind.shape else fetch[:1], inputs[-1])
     key = layout.shard_key(coords)
-    storage.put(store, key, encode_main_shard(layout, coords, data, grads, norms))
+    storage.put(store, key, encode_main_shard(layout, coords, data, inputs))
     return key

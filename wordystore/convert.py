@@ -1,6 +1,11 @@
 """``wordystore convert``: rewrite a trajectory in another profile, or a format-1 or format-2 store
 in today's format (3), bit for bit.
 
+The archive profile predicts the embeddings from their moments (:class:`AdamStepPrediction`): a
+store converted to it keeps its moments' predictions and adds the embeddings' with the run's
+AdamW epsilon and weight decay (:func:`profile_predictions`); converted to another profile, it
+drops them.
+
 Every row is read once and encoded straight into the new store's main tier, a chunk of rows and a
 shard at a time on every core, so memory stays at a few shards whatever the store's size. The
 newest resume state goes along when it is the last row's (a run converted mid-way goes on with
@@ -15,6 +20,7 @@ from wordystore import documents, format, storage
 from wordystore.errors import FormatError
 from wordystore.kinds import Kind
 from wordystore.lifecycle import create_whole
+from wordystore.prediction import AdamPrediction, AdamStepPrediction, archive_predictions
 from wordystore.resume_state import ResumeState, load_state
 from wordystore.trajectory import Trajectory, open as open_trajectory
 
@@ -72,7 +78,8 @@ def open_source(where):
 def convert(source, out, *, profile: str = "compact", predictions=None, overwrite: bool = False,
             progress: bool = True) -> Trajectory:
     """Write the trajectory at ``source`` (format 1, 2 or 3, any profile) to ``out`` in ``profile``.
-    ``predictions`` (see :func:`wordystore.adam_predictions`) default to the source's.
+    ``predictions`` (see :func:`wordystore.adam_predictions`) default to the source's, as
+    :func:`profile_predictions` fits them to ``profile``.
 
     >>> wordystore.convert("runs/wb1b.zarr", "runs/wb1b-portable.zarr", profile="portable")
     """
@@ -80,8 +87,10 @@ def convert(source, out, *, profile: str = "compact", predictions=None, overwrit
 
     format.Profile(profile)
     src = open_source(source)
-    config = {**src.config, "converted_from": storage.describe(storage.as_store(source, read_only=True))}
-    predictions = src.predictions if predictions is None else predictions
+    where = storage.describe(storage.as_store(source, read_only=True))
+    config = {**src.config, "converted_from": where}
+    if predictions is None:
+        predictions = profile_predictions(profile, src.predictions, src.kinds, src.config, where)
     with create_whole(out, src.kinds, token_sets=src.token_sets, config=config, profile=profile,
                       predictions=predictions, overwrite=overwrite) as w, \
             tqdm(total=len(src.steps), desc="convert", unit="row", disable=not progress) as bar:
@@ -89,3 +98,29 @@ def convert(source, out, *, profile: str = "compact", predictions=None, overwrit
         if src.state is not None:
             w.keep_state(src.state)
     return open_trajectory(out)
+
+
+def profile_predictions(profile: str, predictions: dict, kinds: dict[str, Kind], config: dict, where: str) -> dict:
+    """The predictions a store with these ``predictions``, ``kinds`` and ``config`` keeps in
+    ``profile``: its moments' always; the embeddings' (:class:`AdamStepPrediction`) in the archive
+    profile only, made from the moments' predictions and the run's AdamW epsilon and weight decay
+    (the trainer's ``config["run"]``; an imported notebook file's weight decay, and the Hugging Face
+    Trainer's default epsilon 1e-8, which the notebook keeps)."""
+    moments = {name: p for name, p in predictions.items() if not isinstance(p, AdamStepPrediction)}
+    if profile != "archive":
+        return moments
+    needed = [k for k in ("embeddings", "momentum", "variance", "learning_rate") if k not in kinds]
+    if needed or not all(isinstance(moments.get(k), AdamPrediction) for k in ("momentum", "variance")):
+        raise ValueError(
+            f"the archive profile replays AdamW's step on the embeddings, from their moments (stored as predictions "
+            f"of Adam's update) and each step's learning rate; {where} lacks "
+            f"{needed or 'predictions of its momentum and variance'} (a notebook file imported with --no-predict, or "
+            "without per-step learning rates, cannot be archived)")
+    run = config.get("run") if isinstance(config.get("run"), dict) else {}
+    scalars = config.get("seed_scalars") if isinstance(config.get("seed_scalars"), dict) else {}
+    eps = run.get("adam_epsilon", 1e-8)
+    weight_decay = run.get("weight_decay", scalars.get("weight_decay", 0.0))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (eps, weight_decay)):
+        raise ValueError(f"{where}: the run's adam_epsilon {eps!r} and weight_decay {weight_decay!r} are not numbers")
+    return archive_predictions({k: moments[k] for k in ("momentum", "variance")}, float(eps), float(weight_decay)) \
+        | {k: p for k, p in moments.items() if k not in ("momentum", "variance")}

@@ -7,7 +7,7 @@ it implies (:class:`RowTiers`), the two profiles (:class:`Profile`), the per-arr
 (:class:`ArrayLayout`), what format 2 (still read, never written) does differently, and the
 checks on each. Beside it, also pure: :mod:`wordystore.codecs` (the codecs, the shard index and
 binding record),
-:mod:`wordystore.prediction` (Adam's replay) and :mod:`wordystore.kinds` (the dtypes). Reading and
+:mod:`wordystore.prediction` (the optimizer's replays) and :mod:`wordystore.kinds` (the dtypes). Reading and
 writing the documents is :mod:`wordystore.documents`; the resume-state record is
 :mod:`wordystore.resume_state`.
 
@@ -47,7 +47,7 @@ from wordystore.codecs import (
 )
 from wordystore.errors import FormatError
 from wordystore.kinds import Kind, numpy_dtype
-from wordystore.prediction import AdamPrediction, prediction_from_json
+from wordystore.prediction import AdamStepPrediction, Prediction, prediction_from_json
 
 FORMAT_NAME = "wordystore.trajectory"
 FORMAT_VERSION = 3  # what this wordystore writes
@@ -160,8 +160,10 @@ CHUNK_ROWS = 32  # rows per main chunk: long runs of steps compress well (docs/f
 CHUNK_BYTES = 1 << 20  # target raw bytes of one main inner chunk (256 tokens x 64 dims x 32 rows)
 CHUNKS_PER_SHARD = 16  # inner chunks per shard along the first per-step axis (tokens)
 PCODEC_LEVEL = 8
-PROFILES = ("compact", "portable")
+PROFILES = ("compact", "portable", "archive")
+RESIDUAL_PROFILES = frozenset({"compact", "archive"})  # profiles whose main tier stores predicted kinds as residuals
 BITSHUFFLE_KINDS = frozenset({"grads", "momentum"})  # measured: bit shuffle wins on these
+INTEGER_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8"})
 PCODEC_DTYPES = frozenset({"uint16", "int16", "float16", "int32", "float32", "int64", "float64"})  # what pcodec takes
 
 
@@ -206,7 +208,7 @@ class ArrayLayout:
         return numpy_dtype(self.dtype)
 
     @property
-    def prediction(self) -> AdamPrediction | None:
+    def prediction(self) -> Prediction | None:
         """Set when the array stores residuals of a predicted kind (see :func:`residual_attributes`)."""
         attributes = self.attributes.get(ATTRS_KEY, {})
         doc = attributes.get("prediction", attributes.get("residual_of"))  # format 3, format 2
@@ -344,6 +346,9 @@ class Profile:
       ``numcodecs.pcodec``, and ``wordystore.bf16_bits`` once wordystore is imported) and zarrs.
     - ``portable``: the same cuts with codecs every zarr v3 reader has (transpose, blosc zstd,
       crc32c) and the ``bfloat16`` data type: tensorstore reads it as is.
+    - ``archive``: the compact profile's codecs, with the parameters predicted from their moments
+      too (:class:`wordystore.prediction.AdamStepPrediction`): the smallest, but reading a parameter
+      decodes and replays its moments and gradients as well, so it reads several times slower.
     """
 
     name: str
@@ -353,17 +358,19 @@ class Profile:
             raise ValueError(f"profile {self.name!r} is not one of {PROFILES}")
 
     def main_layout(self, name: str, kind: Kind, rows: int, chunk_rows: int = CHUNK_ROWS,
-                    prediction: AdamPrediction | None = None, version: int = FORMAT_VERSION,
+                    prediction: Prediction | None = None, version: int = FORMAT_VERSION,
                     binding: ShardBinding | None = None) -> ArrayLayout:
-        """``prediction`` (compact profile only): store the kind as residuals against it, in an
-        array named for them (:func:`array_path`)."""
-        predicted = prediction is not None and self.name == "compact"
+        """``prediction`` (compact and archive profiles): store the kind as residuals against it, in
+        an array named for them (:func:`array_path`)."""
+        predicted = prediction is not None and self.name in RESIDUAL_PROFILES
         dtype = "int16" if predicted else stored_dtype(kind, self.name, version)
         attributes = residual_attributes(name, prediction, version) if predicted else _view_attributes(kind, dtype)
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
         bits = BFloat16Bits() if dtype == "bfloat16" else None  # pcodec takes bfloat16 as its bits
-        if self.name == "compact" and (dtype in PCODEC_DTYPES or bits):
+        if predicted and self.name == "archive":  # rows first, one pcodec page each (codecs.PCodec)
+            codecs = ChunkCodecs(None, PCodec(PCODEC_LEVEL, math.prod(chunk[1:])), (Crc32c(),))
+        elif self.name != "portable" and (dtype in PCODEC_DTYPES or bits):
             codecs = ChunkCodecs(transpose, PCodec(PCODEC_LEVEL), (Crc32c(),), bits)
         else:
             shuffle = "bitshuffle" if name in BITSHUFFLE_KINDS else "shuffle"
@@ -418,14 +425,42 @@ def _is_count(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
-def check_predictions(predictions: dict[str, AdamPrediction], kinds: dict[str, Kind]) -> None:
-    """A prediction rebuilds a bfloat16 kind from a gradient kind of the same shape and a 0-d norm."""
+def check_predictions(predictions: dict[str, Prediction], kinds: dict[str, Kind], profile: str = "compact") -> None:
+    """Each prediction rebuilds a bfloat16 kind from other arrays of the store: its first
+    ``TENSORS`` inputs bfloat16 kinds of the kind's shape, the others 0-d arrays (a value per row),
+    without a cycle through other predicted kinds (a reader would never finish). A parameter is
+    predicted from its moments (:class:`AdamStepPrediction`) in the archive profile, and only there:
+    it reads several times slower."""
+    arrays = {**kinds, STEPS_ARRAY: STEPS_KIND}
     for name, p in predictions.items():
-        kind, grads, norm = kinds.get(name), kinds.get(p.grads), kinds.get(p.grad_norm)
-        if kind is None or kind.dtype != "bfloat16" or grads is None or grads.shape != kind.shape \
-                or grads.dtype != "bfloat16" or norm is None or norm.shape != () or name in (p.grads, p.grad_norm):
-            raise ValueError(f"prediction of {name!r} needs bfloat16 kinds {name!r} and {p.grads!r} of one shape "
-                             f"and a 0-d kind {p.grad_norm!r}; the kinds are {sorted(kinds)}")
+        kind = kinds.get(name)
+        shaped = [arrays.get(i) for i in p.inputs[: p.TENSORS]]
+        rows = [arrays.get(i) for i in p.inputs[p.TENSORS:]]
+        if kind is None or kind.dtype != "bfloat16" or name in p.inputs \
+                or not all(a is not None and a.shape == kind.shape and a.dtype == "bfloat16" for a in shaped) \
+                or not all(a is not None and a.shape == () and a.dtype != "bool" for a in rows):
+            raise ValueError(f"prediction of {name!r} needs bfloat16 kinds {[name, *p.inputs[: p.TENSORS]]} of one shape "
+                             f"and 0-d arrays {list(p.inputs[p.TENSORS:])}; the kinds are {sorted(kinds)}")
+        if isinstance(p, AdamStepPrediction) and arrays[p.steps].dtype not in INTEGER_DTYPES:
+            raise ValueError(f"prediction of {name!r} reads the steps from {p.steps!r}, which is "
+                             f"{arrays[p.steps].dtype}; steps are integers")
+    for name in predictions:
+        _check_acyclic(name, predictions, ())
+    parameters = sorted(name for name, p in predictions.items() if isinstance(p, AdamStepPrediction))
+    if parameters and profile != "archive":
+        raise ValueError(f"kinds {parameters} are predicted from their moments, which only the archive profile does "
+                         f"(reading them replays their moments too); the profile is {profile!r}")
+    if profile == "archive" and not parameters:
+        raise ValueError("the archive profile predicts a parameter from its moments: give predictions="
+                         "wordystore.archive_predictions(...), or use the compact profile")
+
+
+def _check_acyclic(name: str, predictions: dict[str, Prediction], path: tuple[str, ...]) -> None:
+    """No predicted kind is rebuilt, through the kinds it reads, from itself."""
+    if name in path:
+        raise ValueError(f"predictions read each other in a cycle: {' -> '.join((*path, name))}")
+    for source in predictions[name].inputs if name in predictions else ():
+        _check_acyclic(source, predictions, (*path, name))
 
 
 def check_rows(block_rows: int, chunk_rows: int) -> None:
@@ -465,7 +500,7 @@ class Metadata:
     versions: dict
     block_rows: int = BLOCK_ROWS
     chunk_rows: int = CHUNK_ROWS
-    predictions: dict[str, AdamPrediction] = field(default_factory=dict)
+    predictions: dict[str, Prediction] = field(default_factory=dict)
     store_id: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -527,13 +562,13 @@ class Metadata:
                 check_kind_name(name, "token set")
             if len(set(token_sets)) != len(token_sets):
                 raise ValueError(f"names {list(token_sets)} repeat")
-            field_name = "predictions"
-            predictions = {name: prediction_from_json(p) for name, p in _mapping(doc.get("predictions", {})).items()}
-            check_predictions(predictions, kinds)
-            field_name = "block_rows and chunk_rows"
-            check_rows(doc.get("block_rows"), doc.get("chunk_rows"))
             field_name = "profile"
             profile = Profile(doc.get("profile")).name
+            field_name = "predictions"
+            predictions = {name: prediction_from_json(p) for name, p in _mapping(doc.get("predictions", {})).items()}
+            check_predictions(predictions, kinds, profile)
+            field_name = "block_rows and chunk_rows"
+            check_rows(doc.get("block_rows"), doc.get("chunk_rows"))
             field_name = "store_id"
             store_id = doc.get("store_id")
             if version >= 3 and not (isinstance(store_id, str) and STORE_ID.match(store_id)):

@@ -19,7 +19,7 @@ from wordystore import documents, format, storage
 from wordystore.errors import ReadOnlyError
 from wordystore.kinds import Kind
 from wordystore.lease import writer_lock
-from wordystore.prediction import AdamPrediction
+from wordystore.prediction import Prediction
 from wordystore.storage import WriterLock, as_store, describe, local_root
 from wordystore.writer import TrajectoryWriter, check_token_set, write_token_set
 
@@ -47,7 +47,7 @@ def create(
     keep_states: int = 1,
     block_rows: int = format.BLOCK_ROWS,
     chunk_rows: int = format.CHUNK_ROWS,
-    predictions: Mapping[str, AdamPrediction] | None = None,
+    predictions: Mapping[str, Prediction] | None = None,
     storage_options: dict | None = None,
 ) -> TrajectoryWriter:
     """Create a trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
@@ -55,13 +55,16 @@ def create(
 
     ``kinds`` maps each tensor kind's name to its per-step :class:`Kind`; ``token_sets`` maps names
     to token ids; ``config`` is any JSON-serialisable dict (the run's full config); ``profile`` is
-    ``"compact"`` (pcodec, the smallest) or ``"portable"`` (standard zarr codecs, for tensorstore).
+    ``"compact"`` (pcodec, the smallest that reads fast), ``"portable"`` (standard zarr codecs, for
+    tensorstore) or ``"archive"`` (compact, with the parameter predicted from its moments too: the
+    smallest, reading it several times slower; needs :func:`wordystore.archive_predictions`).
     With ``durable``, data is fsynced before each commit record on local stores. The writer holds
     ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
     compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
     (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
-    residuals against a replay of the optimizer: several times smaller, still bit for bit.
-    ``storage_options``: a URL's endpoint, region and credentials (default: from the environment;
+    residuals against a replay of the optimizer: several times smaller, still bit for bit (the
+    archive profile's parameter too: docs/format.md, "Predicted kinds"). ``storage_options``: a
+    URL's endpoint, region and credentials (default: from the environment;
     :func:`wordystore.objectstore.open_url`). Everything is checked before anything is written; a
     create that fails leaves nothing behind.
 
@@ -75,7 +78,7 @@ def create(
     format.Profile(profile)
     format.check_rows(block_rows, chunk_rows)
     predictions = dict(predictions or {})
-    format.check_predictions(predictions, kinds)
+    format.check_predictions(predictions, kinds, profile)
     vocab = format.vocab_size(kinds)
     sets = {name: check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
     config = dict(config or {})

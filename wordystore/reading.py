@@ -370,14 +370,18 @@ class ChunkReader:
         return stored, not self.cache.put(key, stored)
 
     def _rebuild(self, read: ChunkRead, residuals: np.ndarray) -> np.ndarray:
-        """A predicted moment's chunk from its residuals, the same chunk of the gradients and
-        the rows' gradient norms (the rows are the stored order's last axis when transposed)."""
+        """A predicted kind's chunk from its residuals and the same chunk of each of its
+        prediction's inputs (the gradients and norms of a moment; a parameter's moments, rebuilt
+        in turn, its learning rates and steps); a 0-d input's chunk is its rows'. The rows are the
+        stored order's last axis when transposed."""
         prediction, layout = read.layout.prediction, read.layout
-        grads, own_grads = self._companion(prediction.grads, read.coords, read.valid_rows)
-        norms, own_norms = self._companion(prediction.grad_norm, read.coords[:1], read.valid_rows)
+        inputs = [self._companion(name, read.coords[: len(self.main_layouts[name].chunk)], read.valid_rows)
+                  for name in prediction.inputs]
         axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
-        rebuilt = prediction.rebuild(residuals, grads, norms, axis=axis)
-        for array, own in ((grads, own_grads), (norms, own_norms)):
+        arrays = [_reordered(array, self.main_layouts[name], layout)
+                  for name, (array, _) in zip(prediction.inputs, inputs)]
+        rebuilt = prediction.rebuild(residuals, arrays, axis=axis)
+        for array, own in inputs:
             if own:
                 self.cache.release(array)
         return rebuilt
@@ -453,3 +457,12 @@ def _copy(read: ChunkRead, stored: np.ndarray, out: np.ndarray) -> None:
     if sum(1 for s in local if not isinstance(s, slice)) > 1:  # several index arrays: orthogonal
         local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, chunk.shape)])
     out[read.out] = chunk[local]
+
+
+def _reordered(stored: np.ndarray, source: ArrayLayout, target: ArrayLayout) -> np.ndarray:
+    """A decoded chunk of ``source`` (in its stored order) as a view in ``target``'s stored order:
+    a prediction's inputs and residuals may be stored transposed differently (archive profile)."""
+    if stored.ndim == 1 or source.codecs.transpose == target.codecs.transpose:
+        return stored
+    logical = source.codecs.transpose.to_logical(stored) if source.codecs.transpose else stored
+    return logical.transpose(target.codecs.transpose.order) if target.codecs.transpose else logical

@@ -20,6 +20,14 @@ own ``load_file`` still returns exactly the notebook's tensors), and import read
   exported step, little-endian, bit for bit.
 
 What cannot travel (other kinds, the run's resume state) is named in a :class:`RoundTripWarning`.
+
+Import stores Adam's moments as residuals of a replayed update (:class:`AdamPrediction`), as the
+trainer does, with the file's betas. A notebook file has no gradient norms to replay the clipping
+from, so each step's clip coefficient is estimated from the recorded moments and gradients
+(:func:`wordystore.prediction.estimate_clip`) and stored as the 0-d kind ``clip_coef``; the
+options (estimated coefficients, the file's gradient norms when an export carried them, no
+clipping, no prediction) are measured on a sample of the file and the smallest is taken
+(:func:`choose_predictions`; ``config["import_prediction"]`` records the measurements).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from wordystore.errors import RoundTripWarning
 from wordystore.indexing import step_rows
 from wordystore.kinds import DTYPES, Kind
 from wordystore.lifecycle import create_whole
+from wordystore.prediction import adam_predictions, estimate_clip
 from wordystore.tokensets import token_sets_from_mask_file
 from wordystore.trajectory import Trajectory
 from wordystore.version import __version__
@@ -53,6 +62,9 @@ ST_DTYPES = {"bfloat16": "BF16", "float32": "F32", "int64": "I64", "float16": "F
 
 
 METADATA = "wordystore."  # the prefix of the header's __metadata__ keys wordystore writes
+CLIP_KIND = "clip_coef"  # the 0-d kind of each step's clip coefficient, estimated by import
+CLIP = Kind((), "float32", ())
+SAMPLED_CHUNKS = 4  # token chunks per row an import's choice of prediction is measured on
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str):
@@ -230,13 +242,15 @@ def _export_tile(fd: int, base: int, shape: tuple[int, ...], t: Trajectory, name
     return data.nbytes
 
 
-def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress=True) -> Trajectory:
+def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress=True, predict=True) -> Trajectory:
     """Convert a notebook-layout safetensors file into a trajectory.
 
     Token sets, config and scalar kinds that an export wrote into the header's metadata come back
     (``token_masks``, the notebook's mask file, names the token sets instead). Tiles of rows are read
     from the file with plain reads straight into encode buffers (no memory map, so the file's pages
-    never count against the process) and encoded on every core.
+    never count against the process) and encoded on every core. With ``predict``, Adam's moments
+    are stored as residuals of a replayed update, the smallest of the options measured
+    (:func:`choose_predictions`); without, as they are.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -291,12 +305,125 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
                 if os.preadv(fd, [target], base + row * step_bytes + skip) != len(target):
                     raise ValueError(f"{path} is truncated: {name} row {row} is incomplete")
 
-        with create_whole(store, kinds, token_sets=sets, config=config, overwrite=overwrite) as w, \
+        predictions = {}
+        if predict:
+            predictions, added, config["import_prediction"] = choose_predictions(
+                read_tile, kinds, extra, scalars, config, S, progress)
+            extra.update(added)
+            kinds.update({name: CLIP for name in added})
+        with create_whole(store, kinds, token_sets=sets, config=config, overwrite=overwrite,
+                          predictions=predictions) as w, \
                 _progress(S, f"import {path.name}", progress, "row") as bar:
             w.bulk_append(steps, read_tile, progress=bar.update)
     finally:
         os.close(fd)
     return trajectory.open(store)
+
+
+def choose_predictions(read_tile, kinds: dict[str, Kind], extra: dict[str, np.ndarray], scalars: dict, config: dict,
+                       rows: int, progress: bool) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """The predictions of ``momentum`` and ``variance`` an import stores, the 0-d kinds it adds
+    (``clip_coef``, kept whichever option is chosen: imports of parts of one run have the same
+    kinds, and stitch), and what was measured, for the config.
+
+    The options, with the file's betas (:func:`_as_given`): ``estimated`` (each step's clip
+    coefficient estimated from a sample of its moments and gradient, or the file's ``clip_coef``
+    when an export of an imported store carried it), ``grad_norm`` (the file's gradient norms,
+    when an export carried them, clipped at the run's ``max_grad_norm``, 1.0 by default as in the
+    Hugging Face Trainer), ``unclipped`` (the seed's hyperparameters alone: no clipping) and
+    ``plain`` (no prediction). Each is encoded on the same sample, ``SAMPLED_CHUNKS`` token chunks
+    of every row as the compact profile cuts them, and the smallest in bytes is chosen.
+    """
+    beta1, beta2 = _as_given(scalars["adam_beta1"]), _as_given(scalars["adam_beta2"])
+    compact = format.Profile("compact")
+    sample = _sample_tokens(compact.main_layout("momentum", kinds["momentum"], 0).chunk[1], kinds["momentum"].shape[0])
+    added = {}
+    if CLIP_KIND not in extra:
+        added[CLIP_KIND] = _estimate_clips(read_tile, kinds, sample, rows, beta1, progress)
+    clips = {**extra, **added}
+    options = {"estimated": adam_predictions(beta1, beta2, None, grad_norm=None, clip=CLIP_KIND),
+               "unclipped": adam_predictions(beta1, beta2, None, grad_norm=None)}
+    if "grad_norm" in extra:
+        args = config.get("training_arguments") if isinstance(config.get("training_arguments"), dict) else {}
+        max_norm = args.get("max_grad_norm", 1.0)
+        max_norm = float(max_norm) if isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) else 1.0
+        options["grad_norm"] = adam_predictions(beta1, beta2, max_norm or None)
+    measured = _sample_bytes(read_tile, kinds, options, clips, sample, rows)
+    chosen = min(measured, key=measured.get)
+    record = {"chosen": chosen, "sample_bytes": measured, "sampled_tokens": int(sum(len(t) for t in sample)),
+              "clip_coef": "estimated" if added else "from the file"}
+    return options.get(chosen, {}), added, record
+
+
+def _as_given(value: float) -> float:
+    """A hyperparameter the file holds as float32 (``adam_beta1``: 0.8999999761...) as the
+    shortest decimal that rounds to it (0.9), the value the run was given: the replay computes
+    ``1 - beta`` from it in float64, as torch does."""
+    return float(str(np.float32(value)))
+
+
+def _sample_tokens(width: int, vocab: int) -> list[np.ndarray]:
+    """Up to ``SAMPLED_CHUNKS`` chunks of ``width`` tokens spread evenly over the token axis, as
+    positions (the compact profile's inner chunks, so their encoded sizes are the store's): whole
+    chunks, unless the axis has none."""
+    chunks = max(vocab // width, 1)
+    picked = np.unique(np.linspace(0, chunks - 1, min(SAMPLED_CHUNKS, chunks)).round().astype(int))
+    return [np.arange(c * width, min((c + 1) * width, vocab)) for c in picked]
+
+
+def _read_sample(read_tile, kind: Kind, name: str, rows: slice, sample: list[np.ndarray]) -> list[np.ndarray]:
+    """Rows ``rows`` of kind ``name`` at each chunk of sampled tokens."""
+    out = []
+    for tokens in sample:
+        out.append(np.empty((rows.stop - rows.start, len(tokens), *kind.shape[1:]), kind.numpy_dtype))
+        read_tile(name, (rows, slice(int(tokens[0]), int(tokens[-1]) + 1, 1)), out[-1])
+    return out
+
+
+def _row_chunks(rows: int):
+    """The import's chunks of rows, as the compact profile's main tier cuts them."""
+    return [slice(start, min(start + format.CHUNK_ROWS, rows), 1) for start in range(0, rows, format.CHUNK_ROWS)]
+
+
+def _estimate_clips(read_tile, kinds: dict[str, Kind], sample: list[np.ndarray], rows: int, beta1: float,
+                    progress: bool) -> np.ndarray:
+    """Each row's clip coefficient (float32), from the sampled tokens of its momentum, the row
+    before it (zeros before row 0) and its gradient."""
+    clips = np.ones(rows, np.float32)
+    with _progress(rows, "import: estimating clipping", progress, "row") as bar:
+        for chunk in _row_chunks(rows):
+            before = slice(max(chunk.start - 1, 0), chunk.stop, 1)
+            moment, grads = (np.concatenate([a.reshape(len(a), -1) for a in _read_sample(read_tile, kinds[k], k, before,
+                                                                                              sample)], 1)
+                             for k in ("momentum", "grads"))
+            if chunk.start == 0:  # row 0 follows zeros
+                moment, grads = np.concatenate([np.zeros_like(moment[:1]), moment]), np.concatenate([grads[:1], grads])
+            for i in range(1, len(moment)):
+                clips[chunk.start + i - 1] = estimate_clip(moment[i - 1], moment[i], grads[i], beta1)
+            bar.update(chunk.stop - chunk.start)
+    return clips
+
+
+def _sample_bytes(read_tile, kinds: dict[str, Kind], options: dict[str, dict], scalars: dict[str, np.ndarray],
+                  sample: list[np.ndarray], rows: int) -> dict[str, int]:
+    """The encoded bytes of the sampled chunks of ``momentum`` and ``variance`` under each option's
+    predictions (and ``plain``: as they are), as the compact profile's main tier stores them;
+    ``scalars`` holds the 0-d kinds the predictions read."""
+    compact = format.Profile("compact")
+    sizes = dict.fromkeys([*options, "plain"], 0)
+    for chunk in _row_chunks(rows):
+        grads = _read_sample(read_tile, kinds["grads"], "grads", chunk, sample)
+        for name in ("momentum", "variance"):
+            values = _read_sample(read_tile, kinds[name], name, chunk, sample)
+            plain = compact.main_layout(name, kinds[name], 0)
+            sizes["plain"] += sum(len(plain.codecs.encode(v)) for v in values)
+            for option, predictions in options.items():
+                prediction = predictions[name]
+                layout = compact.main_layout(name, kinds[name], 0, prediction=prediction)
+                for v, g in zip(values, grads):
+                    inputs = [g, *(scalars[k][chunk] for k in prediction.inputs[1:])]
+                    sizes[option] += len(layout.codecs.encode(prediction.residuals(v, inputs)))
+    return sizes
 
 
 def import_metadata(path: Path, meta: dict, rows: int, vocab: int) -> tuple[dict | None, dict, dict[str, np.ndarray]]:

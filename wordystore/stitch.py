@@ -60,7 +60,7 @@ def stitch(sources, out, *, overwrite=False, progress=True) -> Trajectory:
     config = {"stitched_from": [describe(part.store) for part in parts], "segments": segments}
     config.update({k: v for k, v in first.config.items() if k == "seed_scalars"})
     with create_whole(out, first.kinds, token_sets=first.token_sets, config=config, overwrite=overwrite,
-                      predictions=first.predictions) as w, \
+                      profile=first.profile, predictions=first.predictions) as w, \
             tqdm(total=len(steps), desc="stitch", unit="row", disable=not progress) as bar:
         w.bulk_append(steps, read_tile, progress=bar.update)
     return trajectory.open(out)
