@@ -16,6 +16,7 @@ from wordystore import bfloat16 as _bfloat16  # registers zarr's "bfloat16" data
 from wordystore import trajectory
 from wordystore.errors import (
     AppendError,
+    BackpressureWarning,
     CorruptChunkError,
     FormatError,
     ReadOnlyError,
@@ -25,6 +26,7 @@ from wordystore.errors import (
 )
 from wordystore.kinds import Kind, seed_kinds
 from wordystore.lifecycle import create, resume
+from wordystore.pools import WriterPools
 from wordystore.prediction import AdamPrediction, adam_predictions
 from wordystore.resume_state import load_state
 from wordystore.trajectory import Trajectory
@@ -34,7 +36,7 @@ from wordystore.writer import TrajectoryWriter
 
 open = trajectory.open  # noqa: A001
 __all__ = [
-    "AdamPrediction", "AppendError", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
-    "Trajectory", "TrajectoryWriter", "VerifyReport", "WordystoreError", "WriterFailedError",
+    "AdamPrediction", "AppendError", "BackpressureWarning", "CorruptChunkError", "FormatError", "Kind", "ReadOnlyError", "StoreLockedError",
+    "Trajectory", "TrajectoryWriter", "VerifyReport", "WriterPools", "WordystoreError", "WriterFailedError",
     "adam_predictions", "create", "load_state", "open", "resume", "seed_kinds", "trajectory", "verify",
 ]

@@ -27,10 +27,23 @@ def block_shards(layout: ArrayLayout, first_row: int) -> list[tuple[int, ...]]:
     return [(first_row // layout.shard[0], *rest) for rest in np.ndindex(*layout.shard_grid()[1:])]
 
 
-def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], block: np.ndarray) -> bytes:
-    """One hot shard's bytes from its block's rows (``block``: every row of the block, whole)."""
-    region = layout.shard_region(coords)
-    return layout.encode_shard(block[(slice(None), *region[1:])])
+def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], runs: list[np.ndarray]) -> np.ndarray:
+    """One hot shard's bytes from its block's rows (``runs``: every row of the block, whole, as
+    consecutive runs of rows)."""
+    region = (slice(None), *layout.shard_region(coords)[1:])
+    parts = [run[region] for run in runs]
+    return layout.encode_shard(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def write_hot_shard(store, layout: ArrayLayout, coords: tuple[int, ...], runs: list[np.ndarray],
+                    durable: bool) -> str:
+    """Encode and store one hot shard (fsynced if ``durable``); returns its key. A block's shards are
+    written in parallel, one task each."""
+    key = layout.shard_key(coords)
+    storage.put(store, key, encode_hot_shard(layout, coords, runs))
+    if durable:
+        storage.sync_to_disk(store, [key])
+    return key
 
 
 def encode_main_shard(layout: ArrayLayout, data: np.ndarray, grads: np.ndarray | None = None,

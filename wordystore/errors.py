@@ -27,3 +27,8 @@ class WriterFailedError(WordystoreError):
 
 class CorruptChunkError(WordystoreError):
     """A chunk's bytes do not decode (checksum mismatch, truncation); names the array and chunk."""
+
+
+class BackpressureWarning(UserWarning):
+    """Appends had to wait for the writer: this machine could not write (or compact) as fast as it
+    trained. The message gives the rates; ``writer.stats()`` the counters."""

@@ -195,8 +195,9 @@ class ArrayLayout:
         """The part of the array shard ``coords`` covers (clipped to the array's shape)."""
         return tuple(slice(c * s, min((c + 1) * s, n)) for c, s, n in zip(coords, self.shard, self.shape))
 
-    def encode_shard(self, data: np.ndarray) -> bytes:
-        """One shard's bytes from its region's data (edge shards are zero-padded to full chunks)."""
+    def encode_shard(self, data: np.ndarray) -> np.ndarray:
+        """One shard's bytes (a uint8 array) from its region's data (edge shards are zero-padded to
+        full chunks)."""
         data = data.view(self.numpy_dtype) if data.dtype != self.numpy_dtype else data
         if data.shape != self.shard:
             padded = np.zeros(self.shard, self.numpy_dtype)
@@ -287,11 +288,13 @@ class Profile:
                            attributes)
 
     def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS) -> ArrayLayout:
-        """Hot rows: ``block_rows`` per chunk, blosc lz4 (fast to write, read back once to compact)."""
+        """Hot rows: ``block_rows`` per chunk, the main tier's shards with one chunk each, raw bytes
+        and a checksum: the cheapest to write and to read back once for compaction (measured
+        against blosc lz4: docs/format.md, "Why these choices")."""
         dtype = zarr_dtype(kind, self.name)
-        chunk, shard = _cut(kind, block_rows)
-        codecs = ChunkCodecs(None, Bytes(), (Blosc("lz4", 1, "shuffle", kind.numpy_dtype.itemsize), Crc32c()))
-        return ArrayLayout(array_path(name, "hot"), dtype, (rows, *kind.shape), shard, chunk, codecs,
+        _, shard = _cut(kind, block_rows)
+        codecs = ChunkCodecs(None, Bytes(), (Crc32c(),))
+        return ArrayLayout(array_path(name, "hot"), dtype, (rows, *kind.shape), shard, shard, codecs,
                            ("step", *kind.dims), _view_attributes(kind, dtype))
 
 
@@ -475,12 +478,15 @@ class RowTiers:
 class CommitRecord:
     """``commit.json``: rows ``[0, committed_rows)`` are valid; ``[0, compacted_rows)`` of them
     are in the main tier, the rest in the hot tier. ``states`` lists the resume states kept
-    (``{"row", "step", "key"}``, oldest first; see :mod:`wordystore.resume_state`)."""
+    (``{"row", "step", "key"}``, oldest first; see :mod:`wordystore.resume_state`). ``writer``
+    says how the writer that made the record was sized (informational: readers ignore it; see
+    :class:`wordystore.pools.WriterPools`)."""
 
     committed_rows: int = 0
     compacted_rows: int = 0
     last_step: int | None = None
     states: tuple[dict, ...] = ()
+    writer: dict | None = field(default=None, compare=False)
 
     @property
     def tiers(self) -> RowTiers:
@@ -488,7 +494,8 @@ class CommitRecord:
 
     def to_json(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "committed_rows": self.committed_rows,
-                "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states)}
+                "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states),
+                **({"writer": self.writer} if self.writer is not None else {})}
 
     @classmethod
     def from_json(cls, doc, where: str) -> "CommitRecord":
@@ -505,7 +512,8 @@ class CommitRecord:
             raise FormatError(f"{where}/{COMMIT_KEY} is damaged: last_step {last!r} with {committed} rows")
         if not isinstance(states, list) or not all(isinstance(s, dict) and {"row", "step", "key"} <= set(s) for s in states):
             raise FormatError(f"{where}/{COMMIT_KEY} is damaged: states {states!r}")
-        return cls(committed, compacted, last, tuple(states))
+        writer = doc.get("writer")
+        return cls(committed, compacted, last, tuple(states), writer if isinstance(writer, dict) else None)
 
 
 def check_arrays(where: str, meta: Metadata, record: CommitRecord,

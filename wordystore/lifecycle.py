@@ -16,6 +16,7 @@ from typing import Mapping
 from wordystore import documents, format, storage
 from wordystore.errors import ReadOnlyError
 from wordystore.kinds import Kind
+from wordystore.pools import WriterPools
 from wordystore.prediction import AdamPrediction
 from wordystore.storage import WriterLock, as_store, describe, local_root
 from wordystore.writer import TrajectoryWriter, check_token_set, write_token_set
@@ -45,6 +46,9 @@ def create(
     block_rows: int = format.BLOCK_ROWS,
     chunk_rows: int = format.CHUNK_ROWS,
     predictions: Mapping[str, AdamPrediction] | None = None,
+    write_threads: int | None = None,
+    compaction_threads: int | None = None,
+    writer_process: bool | None = None,
 ) -> TrajectoryWriter:
     """Create a trajectory at ``where`` (a directory path, a URL or a zarr store) and open it for appending.
 
@@ -55,8 +59,13 @@ def create(
     ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
     compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
     (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
-    residuals against a replay of the optimizer: several times smaller, still bit for bit. Everything is
-    checked before anything is written; a create that fails leaves nothing behind.
+    residuals against a replay of the optimizer: several times smaller, still bit for bit.
+    ``write_threads`` and ``compaction_threads`` size the writer's pools, and ``writer_process`` runs
+    them in a child process (default: from the machine and ``WORDYSTORE_WRITE_THREADS``,
+    ``WORDYSTORE_COMPACTION_THREADS``, ``WORDYSTORE_WRITER_PROCESS``; ``compaction_threads=0``
+    compacts only at close: :class:`wordystore.WriterPools`); the choice is recorded with every
+    commit (``commit.json``'s ``writer``; ``wordystore info`` shows it). Everything is checked before anything is written; a
+    create that fails leaves nothing behind.
 
     >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
     ...     w.append(0, embeddings=..., grads=..., ...)
@@ -70,6 +79,7 @@ def create(
     format.check_predictions(predictions, kinds)
     vocab = format.vocab_size(kinds)
     sets = {name: check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     config = dict(config or {})
     format.check_config(config)
     if not isinstance(keep_states, int) or keep_states < 1:
@@ -103,8 +113,8 @@ def create(
         for name, ids in sets.items():
             write_token_set(store, name, ids)
         documents.write_metadata(store, meta)
-        documents.write_commit(store, format.CommitRecord(), durable=durable)  # last: the store is complete
-        return TrajectoryWriter(store, lock, durable, keep_states)
+        documents.write_commit(store, format.CommitRecord(writer=pools.to_dict()), durable=durable)  # last: complete
+        return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:  # remove what this call wrote (the refusals above have written nothing)
         try:
             storage.clear_store(store)
@@ -115,13 +125,15 @@ def create(
         raise
 
 
-def resume(where, *, durable: bool = True, keep_states: int = 1) -> TrajectoryWriter:
+def resume(where, *, durable: bool = True, keep_states: int = 1, write_threads: int | None = None,
+           compaction_threads: int | None = None, writer_process: bool | None = None) -> TrajectoryWriter:
     """Open an existing trajectory to append after its last committed row.
 
     Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
     never touched. A store whose commit record is missing or damaged is refused: see
-    ``wordystore verify --repair``.
+    ``wordystore verify --repair``. The pools are sized as :func:`create` sizes them.
     """
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     store = as_store(where, read_only=False)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
@@ -129,7 +141,7 @@ def resume(where, *, durable: bool = True, keep_states: int = 1) -> TrajectoryWr
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = WriterLock(store)
     try:
-        return TrajectoryWriter(store, lock, durable, keep_states)
+        return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:
         lock.release()
         raise
@@ -149,7 +161,7 @@ def create_whole(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, *
     _refuse_existing(final, overwrite)
     root = local_root(final)
     target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
-    writer = create(target, kinds, overwrite=True, **create_args)
+    writer = create(target, kinds, overwrite=True, writer_process=False, **create_args)  # bulk_append: in this process
     try:
         yield writer
         writer.close()

@@ -51,15 +51,20 @@ class AdamPrediction:
         return cls(doc["moment"], doc["grads"], doc["grad_norm"], float(doc["beta"]),
                    None if doc.get("max_norm") is None else float(doc["max_norm"]))
 
-    def _predict(self, prev: np.ndarray, grad: np.ndarray, norm: np.float32) -> np.ndarray:
-        """float32 ``prev`` and a bfloat16 ``grad`` (or its uint16 bits, as the compact profile
-        stores it) -> the predicted row's bfloat16 bits (uint16)."""
+    def _clip(self, norms: np.ndarray) -> np.ndarray:
+        """Each row's clipping coefficient ``c`` from its gradient norm (float32, one per row)."""
+        f32 = np.float32
+        if self.max_norm is None:
+            return np.ones(len(norms), f32)
+        return _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(np.asarray(norms, f32)) + f32(1e-6))))
+
+    def _predict(self, prev: np.ndarray, grad: np.ndarray, clip: np.ndarray) -> np.ndarray:
+        """float32 ``prev`` rows, their bfloat16 ``grad`` rows (or the uint16 bits, as the compact
+        profile stores them) and clipping coefficients -> the predicted rows' bfloat16 bits (uint16).
+        Rows along the first axis; any number of them at once."""
         f32 = np.float32
         grad = grad.view(BFLOAT16) if grad.dtype == np.uint16 else grad
-        c = f32(1)
-        if self.max_norm is not None:
-            c = _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(norm) + f32(1e-6))))
-        g = _bf16(grad.astype(f32) * c)
+        g = _bf16(grad.astype(f32) * clip.reshape(-1, *(1,) * (grad.ndim - 1)))
         if self.moment == "exp_avg":
             pred = prev + f32(1 - self.beta) * (g - prev)
         else:
@@ -69,34 +74,38 @@ class AdamPrediction:
         return bits
 
     def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
-        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first)."""
-        return self._replay(moment.view(np.uint16), grads, norms, axis, encode=True).view(np.int16)
+        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first).
+        Each row is predicted from the recorded row before it, so the rows are predicted all at
+        once, ``ROWS_AT_ONCE`` at a time: a few numpy calls per chunk rather than per row (each
+        call takes the GIL, which a training loop on a GPU needs)."""
+        bits, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (moment.view(np.uint16), grads))
+        clip = self._clip(norms)
+        out = np.empty(bits.shape, np.uint16)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for a in range(0, len(bits), ROWS_AT_ONCE):
+                b = min(a + ROWS_AT_ONCE, len(bits))
+                prev = np.zeros((b - a, *bits.shape[1:]), np.float32)  # before the chunk's first row: zeros
+                prev[1 if a == 0 else 0 :] = bits[max(a - 1, 0) : b - 1].view(BFLOAT16)
+                np.subtract(bits[a:b], self._predict(prev, grads[a:b], clip[a:b]), out=out[a:b])
+        return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int16)
 
     def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
-        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
-        return self._replay(residuals.view(np.uint16), grads, norms, axis, encode=False)
-
-    def _replay(self, data: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int, encode: bool) -> np.ndarray:
-        """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
-        moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
-        residual``), both mod 2**16. The result is C-ordered like ``data``. The walk runs on
-        row-major copies: in a chunk's stored order each row is strided, and 5x slower to compute on."""
-        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (data, grads))
+        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone.
+        Row by row, each predicted from the one just rebuilt. The walk runs on row-major copies: in
+        a chunk's stored order each row is strided, and 5x slower to compute on. The result is
+        C-ordered like ``residuals``."""
+        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (residuals.view(np.uint16), grads))
+        clip = self._clip(norms)
         out = np.empty(rows.shape, np.uint16)
-        prev = np.zeros(rows.shape[1:], np.float32)
+        prev = np.zeros((1, *rows.shape[1:]), np.float32)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for r in range(rows.shape[0]):
-                pred = self._predict(prev, grads[r], norms[r])
-                if encode:
-                    np.subtract(rows[r], pred, out=out[r])
-                    moment = rows[r]
-                else:
-                    np.add(pred, rows[r], out=out[r])
-                    moment = out[r]
-                prev = moment.view(BFLOAT16).astype(np.float32)
+                np.add(self._predict(prev, grads[r : r + 1], clip[r : r + 1])[0], rows[r], out=out[r])
+                prev[0] = out[r].view(BFLOAT16)
         return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
+ROWS_AT_ONCE = 8  # rows :meth:`AdamPrediction.residuals` predicts at once (its float32 temporaries stay small)
 CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
 
 

@@ -150,6 +150,11 @@ class ChunkRead:
         return tuple(c // n for c, n in zip(self.coords, self.layout.chunks_per_shard))
 
     @property
+    def key(self) -> tuple:
+        """The decoded chunk's key in the cache."""
+        return self.layout.path, self.coords, self.valid_rows
+
+    @property
     def inner_index(self) -> int:
         cps = self.layout.chunks_per_shard
         return int(np.ravel_multi_index(tuple(c % n for c, n in zip(self.coords, cps)), cps))
@@ -301,27 +306,28 @@ class ChunkReader:
     def _read_shard(self, reads: list[ChunkRead], out: np.ndarray) -> None:
         pending = []
         for read in reads:
-            key = (read.layout.path, read.coords, read.valid_rows)
-            cached = self.cache.get(key)
+            cached = self.cache.get(read.key)
             if cached is None:
                 pending.append(read)
             else:
                 _copy(read, cached, out)
         if not pending:
             return
-        for read, data in zip(pending, self._fetch(pending)):
-            stored = self._decoded(read, data)
+        for read, stored in zip(pending, self._decoded(pending, self._fetch(pending))):
             _copy(read, stored, out)
-            if not self.cache.put((read.layout.path, read.coords, read.valid_rows), stored):
+            if not self.cache.put(read.key, stored):
                 self.cache.release(stored)
 
-    def _decoded(self, read: ChunkRead, data) -> np.ndarray:
-        """The chunk's values in stored order (a predicted moment rebuilt from its residuals)."""
-        stored = self._decode(read, data)
-        if read.layout.prediction is None:
+    def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
+        """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
+        from their residuals all at once (one replay of the rows for the lot, not one per chunk:
+        the replay's numpy calls hold the GIL between them, and many small calls do not scale)."""
+        stored = [self._decode(read, chunk) for read, chunk in zip(reads, data)]
+        if not reads or reads[0].layout.prediction is None:
             return stored
-        rebuilt = self._rebuild(read, stored)
-        self.cache.release(stored)
+        rebuilt = self._rebuild(reads, stored)
+        for array in stored:
+            self.cache.release(array)
         return rebuilt
 
     def _decode(self, read: ChunkRead, data) -> np.ndarray:
@@ -336,31 +342,38 @@ class ChunkReader:
                                     f"cannot be decoded: {exc}") from exc
         return stored
 
-    def _companion(self, name: str, coords: tuple[int, ...], valid_rows: int) -> tuple[np.ndarray, bool]:
-        """The decoded chunk (stored order) of another main-tier array at ``coords``, via the
-        cache; and whether the caller owns it (to release after use)."""
+    def _companions(self, name: str, coords: list[tuple[int, ...]], valid_rows: int) -> tuple[list, list[bool]]:
+        """The decoded chunks (stored order) of another main-tier array at each of ``coords`` (all
+        in one of its shards), via the cache; and which of them the caller owns (to release)."""
         layout = self.main_layouts[name]
-        read = ChunkRead(layout, coords, (), (), valid_rows)
-        key = (layout.path, coords, valid_rows)
-        stored = self.cache.get(key)
-        if stored is not None:
-            return stored, False
-        (data,) = self._fetch([read])
-        stored = self._decoded(read, data)
-        return stored, not self.cache.put(key, stored)
+        reads = [ChunkRead(layout, c, (), (), valid_rows) for c in coords]
+        found = [self.cache.get(read.key) for read in reads]
+        missing = [read for read, array in zip(reads, found) if array is None]
+        decoded = iter(self._decoded(missing, self._fetch(missing)) if missing else ())
+        arrays, owned = [], []
+        for read, array in zip(reads, found):
+            if array is None:
+                array = next(decoded)
+                owned.append(not self.cache.put(read.key, array))
+            else:
+                owned.append(False)
+            arrays.append(array)
+        return arrays, owned
 
-    def _rebuild(self, read: ChunkRead, residuals: np.ndarray) -> np.ndarray:
-        """A predicted moment's chunk from its residuals, the same chunk of the gradients and
-        the rows' gradient norms (the rows are the stored order's last axis when transposed)."""
-        prediction, layout = read.layout.prediction, read.layout
-        grads, own_grads = self._companion(prediction.grads, read.coords, read.valid_rows)
-        norms, own_norms = self._companion(prediction.grad_norm, read.coords[:1], read.valid_rows)
+    def _rebuild(self, reads: list[ChunkRead], residuals: list[np.ndarray]) -> list[np.ndarray]:
+        """Chunks of one shard of a predicted moment from their residuals, the same chunks of the
+        gradients and the rows' gradient norms (the rows are the stored order's last axis when
+        transposed), rebuilt together."""
+        layout, valid_rows = reads[0].layout, reads[0].valid_rows
+        prediction = layout.prediction
+        grads, own_grads = self._companions(prediction.grads, [read.coords for read in reads], valid_rows)
+        (norms,), own_norms = self._companions(prediction.grad_norm, [reads[0].coords[:1]], valid_rows)
         axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
-        rebuilt = prediction.rebuild(residuals, grads, norms, axis=axis)
-        for array, own in ((grads, own_grads), (norms, own_norms)):
+        rebuilt = prediction.rebuild(np.stack(residuals), np.stack(grads), norms, axis=axis + 1)
+        for array, own in zip([*grads, norms], [*own_grads, *own_norms]):
             if own:
                 self.cache.release(array)
-        return rebuilt
+        return list(rebuilt)
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
         """The encoded bytes of each chunk of one shard: the whole shard when most of it is needed."""
@@ -369,13 +382,12 @@ class ChunkReader:
         n_chunks = int(np.prod(layout.chunks_per_shard))
         index_bytes = ShardIndex.nbytes(n_chunks)
         whole = 2 * len(reads) >= n_chunks
-        data = storage.get(self.store, key, suffix=None if whole else index_bytes)
+        data = storage.get_view(self.store, key, suffix=None if whole else index_bytes)
         if data is None:
             raise self._missing(key, reads[0])
         spans = self._spans(data[-index_bytes:], n_chunks, key, reads)
         if whole:
-            view = memoryview(data)
-            return [view[start:end] for start, end in spans]
+            return [data[start:end] for start, end in spans]
         return storage.get_ranges(self.store, key, spans)
 
     def _spans(self, tail, n_chunks: int, key: str, reads: list[ChunkRead]) -> list[tuple[int, int]]:

@@ -57,15 +57,16 @@ def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     return scalars
 
 
-def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
+def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True,
+           threads: int | None = None) -> Path:
     """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
 
     ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
     inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
     or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
     some of the per-step kinds only. Returns the path written. Each kind is read a tile at a
-    time (a chunk of rows by a shard of tokens) on every core and written in place, so memory
-    stays at a few tiles whatever the size.
+    time (a chunk of rows by a shard of tokens) on ``threads`` threads (default: every core) and
+    written in place, so memory stays at a few tiles whatever the size.
 
     >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
     """
@@ -110,7 +111,8 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
                 os.ftruncate(fd, data_start + offset)
                 os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
                 buffers = threading.local()  # one tile buffer per thread, reused
-                with _progress(offset, f"export {out.name}", progress) as bar, ThreadPoolExecutor(os.cpu_count()) as pool:
+                with _progress(offset, f"export {out.name}", progress) as bar, \
+                        ThreadPoolExecutor(threads or os.cpu_count()) as pool:
                     for name, (dtype, shape, source) in plan.items():
                         base = data_start + header[name]["data_offsets"][0]
                         if not isinstance(source, Kind):

@@ -45,6 +45,14 @@ def describe(store: Store) -> str:
 
 def get(store: Store, key: str, suffix: int | None = None, byte_range: tuple[int, int] | None = None) -> bytes | None:
     """The value of ``key`` (or its last ``suffix`` bytes, or bytes ``[start, end)``); None if absent."""
+    view = get_view(store, key, suffix, byte_range)
+    return None if view is None else view.tobytes()
+
+
+def get_view(store: Store, key: str, suffix: int | None = None,
+             byte_range: tuple[int, int] | None = None) -> memoryview | None:
+    """As :func:`get`, a read-only view of the bytes read instead of a copy (copying a shard into
+    a ``bytes`` would hold the GIL for every byte)."""
     request = SuffixByteRequest(suffix) if suffix is not None else None
     if byte_range is not None:
         request = RangeByteRequest(*byte_range)
@@ -53,7 +61,7 @@ def get(store: Store, key: str, suffix: int | None = None, byte_range: tuple[int
         buffer = store.get_sync(key, prototype=prototype, byte_range=request)
     else:
         buffer = sync(store.get(key, prototype=prototype, byte_range=request))
-    return None if buffer is None else buffer.to_bytes()
+    return None if buffer is None else memoryview(buffer.as_numpy_array())
 
 
 def get_ranges(store: Store, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
@@ -79,8 +87,13 @@ def delete(store: Store, key: str) -> None:
     if isinstance(store, LocalStore):
         store.delete_sync(key)
         parent = (store.root / key).parent
-        while parent != store.root and parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        while parent != store.root:
+            try:
+                if any(parent.iterdir()):
+                    break
+                parent.rmdir()
+            except OSError:  # removed by another delete, or filled by a put, meanwhile: theirs now
+                break
             parent = parent.parent
     else:
         sync(store.delete(key))
@@ -154,6 +167,10 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+
+    def fileno(self) -> int | None:
+        """The locked file's descriptor (a child process that shares the lock inherits it)."""
+        return self._fd
 
     def release(self) -> None:
         if self._fd is not None:
