@@ -17,13 +17,14 @@ import math
 import os
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.gil import GilProbe
 
 GPU_STEP_S = 1 / 57  # the H200's training step without recording (56-59 steps/s): almost all of it Python
 
@@ -57,42 +58,6 @@ def recorded_rows(store, n: int) -> list[dict]:
     t = wordystore.open(store, cache_bytes=0)
     data = {name: t[name].numpy(slice(0, n)) for name in t.kinds}
     return [{name: numpy_to_torch(np.array(values[i])) for name, values in data.items()} for i in range(n)]
-
-
-class GilProbe:
-    """A thread that runs Python without pause, as a GPU training loop does, and measures how long
-    it waited for the GIL: its wall time less its time on a CPU and waiting for one (Linux
-    schedstat), i.e. the time other threads held the GIL while it wanted it."""
-
-    def __init__(self):
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self.blocked = self.wall = 0.0
-
-    def _schedstat(self) -> tuple[float, float]:
-        run, queued, _ = open(f"/proc/self/task/{self._tid}/schedstat").read().split()
-        return int(run) / 1e9, int(queued) / 1e9
-
-    def _spin(self) -> None:
-        self._tid = threading.get_native_id()
-        began, (run0, queued0) = time.perf_counter(), self._schedstat()
-        self._ready.set()
-        n = 0
-        while not self._stop.is_set():
-            for _ in range(1000):
-                n += 1
-        (run1, queued1), self.wall = self._schedstat(), time.perf_counter() - began
-        self.blocked = max(0.0, self.wall - (run1 - run0) - (queued1 - queued0))
-
-    def __enter__(self) -> "GilProbe":
-        self._thread = threading.Thread(target=self._spin, name="gil-probe")
-        self._thread.start()
-        self._ready.wait()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def kinds_and_predictions(vocab: int, dim: int):

@@ -287,10 +287,10 @@ class Background:
     def close(self) -> None:
         """Compact every committed row (the background compaction finishes its chunk, helped at
         normal priority; the rest on a fresh pool of ``close_threads``), then stop."""
+        self.ring = None  # every row is committed: its memory serves compaction instead
         try:
             with ThreadPoolExecutor(self.pools.close_threads(), "wordystore-close") as pool:
                 self._stop_compaction(helpers=pool)
-                self.ring = None  # every row is committed: its memory serves compaction instead
                 while (chunk := self._next_chunk(final=True)) is not None:
                     self._compact_rows(*chunk, pool)
             if self._compactors is not None:
@@ -315,8 +315,8 @@ class Background:
             self._compaction_stop = True
         if self._compaction is None:
             return
-        wait([helpers.submit(self._compactors.help_until, [self._compaction])
-              for _ in range(self.pools.close_threads())])
+        helping = max(1, self.pools.close_threads() - self.pools.compaction_threads)  # as many as close uses, in all
+        wait([helpers.submit(self._compactors.help_until, [self._compaction]) for _ in range(helping)])
         self._compaction.result()
 
 

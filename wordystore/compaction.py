@@ -50,10 +50,10 @@ def encode_main_shard(layout: ArrayLayout, data: np.ndarray, grads: np.ndarray |
                       norms: np.ndarray | None = None) -> bytes:
     """One main shard's bytes from its region's rows (from a chunk's first row). A predicted moment
     is stored as residuals, counted from that first row, against the same rows' ``grads`` and
-    gradient ``norms``."""
+    gradient ``norms`` (computed over ``data``, which the caller gives up)."""
     prediction = layout.prediction
     if prediction is not None:
-        data = prediction.residuals(data, grads, norms)
+        data = prediction.residuals(data, grads, norms, in_place=True)
     return layout.encode_shard(data)
 
 

@@ -68,15 +68,19 @@ class WriterPools:
         training = 1 if gpu else min(cores, torch.get_num_threads())
         free = max(1, cores - training)
         write = _threads(write_threads, WRITE_THREADS_ENV, min(MAX_WRITE_THREADS, free))
-        # Compaction only ever takes idle time, so it may have every core: whatever training leaves.
-        compact = _threads(compaction_threads, COMPACTION_THREADS_ENV, free if gpu else cores, allow_zero=True)
+        # Compaction takes idle time only. On a GPU host that is every core but training's; on a
+        # CPU, slices of both cores that one thread takes in turn (each more holds a tile of rows
+        # in memory: the writer's budget is about 300 MB beside its 230 MB ring).
+        compact = _threads(compaction_threads, COMPACTION_THREADS_ENV, free if gpu else 1, allow_zero=True)
         child = _flag(process, PROCESS_ENV, gpu)
         sized_for = f"{cores} cores, {training} for {'GPU' if gpu else 'CPU'} training"
         return cls(write, compact, GPU_RING_BLOCKS if gpu else 1, sized_for, child)
 
     def close_threads(self) -> int:
-        """Threads compacting the rest at close (every core when none compacted meanwhile)."""
-        return self.compaction_threads or (os.cpu_count() or 1)
+        """Threads compacting what is left at close, or writing a whole store: every core (training
+        is over, and the ring's memory is freed first)."""
+        return max(self.compaction_threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1))
 
     def describe(self) -> str:
         def n(count: int, what: str) -> str:
@@ -169,6 +173,7 @@ class IdlePool:
                     return
                 item = self._queue.popleft()
             _run(*item)
+            del item  # its arguments (a block's rows in the ring, a tile) go now, not at the next task
 
 
 def _run(future: Future, fn, args) -> None:

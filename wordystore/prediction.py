@@ -73,20 +73,25 @@ class AdamPrediction:
         bits[np.isnan(pred)] = CANONICAL_NAN  # NaN payloads from arithmetic differ between machines
         return bits
 
-    def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
-        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first).
+    def residuals(self, moment: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0,
+                  in_place: bool = False) -> np.ndarray:
+        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first);
+        ``in_place``: written over ``moment`` (C-ordered, rows first), which saves a tile of memory.
         Each row is predicted from the recorded row before it, so the rows are predicted all at
         once, ``ROWS_AT_ONCE`` at a time: a few numpy calls per chunk rather than per row (each
         call takes the GIL, which a training loop on a GPU needs)."""
         bits, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (moment.view(np.uint16), grads))
+        out = bits if in_place else np.empty(bits.shape, np.uint16)
         clip = self._clip(norms)
-        out = np.empty(bits.shape, np.uint16)
+        prev = np.zeros((min(ROWS_AT_ONCE, len(bits)), *bits.shape[1:]), np.float32)  # before the first row: zeros
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for a in range(0, len(bits), ROWS_AT_ONCE):
                 b = min(a + ROWS_AT_ONCE, len(bits))
-                prev = np.zeros((b - a, *bits.shape[1:]), np.float32)  # before the chunk's first row: zeros
-                prev[1 if a == 0 else 0 :] = bits[max(a - 1, 0) : b - 1].view(BFLOAT16)
-                np.subtract(bits[a:b], self._predict(prev, grads[a:b], clip[a:b]), out=out[a:b])
+                if a:
+                    prev[0] = last.view(BFLOAT16)
+                prev[1 : b - a] = bits[a : b - 1].view(BFLOAT16)
+                last = bits[b - 1].copy()  # the next rows' first prediction needs it, as recorded
+                np.subtract(bits[a:b], self._predict(prev[: b - a], grads[a:b], clip[a:b]), out=out[a:b])
         return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int16)
 
     def rebuild(self, residuals: np.ndarray, grads: np.ndarray, norms: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -105,7 +110,7 @@ class AdamPrediction:
         return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
-ROWS_AT_ONCE = 8  # rows :meth:`AdamPrediction.residuals` predicts at once (its float32 temporaries stay small)
+ROWS_AT_ONCE = 4  # rows :meth:`AdamPrediction.residuals` predicts at once (its float32 temporaries stay small)
 CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
 
 

@@ -52,9 +52,10 @@ class StoreReader:
         self._adopt(record, layouts)
 
     @classmethod
-    def open(cls, store, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "StoreReader":
-        """The trajectory in ``store`` as its commit record stands now (see :meth:`refresh`)."""
-        reader = cls(store, documents.read_metadata(store), CommitRecord(), {}, ChunkCache(cache_bytes))
+    def open(cls, store, cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None) -> "StoreReader":
+        """The trajectory in ``store`` as its commit record stands now (see :meth:`refresh`), read
+        on ``threads`` threads (default: every core)."""
+        reader = cls(store, documents.read_metadata(store), CommitRecord(), {}, ChunkCache(cache_bytes), threads)
         reader.refresh()
         return reader
 
@@ -369,11 +370,18 @@ class ChunkReader:
         grads, own_grads = self._companions(prediction.grads, [read.coords for read in reads], valid_rows)
         (norms,), own_norms = self._companions(prediction.grad_norm, [reads[0].coords[:1]], valid_rows)
         axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
-        rebuilt = prediction.rebuild(np.stack(residuals), np.stack(grads), norms, axis=axis + 1)
+        # Rows first, each chunk moved on its own (a chunk's transpose stays in the CPU's cache;
+        # the whole shard's at once would not).
+        first = (residuals[0].shape[axis], len(reads), *np.delete(residuals[0].shape, axis))
+        stacked = {name: np.empty(first, arrays[0].dtype) for name, arrays in (("res", residuals), ("grads", grads))}
+        for i, (res, grad) in enumerate(zip(residuals, grads)):
+            stacked["res"][:, i] = np.moveaxis(res, axis, 0)
+            stacked["grads"][:, i] = np.moveaxis(grad, axis, 0)
+        rebuilt = prediction.rebuild(stacked["res"], stacked["grads"], norms)
         for array, own in zip([*grads, norms], [*own_grads, *own_norms]):
             if own:
                 self.cache.release(array)
-        return list(rebuilt)
+        return [np.ascontiguousarray(np.moveaxis(rebuilt[:, i], 0, axis)) for i in range(len(reads))]
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
         """The encoded bytes of each chunk of one shard: the whole shard when most of it is needed."""
