@@ -46,21 +46,32 @@ class GilProbe:
         self._thread.join()
 
 
-def read_serial_part(store: Path) -> tuple[float, float]:
-    """The untrained slice read on one reader thread: the share of its time the reader held the GIL
-    (what more threads cannot overlap), and the read's seconds."""
+def untrained_read(store: Path, threads: int):
+    """(reader, read) for the untrained slice of embeddings over every step, read on ``threads``
+    threads into an output whose pages are faulted in once already; ``read()`` reads it again."""
     from wordystore import reading, storage
 
-    reader = reading.StoreReader.open(storage.as_store(store, read_only=True), cache_bytes=0, threads=1)
+    reader = reading.StoreReader.open(storage.as_store(store, read_only=True), cache_bytes=0, threads=threads)
     ids = reader.read_token_set("untrained")
     kind = reader.meta.kinds["embeddings"]
     rows = reader.record.committed_rows
     out = np.empty((rows, len(ids), *kind.shape[1:]), kind.numpy_dtype)
     fetch = (slice(0, rows, 1), ids, *(slice(0, n, 1) for n in kind.shape[1:]))
-    reader.read_into("embeddings", fetch, out)  # the output's pages faulted in once
+
+    def read() -> None:
+        reader.read_into("embeddings", fetch, out)
+
+    read()
+    return reader, read
+
+
+def read_serial_part(store: Path) -> tuple[float, float]:
+    """The untrained slice read on one reader thread: the share of its time the reader held the GIL
+    (what more threads cannot overlap), and the read's seconds."""
+    reader, read = untrained_read(store, 1)
     with GilProbe() as gil:
         began = time.perf_counter()
-        reader.read_into("embeddings", fetch, out)
+        read()
         seconds = time.perf_counter() - began
     reader.close()
     return min(1.0, gil.blocked / seconds), seconds

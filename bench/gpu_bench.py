@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bench import writer_bench
-from bench.gil import read_serial_part
+from bench.gil import read_serial_part, untrained_read
 from bench.table import row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,18 +144,10 @@ def export(store: Path, threads: list[int], tmp: Path) -> None:
 
 
 def reads(store: Path, threads: list[int]) -> None:
-    from wordystore import reading, storage
-
     serial, one = read_serial_part(store)
     for n in threads:
-        reader = reading.StoreReader.open(storage.as_store(store, read_only=True), cache_bytes=0, threads=n)
-        ids = reader.read_token_set("untrained")
-        kind = reader.meta.kinds["embeddings"]
-        rows = reader.record.committed_rows
-        out = np.empty((rows, len(ids), *kind.shape[1:]), kind.numpy_dtype)
-        fetch = (slice(0, rows, 1), ids, *(slice(0, m, 1) for m in kind.shape[1:]))
-        reader.read_into("embeddings", fetch, out)  # the output's pages faulted in once
-        seconds = min(_timed(lambda: reader.read_into("embeddings", fetch, out)) for _ in range(2))
+        reader, read = untrained_read(store, n)
+        seconds = min(_timed(read) for _ in range(2))
         reader.close()
         if n == 1:
             base = seconds

@@ -6,7 +6,7 @@ A writer runs two pools beside the training loop (docs/architecture.md, "Pools")
 - **write threads** store the hot shards of each block;
 - **compaction threads** encode the main tier's long chunks.
 
-Both are :class:`IdlePool`\ s: their threads run on idle CPU time only (Linux ``SCHED_IDLE``: when
+Both are pools of :class:`IdlePool`: their threads run on idle CPU time only (Linux ``SCHED_IDLE``: when
 a core would otherwise idle), so training never waits for them, on a CPU or a GPU host alike. When
 they fall behind (the machine has too little idle time), the thread that must wait for them, an
 append or ``close()``, runs their queued tasks itself at its own priority: backpressure turns into

@@ -37,6 +37,7 @@ from wordystore.format import STEPS_ARRAY, TIERS, ArrayLayout, CommitRecord, Met
 
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
+REBUILD_CHUNKS = 4  # a predicted moment's chunks rebuilt at once (ChunkReader._decoded)
 
 
 class StoreReader:
@@ -321,14 +322,18 @@ class ChunkReader:
 
     def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
         """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
-        from their residuals all at once (one replay of the rows for the lot, not one per chunk:
-        the replay's numpy calls hold the GIL between them, and many small calls do not scale)."""
-        stored = [self._decode(read, chunk) for read, chunk in zip(reads, data)]
+        from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
+        chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
+        small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
         if not reads or reads[0].layout.prediction is None:
-            return stored
-        rebuilt = self._rebuild(reads, stored)
-        for array in stored:
-            self.cache.release(array)
+            return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
+        rebuilt = []
+        for i in range(0, len(reads), REBUILD_CHUNKS):
+            batch = reads[i : i + REBUILD_CHUNKS]
+            stored = [self._decode(read, chunk) for read, chunk in zip(batch, data[i : i + REBUILD_CHUNKS])]
+            rebuilt += self._rebuild(batch, stored)
+            for array in stored:
+                self.cache.release(array)
         return rebuilt
 
     def _decode(self, read: ChunkRead, data) -> np.ndarray:

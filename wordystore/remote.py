@@ -126,7 +126,9 @@ class RemoteBackground:
             self.shutdown()
 
     def shutdown(self) -> None:
-        """Stop the child (after the blocks it was given) and free the shared ring."""
+        """Stop the child (after the blocks it was given) and free the shared ring (once)."""
+        if self.ring is None:
+            return
         if self._process.poll() is None:
             try:
                 self._sender.submit(self._send, ("stop",)).result()
@@ -142,7 +144,10 @@ class RemoteBackground:
         if self._pinned:
             torch.cuda.cudart().cudaHostUnregister(self.ring.buffer.data_ptr())
         self.ring = None
-        self._shm.close()
+        try:
+            self._shm.close()
+        except BufferError:  # a view of the ring is still held somewhere: the mapping goes with it
+            pass
         self._shm.unlink()
 
     def _send(self, message, cuda_event=None) -> None:

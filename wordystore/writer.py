@@ -262,10 +262,12 @@ class TrajectoryWriter:
         except BaseException as exc:
             self._failure = self._failure or exc
         finally:
-            self._closed = True
-            if self._failure is not None:
-                self._background.shutdown()
-            self._lock.release()
+            self._closed, self._ring = True, None
+            try:
+                if self._failure is not None:
+                    self._background.shutdown()
+            finally:
+                self._lock.release()
         if self._failure is not None:
             raise WriterFailedError(
                 f"writing {describe(self._store)} failed; {self.committed} rows are committed and readable"
