@@ -4,12 +4,16 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench               # the real 200-step seed run (first time: trains it, ~8 minutes)
     python -m bench --quick       # a small run of every measurement, for CI (about a minute)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
+    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
 codec's own multi-threaded decode of the same chunks, the machine's plain file write and read
 speed, the same training steps without recording, and the notebook's own code path for the main
-job (bench/trainer_bench.py). Results also go to bench/results/.
+job (bench/trainer_bench.py). The ``writer`` rows are the write path alone (bench/writer_bench.py):
+a writer fed the store's rows from memory by write threads, compaction by threads, the hot codec,
+and the GIL a Python-bound loop (a GPU's training loop) loses per recorded row. Results also go to
+bench/results/.
 
 The first row is the CPU's class as ``--bf16-matmul auto`` sees it; the numerics rows time a step of
 each matmul choice side by side. ``WORDYSTORE_CPU_BF16=0`` (or ``=1``) makes auto see a CPU without

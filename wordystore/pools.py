@@ -1,24 +1,24 @@
-"""How many threads a writer's pools get, at what priority, and how many rows its ring holds: sized
-to the machine with the training process's own threads first.
+"""How many threads a writer's pools get, at what priority, where they run, and how many rows its
+ring holds: sized to the machine with the training process's own threads first.
 
 A writer runs two pools beside the training loop (docs/architecture.md, "Pools"):
 
 - **write threads** store the hot shards of each block;
 - **compaction threads** encode the main tier's long chunks.
 
-Both are pools of :class:`IdlePool`: their threads run on idle CPU time only (Linux ``SCHED_IDLE``: when
-a core would otherwise idle), so training never waits for them, on a CPU or a GPU host alike. When
-they fall behind (the machine has too little idle time), the thread that must wait for them, an
-append or ``close()``, runs their queued tasks itself at its own priority: backpressure turns into
-the training thread doing the writer's work, counted in ``writer.stats()``.
+Both are pools of :class:`IdlePool`: their threads run on idle CPU time only (Linux ``SCHED_IDLE``:
+when a core would otherwise idle), so training never waits for them. When they fall behind (the
+machine has too little idle time), the thread that must wait for them, an append or ``close()``,
+runs their queued tasks itself at its own priority: backpressure turns into the training thread
+doing the writer's work, counted in ``writer.stats()``. With a GPU they run in a child process
+instead (:mod:`wordystore.remote`), at nice 10, away from the training loop's GIL.
 
 :meth:`WriterPools.for_machine` sizes them from the CPUs this process may run on
 (``os.sched_getaffinity``), the threads training keeps busy (``torch.get_num_threads()`` when
 training on the CPU, one Python thread when a GPU does the work) and the environment variables
-``WORDYSTORE_WRITE_THREADS`` / ``WORDYSTORE_COMPACTION_THREADS``; arguments to
-:func:`wordystore.create` override both. The choice goes into every commit record
-(``commit.json``'s ``writer``; ``wordystore info`` shows it).
-"""
+``WORDYSTORE_WRITE_THREADS``, ``WORDYSTORE_COMPACTION_THREADS`` and ``WORDYSTORE_WRITER_PROCESS``;
+arguments to :func:`wordystore.create` override them. The choice goes into every commit record
+(``commit.json``'s ``writer``; ``wordystore info`` shows it)."""
 
 from __future__ import annotations
 

@@ -191,6 +191,16 @@ class RemoteBackground:
             self._cv.notify_all()
 
 
+def shared_memory_room(nbytes: int) -> bool:
+    """Whether the shared-memory file system (``/dev/shm``) has room for a ring of ``nbytes``: a
+    container's is often small, and writing past its end would kill the process (SIGBUS)."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize >= nbytes
+
+
 def _pin(buffer: torch.Tensor) -> bool:
     """Page-lock the shared ring for the GPU's asynchronous copies; False where CUDA refuses."""
     error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)

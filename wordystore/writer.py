@@ -31,13 +31,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from wordystore import documents, format, reading, storage
+from wordystore import documents, format, reading, remote, storage
 from wordystore.background import Background, Ring
 from wordystore.compaction import TileReader
 from wordystore.errors import AppendError, BackpressureWarning, WriterFailedError
 from wordystore.kinds import numpy_to_torch, scalar_value, torch_to_numpy
 from wordystore.pools import WriterPools
-from wordystore.remote import RemoteBackground
 from wordystore.resume_state import ResumeState
 from wordystore.storage import WriterLock, describe, local_root
 
@@ -120,13 +119,18 @@ class TrajectoryWriter:
         # The rows of a block stay in it until the block is written whole (a flushed partial block
         # is rewritten whole when it completes).
         capacity, pin = self.pools.ring_blocks * self.block_rows + 1, torch.cuda.is_available()
-        if self.pools.process and local_root(store) is not None:
-            self._background = RemoteBackground(store, self._meta, record, capacity, durable, keep_states, self.pools,
-                                                lock, pin)
+        if self.pools.process and not (local_root(store) is not None
+                                       and remote.shared_memory_room(Ring.nbytes(self._meta.arrays(), capacity))):
+            warnings.warn(f"wordystore: the writer of {describe(store)} keeps its pools in this process: a child "
+                          "process needs a local store and room in /dev/shm for its ring", RuntimeWarning, stacklevel=3)
+            self.pools = dataclasses.replace(self.pools, process=False)
+        if self.pools.process:
+            self._background = remote.RemoteBackground(store, self._meta, record, capacity, durable, keep_states,
+                                                       self.pools, lock, pin)
         else:
             self._background = Background(store, self._meta, record, layouts,
                                           Ring.allocate(self._meta.arrays(), capacity, pin), durable, keep_states,
-                                          dataclasses.replace(self.pools, process=False))
+                                          self.pools)
         self._ring: Ring | None = self._background.ring
         self._next_row = record.committed_rows
         self._freed_rows = self._next_row - self._next_row % self.block_rows  # rows below: out of the ring
