@@ -5,12 +5,16 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench --quick       # a small run of every measurement, for CI (about a minute)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
     python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
+    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
 codec's own multi-threaded decode of the same chunks, the machine's plain file write and read
 speed, the same training steps without recording, and the notebook's own code path for the main
-job (bench/trainer_bench.py). Results also go to bench/results/.
+job (bench/trainer_bench.py). The ``writer`` rows are the write path alone (bench/writer_bench.py):
+a writer fed the store's rows from memory by write threads, compaction by threads, the hot codec,
+and the GIL a Python-bound loop (a GPU's training loop) loses per recorded row. Results also go to
+bench/results/.
 
 The first row is the CPU's class as ``--bf16-matmul auto`` sees it; the numerics rows time a step of
 each matmul choice side by side. ``WORDYSTORE_CPU_BF16=0`` (or ``=1``) makes auto see a CPU without
@@ -33,18 +37,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench.table import row, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
 QUICK_RUN = ["--steps", "40", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
-ROWS: list[tuple] = []  # (section, measure, baseline, ours, ratio text, target text, met)
-
-
-def row(section, measure, baseline, ours, ratio, target="", met=None):
-    ROWS.append((section, measure, baseline, ours, ratio, target, met))
-    mark = "" if met is None else (" ok" if met else " MISSED")
-    print(f"  {measure}: {ours} vs {baseline} -> {ratio} {target}{mark}", flush=True)
-
-
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], check=True, **kwargs)
 
@@ -203,6 +200,17 @@ def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
         f"{it * 1e3:,.0f} ms", f"{it / untrained_seconds:.2f}x", "<= 1.5x the untrained slice", it <= 1.5 * untrained_seconds)
 
 
+def bench_read_threads(store: Path) -> None:
+    """The serial part of the untrained read (the GIL its one thread holds) and the speed-up it
+    allows 16 threads (Amdahl), where this machine cannot run 16 (the GPU table times them)."""
+    from bench.gil import read_serial_part
+
+    serial, seconds = read_serial_part(store)
+    bound = 1 / (serial + (1 - serial) / 16)
+    row("read scaling", "untrained slice on 1 reader thread: serial part (GIL held)", f"{seconds * 1e3:,.0f} ms (the read)",
+        f"{serial:.1%} serial", f"<= {bound:.1f}x at 16 threads (Amdahl)", ">= 10x", bound >= 10)
+
+
 def bench_peer(portable: Path, quick: bool) -> None:
     """wordystore against tensorstore on the same portable arrays."""
     try:
@@ -307,8 +315,8 @@ import trainer.run as run
 import wordystore.writer
 from trainer.config import RunConfig
 from trainer.memory import keep_freed_memory
-keep_freed_memory()  # as `wordystore train` runs, in both arms
-mode, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+keep_freed_memory()  # as `wordystore train` runs, in every arm
+modes, out, args = sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3])
 times, closing = [], []
 class Clock(TrainerCallback):
     def on_step_begin(self, *a, **k): self.t = time.perf_counter()
@@ -321,9 +329,23 @@ close = wordystore.writer.TrajectoryWriter.close
 def timed_close(self):
     t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)
 wordystore.writer.TrajectoryWriter.close = timed_close
-run.train(out, RunConfig(**args), progress=False, record=(mode == "recording"))
-print(json.dumps({{"median_step_s": float(np.median(times[2:])), "close_s": sum(closing)}}))
+results = []
+for mode in modes:  # one after the other in this process
+    times.clear(); closing.clear()
+    run.train(out + "." + mode, RunConfig(**args), progress=False, record=(mode == "recording"))
+    steady = times[2:]  # the first steps warm caches and allocators
+    results.append({{"mode": mode, "median_step_s": float(np.median(steady)), "train_s": float(np.sum(steady)),
+                    "steps_per_s": len(steady) / float(np.sum(steady)), "close_s": sum(closing)}})
+print(json.dumps(results))
 """
+
+
+def recording_runs(modes: list[str], args: dict, tmp: Path) -> list[dict]:
+    """Train ``args`` once per mode ("none", "recording"), one after the other in one process."""
+    out = subprocess.run([sys.executable, "-c", RECORDING.format(root=str(ROOT)), ",".join(modes), str(tmp / "run"),
+                          json.dumps(args)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
 
 WRITER = r"""
 import json, sys
@@ -344,26 +366,60 @@ print(json.dumps({{"extra_mb": (peak - baseline) / 1e6}}))
 
 
 def bench_recording(quick: bool) -> None:
-    """The same training steps with and without recording, alternating, each a whole process."""
-    args = {"steps": 12} if not quick else {"steps": 10, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
-    script = RECORDING.format(root=str(ROOT))
+    """The seed run with and without recording, each a whole process (alternating with ``--quick``'s
+    repeats): the training time after the first two steps, and the close after the last step. The
+    full bench runs all 200 steps: compaction keeps pace through the whole run, or does not."""
+    args = {"steps": 200} if not quick else {"steps": 10, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     results = {"none": [], "recording": []}
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
     try:
-        for repeat in range(1 if quick else 2):
-            for mode in ("none", "recording"):
-                out = subprocess.run([sys.executable, "-c", script, mode, str(tmp / f"{mode}{repeat}.zarr"),
-                                      json.dumps(args)], check=True, capture_output=True, text=True).stdout
-                results[mode].append(json.loads(out.strip().splitlines()[-1]))
+        for mode in results:
+            results[mode] += recording_runs([mode], args, tmp)
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
-    step = {mode: float(np.median([r["median_step_s"] for r in rs])) for mode, rs in results.items()}
-    overhead = step["recording"] / step["none"] - 1
-    row("recording", f"median step time ({args['steps']} steps per process)", f"{step['none']:.3f} s (no recording)",
-        f"{step['recording']:.3f} s", f"{overhead:+.1%}", "<= +3%", overhead <= 0.03)
+    train = {mode: float(np.median([r["train_s"] for r in rs])) for mode, rs in results.items()}
+    overhead = train["recording"] / train["none"] - 1
+    row("recording", f"training time, steps 3..{args['steps']} (whole processes)", f"{train['none']:.1f} s (no recording)",
+        f"{train['recording']:.1f} s", f"{overhead:+.1%}", "<= +3%", overhead <= 0.03)
     closing = float(np.median([r["close_s"] for r in results["recording"]]))
-    row("recording", "compaction and close after the last step", f"{step['none'] * args['steps']:.1f} s (training)",
-        f"{closing:.1f} s", f"{closing / (step['none'] * args['steps']):.0%} of the training time")
+    row("recording", "close after the last step (the last partial chunk)", f"{train['none']:.1f} s (training)",
+        f"{closing:.1f} s", f"{closing / train['none']:.0%} of the training time", "<= 5 s" if not quick else "",
+        closing <= 5 if not quick else None)
+
+
+def bench_writer(store: Path, quick: bool) -> None:
+    """The CPU proxy of recording at GPU speed (bench/writer_bench.py): a writer fed the store's
+    rows from memory as fast as it takes them, by thread count; compaction of the same rows by
+    thread count; the hot codec; the GIL a Python-bound loop loses per recorded row."""
+    from bench import writer_bench
+
+    rows = writer_bench.recorded_rows(store, 33)  # a chunk of rows to compact, and one more
+    kind = wordystore_kind(store, "embeddings")
+    tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
+    try:
+        r = writer_bench.measure(rows, [1, 2], kind.shape[0], kind.shape[1], tmp)
+    finally:
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    one, two = r["ingest"][1]["rows_per_s"], r["ingest"][2]["rows_per_s"]
+    row("writer", f"writer-only ingest, {len(rows)} rows of {r['row_mb']:.1f} MB from memory: rows/s, 2 write "
+        "threads", f"{one:.1f} rows/s (1 thread)", f"{two:.1f} rows/s", f"{two / one:.2f}x", ">= 1.8x", two / one >= 1.8)
+    one, two = r["compaction"][1]["mb_per_s"], r["compaction"][2]["mb_per_s"]
+    row("writer", "compaction of those rows: MB/s, 2 threads", f"{one:,.0f} MB/s (1 thread)", f"{two:,.0f} MB/s",
+        f"{two / one:.2f}x", ">= 1.8x", two / one >= 1.8)
+    raw, lz4 = r["hot_codecs"]["raw"], r["hot_codecs"]["lz4"]
+    row("writer", "hot tier, 1 thread: rows/s encoded, stored, fsynced (raw bytes + crc32c)",
+        f"{lz4:.1f} rows/s (blosc lz4)", f"{raw:.1f} rows/s", f"{raw / lz4:.2f}x")
+    step_ms = writer_bench.GPU_STEP_S * 1e3
+    for label, key in (("pools beside training", "gil_threads_ms"), ("pools in a child process", "gil_process_ms")):
+        lost = r[key]
+        row("writer", f"GIL a Python-bound loop loses per recorded row, {label}", f"{step_ms:.1f} ms (a GPU step)",
+            f"{lost:.2f} ms", f"{lost / step_ms:.0%} of a step", "<= 10%", lost <= 0.1 * step_ms)
+
+
+def wordystore_kind(store: Path, name: str):
+    import wordystore
+
+    return wordystore.open(store, cache_bytes=0).kinds[name]
 
 
 def bench_numerics(quick: bool) -> None:
@@ -375,16 +431,13 @@ def bench_numerics(quick: bool) -> None:
     args = {"steps": 8} if not quick else {"steps": 8, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     slow_native = not cpu["bf16_units"] and not cpu["forced"]  # PyTorch's bf16 GEMM is a scalar loop here
     few_native = not cpu["bf16_units"]  # forced too: the slow kernels may be emulated (docs/trainer.md)
-    script = RECORDING.format(root=str(ROOT))
     step = {}
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
     try:
         for choice in ("float32", "native", "auto"):
             steps = 4 if choice == "native" and few_native else args["steps"]  # 4: the median of 2 steps
-            out = subprocess.run([sys.executable, "-c", script, "none", str(tmp / f"{choice}.zarr"),
-                                  json.dumps({**args, "steps": steps, "bf16_matmul": choice})],
-                                 check=True, capture_output=True, text=True).stdout
-            step[choice] = json.loads(out.strip().splitlines()[-1])["median_step_s"]
+            (run,) = recording_runs(["none"], {**args, "steps": steps, "bf16_matmul": choice}, tmp / choice)
+            step[choice] = run["median_step_s"]
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     what = "seed step" if not quick else "quick step"
@@ -432,18 +485,6 @@ def bench_writer_memory(quick: bool) -> None:
         f"{extra / 300:.0%}", "<= 300 MB", extra <= 300)
 
 
-def write_results(quick: bool) -> None:
-    lines = ["| section | measure | baseline | wordystore | ratio | target | met |", "|---|---|---|---|---|---|---|"]
-    for section, measure, baseline, ours, ratio, target, met in ROWS:
-        lines.append(f"| {section} | {measure} | {baseline} | {ours} | {ratio} | {target} | "
-                     f"{'' if met is None else ('yes' if met else '**no**')} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / ("quick.md" if quick else "latest.md")).write_text(table + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -452,11 +493,23 @@ def main() -> None:
     parser.add_argument("--skip-training", action="store_true", help="leave out the recording measurements")
     parser.add_argument("--scale", action="store_true",
                         help="object storage, writer processes and a cluster instead (bench/scale.py, docs/scale.md)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU table instead (bench/gpu_bench.py; results in bench/results/gpu.md)")
     ns = parser.parse_args()
     if ns.scale:
         from bench import scale
 
         scale.main(ns.quick)
+        return
+    if ns.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda needs a CUDA GPU; this torch ({torch.__version__}) sees none "
+                         "(README: 'Benchmarks on a GPU machine')")
+        from bench import gpu_bench
+
+        gpu_bench.run(ns.quick)
         return
     CACHE.mkdir(parents=True, exist_ok=True)
     from trainer import numerics
@@ -468,13 +521,15 @@ def main() -> None:
         bench_numerics(ns.quick)
         bench_main_job(ns.quick)
     bench_writer_memory(ns.quick)
+    bench_writer(store, ns.quick)
     bench_size(store, portable, seed)
     bench_archive(store, seed, ns.quick)
     bench_reads(store, portable, seed, ns.quick)
+    bench_read_threads(store)
     bench_efficiency(store)
     bench_peer(portable, ns.quick)
     bench_export_import(store, seed)
-    write_results(ns.quick)
+    write_results("quick" if ns.quick else "latest")
 
 
 if __name__ == "__main__":

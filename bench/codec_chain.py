@@ -55,7 +55,7 @@ def hot_chunks(t, name: str, limit: int) -> tuple[object, list[bytes]]:
     rows = t[name].numpy(slice(0, hot.chunk[0]))
     found = []
     for start in range(0, rows.shape[1] - hot.chunk[1] + 1, hot.chunk[1]):  # whole chunks
-        found.append(hot.codecs.encode(np.ascontiguousarray(rows[:, start : start + hot.chunk[1]])))
+        found.append(b"".join(hot.codecs.encode(np.ascontiguousarray(rows[:, start : start + hot.chunk[1]]))))
     return hot, found[:limit]
 
 

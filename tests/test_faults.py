@@ -181,26 +181,26 @@ def empty(file: Path):
     file.write_bytes(b"")
 
 
-def shard_index(file: Path) -> tuple[bytes, np.ndarray]:
-    """A ``wide`` shard's bytes and its index (2 inner chunks)."""
+def shard_index(file: Path, chunks: int) -> tuple[bytes, np.ndarray]:
+    """A ``wide`` shard's bytes and its index (2 inner chunks in the main tier, 1 in the hot tier)."""
     data = file.read_bytes()
-    return data, decode_shard_index(data[-shard_index_nbytes(2):], 2).copy()
+    return data, decode_shard_index(data[-shard_index_nbytes(chunks):], chunks).copy()
 
 
-def in_chunk(i: int):
+def in_chunk(i: int, chunks: int = 2):
     """Flip a byte inside inner chunk ``i`` of a shard."""
     def mutate(file: Path):
-        _, index = shard_index(file)
+        _, index = shard_index(file, chunks)
         flip(int(index[i, 0]) + 5)(file)
     return mutate
 
 
-def drop_chunk(i: int):
+def drop_chunk(i: int, chunks: int = 2):
     """Mark inner chunk ``i`` absent in the shard index, with a valid checksum."""
     def mutate(file: Path):
-        data, index = shard_index(file)
+        data, index = shard_index(file, chunks)
         index[i] = EMPTY
-        file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+        file.write_bytes(data[: -shard_index_nbytes(chunks)] + Crc32c().encode(index.astype("<u8").tobytes()))
     return mutate
 
 
@@ -256,8 +256,9 @@ CORRUPTIONS = {
     "hot emb: flipped index byte": Corruption("hot/emb/c/4/0/0", flip(-5), "'hot/emb", HOT),
     "hot emb: deleted": Corruption("hot/emb/c/4/0/0", delete, "'hot/emb", HOT),
     "hot emb: emptied": Corruption("hot/emb/c/4/0/0", empty, "'hot/emb", HOT),
-    "hot wide: inner chunk flipped": Corruption("hot/wide/c/4/0/0", in_chunk(1), "'hot/wide", HOT),
-    "hot wide: inner chunk missing from a valid index": Corruption("hot/wide/c/4/0/0", drop_chunk(0), "missing chunk.*'hot/wide", HOT),
+    "hot wide: inner chunk flipped": Corruption("hot/wide/c/4/0/0", in_chunk(0, chunks=1), "'hot/wide", HOT),
+    "hot wide: inner chunk missing from a valid index": Corruption("hot/wide/c/4/0/0", drop_chunk(0, chunks=1),
+                                                                   "missing chunk.*'hot/wide", HOT),
     "hot loss (scalar): flipped": Corruption("hot/loss/c/4", flip(5), "'hot/loss", HOT),
     "hot loss (scalar): deleted": Corruption("hot/loss/c/4", delete, "'hot/loss", HOT),
     "hot recorded_steps: flipped": Corruption("hot/recorded_steps/c/4", flip(5), "'hot/recorded_steps", HOT),
@@ -364,7 +365,7 @@ def test_verify_command_exit_status_and_listing(pristine, tmp_path, capsys):
     shutil.copytree(pristine, good)
     assert main(["verify", "--quiet", str(good)]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"{good}: 10 rows committed (8 compacted); 26 chunks checked",
+        f"{good}: 10 rows committed (8 compacted); 25 chunks checked",
         "ok: every row verifies (rows 0..9, training steps 1..28)"]
 
     bad = damaged_copy(pristine, tmp_path)

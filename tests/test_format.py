@@ -2,6 +2,8 @@
 tensorstore the portable one, bit for bit; convert keeps every bit; the read plan covers a
 selection exactly once."""
 
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -80,6 +82,46 @@ def test_reads_span_the_hot_and_main_tiers_while_a_writer_runs(tmp_path):
     assert np.array_equal(bits(t.embeddings.numpy((slice(None), [0, 299, 7]))), bits(ref["embeddings"][:, [0, 299, 7]]))
     w.close()
     assert np.array_equal(bits(t.embeddings.numpy()), bits(ref["embeddings"]))  # hot copies gone: caught up
+
+
+def test_a_format_3_store_with_the_earlier_lz4_hot_tier_reads_and_appends_as_it_is(tmp_path, monkeypatch):
+    """Format-3 stores written before the raw hot tier have blosc lz4 hot arrays: they open, their hot
+    rows read bit for bit, and a resumed writer appends in their layout, bound."""
+    path, rng = tmp_path / "t.zarr", np.random.default_rng(5)
+    earlier = format.Metadata.hot_layouts
+    with monkeypatch.context() as m:  # what those writers wrote: the lz4 hot layout
+        m.setattr(format.Metadata, "hot_layouts", lambda self, name, rows=0: earlier(self, name, rows)[::-1])
+        _, ref = fill(path, 6, "compact", rng, block_rows=2, chunk_rows=4)
+    hot = format.ArrayLayout.from_zarr_json("hot/embeddings", json.loads((path / "hot/embeddings/zarr.json").read_text()))
+    assert type(hot.codecs.compressors[0]).__name__ == "Blosc"
+    more = {name: (random_bf16(rng, (3, *k.shape)) if k.dtype == "bfloat16"
+                   else rng.standard_normal((3, *k.shape)).astype(np.float32)) for name, k in KINDS.items()}
+    with wordystore.resume(path, compaction_threads=0) as w:  # rows 6..8 stay hot until close
+        for i in range(3):
+            w.append(3 * (6 + i), **{name: v[i] for name, v in more.items()})
+        w.flush()
+        t = wordystore.open(path)
+        assert (t.commit_record.compacted_rows, len(t)) == (6, 9)
+        assert np.array_equal(bits(t.embeddings.numpy()), bits(np.concatenate([ref["embeddings"], more["embeddings"]])))
+        assert json.loads((path / "hot/embeddings/zarr.json").read_text())["codecs"] == hot.to_zarr_json()["codecs"]
+    assert wordystore.verify(path).ok and len(wordystore.open(path)) == 9
+
+
+def test_a_hot_shard_is_bound_to_its_place(tmp_path):
+    """A raw hot shard (one chunk) carries a binding record like every format-3 shard: a block's shard
+    copied over another block's reads as an error, never as other rows."""
+    path = tmp_path / "t.zarr"
+    w, _ = fill(path, 4, "compact", np.random.default_rng(6), close=False, block_rows=2, chunk_rows=4,
+                compaction_threads=0)
+    try:
+        w.flush()
+        shard = (path / "hot/embeddings/c/1/0/0").read_bytes()
+        assert shard[-(40 + 20):-20].startswith(b"WYSTBIND")  # its record (one chunk: 40 bytes), then its index
+        (path / "hot/embeddings/c/1/0/0").write_bytes((path / "hot/embeddings/c/0/0/0").read_bytes())
+        with pytest.raises(wordystore.CorruptChunkError, match=r"'hot/embeddings/c/1/0/0'.*binding record names another"):
+            wordystore.open(path).embeddings.numpy(slice(2, 4))
+    finally:
+        w.abandon()
 
 
 @settings(max_examples=200, deadline=None)

@@ -111,6 +111,18 @@ def test_a_damaged_lease_is_a_format_error_naming_it(s3_bucket):
         wordystore.resume(url)
 
 
+def test_a_child_process_writer_stays_in_this_process_on_object_storage_and_says_so(s3_bucket):
+    """The writer's child process shares a directory's lock and needs a local store: on object storage
+    the pools stay in the writing process (its puts fenced by its lease), with a warning naming why."""
+    url, rows = f"{s3_bucket.url}/run.zarr", Rows()
+    with pytest.warns(RuntimeWarning, match="a child process needs a local store"):
+        writer = wordystore.create(url, rows.kinds(), writer_process=True)
+    with writer:
+        rows.append(writer, 0, 9)
+    t = trajectory.open(url)
+    assert rows.check(t) == 9 and t.commit_record.writer["process"] is False
+
+
 def test_missing_or_wrong_credentials_are_one_line_and_exit_status_2(s3_bucket, monkeypatch, capsys):
     url = f"{s3_bucket.url}/run.zarr"
     with wordystore.create(url, Rows().kinds()):

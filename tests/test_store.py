@@ -167,12 +167,12 @@ def test_resume_appends_after_the_last_committed_step(tmp_path):
 
 
 def test_writer_memory_does_not_grow_with_steps(tmp_path):
-    """The ring buffer is allocated once: block_rows + 1 slots per kind."""
+    """The ring buffer is allocated once: block_rows + 1 slots per kind (one block: no GPU here)."""
     kinds = {"m": Kind((256, 64), "bfloat16", ("token", "dim"))}
     w = wordystore.create(tmp_path / "t.zarr", kinds, block_rows=4, chunk_rows=8)
-    buffers = [id(b) for b in w._slots.values()]
+    buffers = [id(b) for b in w._ring.slots.values()]
     for step in range(40):
         w.append(step, m=torch.randn(256, 64).bfloat16())
-    assert [id(b) for b in w._slots.values()] == buffers and w._slots["m"].shape[0] == 5
+    assert [id(b) for b in w._ring.slots.values()] == buffers and w._ring.slots["m"].shape[0] == 5
     w.close()
     assert len(trajectory.open(tmp_path / "t.zarr")) == 40

@@ -84,8 +84,9 @@ class Bytes:
             raise FormatError("only little-endian 'bytes' codecs are supported")
         return cls()
 
-    def encode(self, chunk: np.ndarray) -> bytes:
-        return np.ascontiguousarray(chunk).tobytes()
+    def encode(self, chunk: np.ndarray) -> np.ndarray:
+        """The chunk's bytes as a flat uint8 array (no ``tobytes``: that copy would hold the GIL)."""
+        return np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
 
     def decode_into(self, data, out: np.ndarray) -> None:
         out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
@@ -181,8 +182,16 @@ class Crc32c:
     def from_dict(cls, data: dict) -> "Crc32c":
         return cls()
 
-    def encode(self, data: bytes) -> bytes:
-        return data + struct.pack("<I", _crc32c.crc32c(data))
+    def encode(self, data) -> bytes:
+        return bytes(data) + self.checksum(data)
+
+    @staticmethod
+    def checksum(*pieces) -> bytes:
+        """The 4 bytes :meth:`encode` appends to the concatenation of ``pieces``."""
+        value = 0
+        for piece in pieces:
+            value = _crc32c.crc32c(piece, value)
+        return struct.pack("<I", value)
 
     def decode(self, data) -> memoryview:
         data = memoryview(data)
@@ -233,15 +242,20 @@ class ChunkCodecs:
         """Shape of the chunk as serialized (after the transpose)."""
         return self.transpose.stored_shape(shape) if self.transpose else tuple(shape)
 
-    def encode(self, chunk: np.ndarray) -> bytes:
+    def encode(self, chunk: np.ndarray) -> list:
+        """The encoded chunk as buffers to lay end to end: a checksum comes as a 4-byte piece of its
+        own, since appending it to the data would copy the chunk while holding the GIL."""
         if self.transpose:
             chunk = chunk.transpose(self.transpose.order)
         if self.bits:
             chunk = self.bits.bits(chunk)
-        data = self.serializer.encode(chunk)
+        pieces = [self.serializer.encode(chunk)]
         for codec in self.compressors:
-            data = codec.encode(data)
-        return data
+            if isinstance(codec, Crc32c):
+                pieces.append(codec.checksum(*pieces))
+            else:
+                pieces = [codec.encode(pieces[0] if len(pieces) == 1 else b"".join(pieces))]
+        return pieces
 
     def decode_into(self, data, stored: np.ndarray) -> np.ndarray:
         """Decode into ``stored`` (a C-contiguous buffer of :meth:`stored_shape`); returns a view
@@ -405,15 +419,35 @@ class ShardTail:
                                     "(chunks swapped or copied inside it?)")
 
 
-def encode_shard(chunks: list[bytes | None], binding: ShardBinding | None = None, key: str = "",
-                 rows: int = 0) -> bytes:
-    """A ``sharding_indexed`` shard: the inner chunks (C order of the shard's chunk grid; None for
-    an absent one), then, with a ``binding``, the :class:`BindingRecord` of the shard at ``key``
-    whose first ``rows`` rows hold data, then their :class:`ShardIndex`."""
-    present = [data for data in chunks if data is not None]
-    index = ShardIndex.of_sizes([None if data is None else len(data) for data in chunks])
-    record = binding.record(key, rows, chunks).encode() if binding is not None else b""
-    return b"".join(present) + record + index.encode()
+def encoded_nbytes(pieces: list) -> int:
+    """The size of an inner chunk given as :meth:`ChunkCodecs.encode`'s pieces."""
+    return sum(len(piece) for piece in pieces)
+
+
+def encode_shard(chunks: list[list | None], binding: ShardBinding | None = None, key: str = "",
+                 rows: int = 0) -> np.ndarray:
+    """A ``sharding_indexed`` shard as a uint8 array: the inner chunks (C order of the shard's chunk
+    grid; each as :meth:`ChunkCodecs.encode`'s pieces, None for an absent one), then, with a
+    ``binding``, the :class:`BindingRecord` of the shard at ``key`` whose first ``rows`` rows hold
+    data, then their :class:`ShardIndex`. The pieces are copied in by numpy, which releases the GIL
+    (``b"".join`` would hold it for every byte)."""
+    sizes = [None if chunk is None else encoded_nbytes(chunk) for chunk in chunks]
+    index = ShardIndex.of_sizes(sizes).encode()
+    data_nbytes = sum(size or 0 for size in sizes)
+    record_nbytes = BindingRecord.nbytes(len(chunks)) if binding is not None else 0
+    shard = np.empty(data_nbytes + record_nbytes + len(index), np.uint8)
+    offset, placed = 0, []
+    for chunk in chunks:
+        start = offset
+        for piece in chunk or ():
+            shard[offset : offset + len(piece)] = np.frombuffer(piece, np.uint8)
+            offset += len(piece)
+        placed.append(None if chunk is None else shard[start:offset])
+    if binding is not None:
+        shard[offset : offset + record_nbytes] = np.frombuffer(binding.record(key, rows, placed).encode(), np.uint8)
+        offset += record_nbytes
+    shard[offset:] = np.frombuffer(index, np.uint8)
+    return shard
 
 
 # The raw (offset, nbytes) table, for tools that patch a shard's bytes (tests/test_faults.py).

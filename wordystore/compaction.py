@@ -27,20 +27,34 @@ def block_shards(layout: ArrayLayout, first_row: int) -> list[tuple[int, ...]]:
     return [(first_row // layout.shard[0], *rest) for rest in np.ndindex(*layout.shard_grid()[1:])]
 
 
-def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], block: np.ndarray) -> bytes:
-    """One hot shard's bytes from its block's rows (``block``: every row of the block, whole)."""
-    region = layout.shard_region(coords)
-    return layout.encode_shard(coords, block[(slice(None), *region[1:])])
+def encode_hot_shard(layout: ArrayLayout, coords: tuple[int, ...], runs: list[np.ndarray]) -> np.ndarray:
+    """Hot shard ``coords``'s bytes from its block's rows (``runs``: every row of the block, whole,
+    as consecutive runs of rows)."""
+    region = (slice(None), *layout.shard_region(coords)[1:])
+    parts = [run[region] for run in runs]
+    return layout.encode_shard(coords, parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def write_hot_shard(store, layout: ArrayLayout, coords: tuple[int, ...], runs: list[np.ndarray],
+                    durable: bool) -> str:
+    """Encode and store one hot shard (fsynced if ``durable``); returns its key. A block's shards are
+    written in parallel, one task each."""
+    key = layout.shard_key(coords)
+    storage.put(store, key, encode_hot_shard(layout, coords, runs))
+    if durable:
+        storage.sync_to_disk(store, [key])
+    return key
 
 
 def encode_main_shard(layout: ArrayLayout, coords: tuple[int, ...], data: np.ndarray,
-                      inputs: list[np.ndarray] | None = None) -> bytes:
+                      inputs: list[np.ndarray] | None = None) -> np.ndarray:
     """Main shard ``coords``'s bytes from its region's rows (from a chunk's first row). A predicted
     kind is stored as residuals, counted from that first row, against the same rows of its
-    prediction's ``inputs`` (the gradients and norms of a moment, the moments of a parameter...)."""
+    prediction's ``inputs`` (the gradients and norms of a moment, the moments of a parameter...),
+    computed over ``data``, which the caller gives up."""
     prediction = layout.prediction
     if prediction is not None:
-        data = prediction.residuals(data, inputs)
+        data = prediction.residuals(data, inputs, in_place=True)
     return layout.encode_shard(coords, data)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from wordystore import documents, storage
 from wordystore.errors import FormatError
 from wordystore.format import TIERS, VERIFIED_KEY
+from wordystore.pools import WriterPools
 from wordystore.storage import describe
 
 if TYPE_CHECKING:  # display is the trajectory's presentation: trajectory.py imports it, not the reverse
@@ -184,6 +185,8 @@ def info_text(t: Trajectory) -> str:
         cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  " + "  ".join(cells).rstrip())
     lines.append(f"  token sets: {_token_sets(t)}")
+    if t.commit_record.writer is not None:
+        lines.append(f"  {writer_line(t.commit_record.writer)}")
     lines.extend("  " + line for line in config_summary(t.config))
     return "\n".join(lines)
 
@@ -203,8 +206,17 @@ def info_dict(t: Trajectory) -> dict:
         "bytes_on_disk": stored_bytes(t),
         "token_sets": {name: len(ids) for name, ids in t.token_sets.items()},
         "summary": config_summary(t.config),
+        **({"writer": t.commit_record.writer} if t.commit_record.writer is not None else {}),
         "config": t.config,
     }
+
+
+def writer_line(doc: dict) -> str:
+    """``writer: 1 write thread, ...`` from the commit record's ``writer`` (the pools that wrote it)."""
+    try:
+        return f"writer: {WriterPools.from_dict(doc).describe()}"
+    except (KeyError, TypeError, ValueError):
+        return f"writer: {doc!r}"
 
 
 def trajectory_html(t: Trajectory) -> str:

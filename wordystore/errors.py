@@ -50,3 +50,8 @@ class LeaseWaitWarning(UserWarning):
 
 class RoundTripWarning(UserWarning):
     """An export or import leaves something behind that the target cannot hold; names it."""
+
+
+class BackpressureWarning(UserWarning):
+    """Appends had to wait for the writer: this machine could not write (or compact) as fast as it
+    trained. The message gives the rates; ``writer.stats()`` the counters."""

@@ -14,7 +14,8 @@ writing the documents is :mod:`wordystore.documents`; the resume-state record is
 A trajectory keeps each kind in two tiers of zarr v3 arrays with the same row axis:
 
 - the **hot** tier (``hot/<kind>``): rows as the writer wrote them, ``block_rows`` at a time,
-  with a fast codec, so the writer holds only one block in memory;
+  raw (bytes and a checksum, one chunk a shard), so the writer holds only a block or a few in
+  memory;
 - the **main** tier (``<kind>``): rows compacted into long chunks of ``chunk_rows`` rows with the
   profile's codec, which is what makes the store small.
 
@@ -270,9 +271,9 @@ class ArrayLayout:
         """The part of the array shard ``coords`` covers (clipped to the array's shape)."""
         return tuple(slice(c * s, min((c + 1) * s, n)) for c, s, n in zip(coords, self.shard, self.shape))
 
-    def encode_shard(self, coords: tuple[int, ...], data: np.ndarray) -> bytes:
-        """Shard ``coords``'s bytes from its region's data, whose first ``len(data)`` rows hold
-        written data (edge shards are zero-padded to full chunks)."""
+    def encode_shard(self, coords: tuple[int, ...], data: np.ndarray) -> np.ndarray:
+        """Shard ``coords``'s bytes (a uint8 array) from its region's data, whose first ``len(data)``
+        rows hold written data (edge shards are zero-padded to full chunks)."""
         data = data.view(self.numpy_dtype) if data.dtype != self.numpy_dtype else data
         rows = data.shape[0]
         if data.shape != self.shard:
@@ -379,11 +380,18 @@ class Profile:
                            codecs, ("step", *kind.dims), attributes, binding)
 
     def hot_layout(self, name: str, kind: Kind, rows: int, block_rows: int = BLOCK_ROWS,
-                   version: int = FORMAT_VERSION, binding: ShardBinding | None = None) -> ArrayLayout:
-        """Hot rows: ``block_rows`` per chunk, blosc lz4 (fast to write, read back once to compact)."""
+                   version: int = FORMAT_VERSION, binding: ShardBinding | None = None, raw: bool = True) -> ArrayLayout:
+        """Hot rows: ``block_rows`` per shard. ``raw`` (what format 3 writes): the main tier's shards
+        with one chunk each, raw bytes and a checksum, the cheapest to write and to read back once
+        for compaction (measured against blosc lz4: docs/format.md, "Why these choices"); else the
+        main tier's inner chunks in blosc lz4, as format 2 and the format-3 stores written before
+        the raw hot tier hold them (:meth:`Metadata.hot_layouts`)."""
         dtype = stored_dtype(kind, self.name, version)
         chunk, shard = _cut(kind, block_rows)
-        codecs = ChunkCodecs(None, Bytes(), (Blosc("lz4", 1, "shuffle", kind.numpy_dtype.itemsize), Crc32c()))
+        if raw:
+            chunk, codecs = shard, ChunkCodecs(None, Bytes(), (Crc32c(),))
+        else:
+            codecs = ChunkCodecs(None, Bytes(), (Blosc("lz4", 1, "shuffle", kind.numpy_dtype.itemsize), Crc32c()))
         return ArrayLayout(array_path(name, "hot"), dtype, (rows, *kind.shape), shard, chunk, codecs,
                            ("step", *kind.dims), _view_attributes(kind, dtype), binding)
 
@@ -587,10 +595,19 @@ class Metadata:
         return {**self.kinds, STEPS_ARRAY: STEPS_KIND}
 
     def layouts(self, name: str, rows: int = 0) -> tuple[ArrayLayout, ArrayLayout]:
-        """The (main, hot) layouts this metadata determines for array ``name`` with ``rows`` rows."""
+        """The (main, hot) layouts this metadata determines for array ``name`` with ``rows`` rows
+        (the hot one as a new array of it is written: :meth:`hot_layouts`)."""
         kind, profile, version, binding = self.arrays()[name], Profile(self.profile), self.format_version, self.binding
         return (profile.main_layout(name, kind, rows, self.chunk_rows, self.predictions.get(name), version, binding),
-                profile.hot_layout(name, kind, rows, self.block_rows, version, binding))
+                self.hot_layouts(name, rows)[0])
+
+    def hot_layouts(self, name: str, rows: int = 0) -> tuple[ArrayLayout, ...]:
+        """Every hot layout a store of this metadata may hold for array ``name``, the one a new array
+        is written in first: format 3 writes the raw hot tier, and its stores written before it
+        have blosc lz4 hot arrays, read and appended to as they are; format 2's are lz4."""
+        kind, profile, version = self.arrays()[name], Profile(self.profile), self.format_version
+        return tuple(profile.hot_layout(name, kind, rows, self.block_rows, version, self.binding, raw)
+                     for raw in ((True, False) if version >= 3 else (False,)))
 
     def token_set_layout(self, name: str, size: int) -> ArrayLayout:
         return token_set_layout(name, size, self.binding)
@@ -635,6 +652,14 @@ def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
         if got != want:
             return f"has {what} {got}; the metadata says {want}"
     return None
+
+
+def array_mismatch(meta: Metadata, tier: str, name: str, actual: ArrayLayout) -> str | None:
+    """How array ``name``'s zarr.json in ``tier`` disagrees with the layouts the metadata allows
+    there (None if it agrees with one): the main layout, or one of :meth:`Metadata.hot_layouts`."""
+    allowed = (meta.layouts(name)[0],) if tier == "main" else meta.hot_layouts(name)
+    problems = [layout_mismatch(actual, expected) for expected in allowed]
+    return None if None in problems else problems[0]
 
 
 def _extents(layout: ArrayLayout, keys: Iterable[str]) -> list[int] | None:
@@ -722,7 +747,8 @@ class CommitRecord:
     are in the main tier, the rest in the hot tier. ``states`` lists the resume states kept
     (``{"row", "step", "key", "crc32c", "nbytes"}``, oldest first; see :mod:`wordystore.resume_state`).
     ``writer_generation``: on object storage, the lease generation of the writer that wrote it
-    (:class:`LeaseRecord`); absent (0) on directories. Readers ignore it."""
+    (:class:`LeaseRecord`); absent (0) on directories. ``writer`` says how the writer that made the
+    record was sized (:class:`wordystore.pools.WriterPools`). Readers ignore both."""
 
     committed_rows: int = 0
     compacted_rows: int = 0
@@ -730,6 +756,7 @@ class CommitRecord:
     states: tuple[dict, ...] = ()
     format_version: int = FORMAT_VERSION
     writer_generation: int = 0
+    writer: dict | None = field(default=None, compare=False)
 
     @property
     def tiers(self) -> RowTiers:
@@ -740,6 +767,8 @@ class CommitRecord:
                "compacted_rows": self.compacted_rows, "last_step": self.last_step, "states": list(self.states)}
         if self.writer_generation:
             doc["writer_generation"] = self.writer_generation
+        if self.writer is not None:
+            doc["writer"] = self.writer
         return doc
 
     @classmethod
@@ -767,7 +796,9 @@ class CommitRecord:
         if not (_is_count(generation) and generation <= MAX_LEASE_GENERATION):
             raise FormatError(f"{where}/{COMMIT_KEY} is damaged: writer_generation {generation!r} is not a count of "
                               f"at most {MAX_LEASE_GENERATION}")
-        return cls(committed, compacted, last, tuple(states), version, generation)
+        writer = doc.get("writer")
+        return cls(committed, compacted, last, tuple(states), version, generation,
+                   writer if isinstance(writer, dict) else None)
 
 
 # -- the writer lease on object storage (docs/format.md, "Object storage") ----------------------------
@@ -814,8 +845,8 @@ def check_arrays(where: str, meta: Metadata, record: CommitRecord,
         raise FormatError(f"{where}: {COMMIT_KEY} is of format {record.format_version} but the metadata of format "
                           f"{meta.format_version}; run `wordystore verify {where}`")
     for name, pair in layouts.items():
-        for actual, expected in zip(pair, meta.layouts(name)):
-            mismatch = layout_mismatch(actual, expected)
+        for tier, actual in zip(TIERS, pair):
+            mismatch = array_mismatch(meta, tier, name, actual)
             if mismatch:
                 raise FormatError(f"{where}: array '{actual.path}': its zarr.json {mismatch}; "
                                   f"run `wordystore verify {where}`")

@@ -19,6 +19,7 @@ from wordystore import documents, format, storage
 from wordystore.errors import ReadOnlyError
 from wordystore.kinds import Kind
 from wordystore.lease import writer_lock
+from wordystore.pools import WriterPools
 from wordystore.prediction import Prediction
 from wordystore.storage import WriterLock, as_store, describe, local_root
 from wordystore.writer import TrajectoryWriter, check_token_set, write_token_set
@@ -49,6 +50,9 @@ def create(
     chunk_rows: int = format.CHUNK_ROWS,
     predictions: Mapping[str, Prediction] | None = None,
     storage_options: dict | None = None,
+    write_threads: int | None = None,
+    compaction_threads: int | None = None,
+    writer_process: bool | None = None,
 ) -> TrajectoryWriter:
     """Create a trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
     ``file://`` URL, or a zarr store) and open it for appending.
@@ -65,8 +69,13 @@ def create(
     residuals against a replay of the optimizer: several times smaller, still bit for bit (the
     archive profile's parameter too: docs/format.md, "Predicted kinds"). ``storage_options``: a
     URL's endpoint, region and credentials (default: from the environment;
-    :func:`wordystore.objectstore.open_url`). Everything is checked before anything is written; a
-    create that fails leaves nothing behind.
+    :func:`wordystore.objectstore.open_url`). ``write_threads`` and ``compaction_threads`` size the
+    writer's pools, and ``writer_process`` runs them in a child process (default: from the machine
+    and ``WORDYSTORE_WRITE_THREADS``, ``WORDYSTORE_COMPACTION_THREADS``,
+    ``WORDYSTORE_WRITER_PROCESS``; ``compaction_threads=0`` compacts only at close; a child process
+    needs a local store: :class:`wordystore.WriterPools`); the choice is recorded with every commit
+    (``commit.json``'s ``writer``; ``wordystore info`` shows it). Everything is checked before
+    anything is written; a create that fails leaves nothing behind.
 
     >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
     ...     w.append(0, embeddings=..., grads=..., ...)
@@ -81,6 +90,7 @@ def create(
     format.check_predictions(predictions, kinds, profile)
     vocab = format.vocab_size(kinds)
     sets = {name: check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     config = dict(config or {})
     format.check_config(config)
     if not isinstance(keep_states, int) or keep_states < 1:
@@ -114,9 +124,9 @@ def create(
         for name, ids in sets.items():
             write_token_set(store, meta, name, ids)
         documents.write_metadata(store, meta)
-        record = format.CommitRecord(writer_generation=lock.generation)
+        record = format.CommitRecord(writer_generation=lock.generation, writer=pools.to_dict())
         documents.write_commit(store, record, durable=durable)  # last: the store is complete
-        return TrajectoryWriter(store, lock, durable, keep_states)
+        return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:  # remove what this call wrote (the refusals above have written nothing)
         try:
             storage.clear_store(store)
@@ -127,15 +137,18 @@ def create(
         raise
 
 
-def resume(where, *, durable: bool = True, keep_states: int = 1,
-           storage_options: dict | None = None) -> TrajectoryWriter:
+def resume(where, *, durable: bool = True, keep_states: int = 1, storage_options: dict | None = None,
+           write_threads: int | None = None, compaction_threads: int | None = None,
+           writer_process: bool | None = None) -> TrajectoryWriter:
     """Open an existing trajectory to append after its last committed row.
 
     Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
     never touched. A store whose commit record is missing or damaged is refused: see
     ``wordystore verify --repair``. On object storage, the lease of a writer that was killed is
     waited out (a warning says so; up to 32 s by default), and a live writer's refuses this one.
+    The pools are sized as :func:`create` sizes them.
     """
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     store = as_store(where, read_only=False, storage_options=storage_options)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
@@ -143,7 +156,7 @@ def resume(where, *, durable: bool = True, keep_states: int = 1,
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = writer_lock(store)
     try:
-        return TrajectoryWriter(store, lock, durable, keep_states)
+        return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:
         lock.release()
         raise
@@ -166,7 +179,7 @@ def create_whole(where, kinds: Mapping[str, Kind], *, overwrite: bool = False, *
     _refuse_existing(final, overwrite)
     root = local_root(final)
     target = where if root is None else root.with_name(f".{root.name}.{os.getpid()}.partial")
-    writer = create(target, kinds, overwrite=True, **create_args)
+    writer = create(target, kinds, overwrite=True, writer_process=False, **create_args)  # bulk_append: in this process
     try:
         yield writer
         writer.close()

@@ -99,55 +99,63 @@ class AdamPrediction:
         return cls(doc["moment"], doc["grads"], doc.get("grad_norm"), _number(doc["beta"]),
                    None if doc.get("max_norm") is None else _number(doc["max_norm"]), doc.get("clip"))
 
-    def _coefficients(self, inputs: list[np.ndarray]) -> np.ndarray | None:
-        """Each row's clip coefficient ``c`` (float32), or None for 1."""
+    def _clip(self, inputs: list[np.ndarray], rows: int) -> np.ndarray:
+        """Each of ``rows`` rows' clip coefficient ``c`` (float32, one per row)."""
         f32 = np.float32
         if self.clip is not None:
             return np.asarray(inputs[1], f32)
         if self.max_norm is None:
-            return None
+            return np.ones(rows, f32)
         return _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(np.asarray(inputs[1], f32)) + f32(1e-6))))
 
-    def _predict(self, prev: np.ndarray, grad: np.ndarray, c: np.float32 | None) -> np.ndarray:
-        """float32 ``prev`` and a bfloat16 ``grad`` (or its uint16 bits, as the compact profile
-        stores it) -> the predicted row's bfloat16 bits (uint16)."""
+    def _predict(self, prev: np.ndarray, grad: np.ndarray, clip: np.ndarray) -> np.ndarray:
+        """float32 ``prev`` rows, their bfloat16 ``grad`` rows (or the uint16 bits) and clip
+        coefficients -> the predicted rows' bfloat16 bits (uint16). Rows along the first axis; any
+        number of them at once."""
         f32 = np.float32
         grad = grad.view(BFLOAT16) if grad.dtype == np.uint16 else grad
-        g = _bf16(grad.astype(f32) * (f32(1) if c is None else c))
+        g = _bf16(grad.astype(f32) * clip.reshape(-1, *(1,) * (grad.ndim - 1)))
         if self.moment == "exp_avg":
             pred = prev + f32(1 - self.beta) * (g - prev)
         else:
             pred = _bf16(prev * f32(self.beta)) + f32(1 - self.beta) * g * g
         return _bits(pred)
 
-    def residuals(self, moment: np.ndarray, inputs: list[np.ndarray], axis: int = 0) -> np.ndarray:
+    def residuals(self, moment: np.ndarray, inputs: list[np.ndarray], axis: int = 0,
+                  in_place: bool = False) -> np.ndarray:
         """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first),
-        given the same rows of :attr:`inputs`."""
-        return self._replay(moment.view(np.uint16), inputs, axis, encode=True).view(np.int16)
+        given the same rows of :attr:`inputs`; ``in_place``: written over ``moment`` (C-ordered,
+        rows first), which saves a tile of memory. Each row is predicted from the recorded row
+        before it, so the rows are predicted all at once, ``ROWS_AT_ONCE`` at a time: a few numpy
+        calls per chunk rather than per row (each call takes the GIL, which a training loop on a
+        GPU needs)."""
+        bits, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (moment.view(np.uint16), inputs[0]))
+        out = bits if in_place else np.empty(bits.shape, np.uint16)
+        clip = self._clip(inputs, len(bits))
+        prev = np.zeros((min(ROWS_AT_ONCE, len(bits)), *bits.shape[1:]), np.float32)  # before the first row: zeros
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            for a in range(0, len(bits), ROWS_AT_ONCE):
+                b = min(a + ROWS_AT_ONCE, len(bits))
+                if a:
+                    prev[0] = last.view(BFLOAT16)
+                prev[1 : b - a] = bits[a : b - 1].view(BFLOAT16)
+                last = bits[b - 1].copy()  # the next rows' first prediction needs it, as recorded
+                np.subtract(bits[a:b], self._predict(prev[: b - a], grads[a:b], clip[a:b]), out=out[a:b])
+        return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int16)
 
     def rebuild(self, residuals: np.ndarray, inputs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone."""
-        return self._replay(residuals.view(np.uint16), inputs, axis, encode=False)
-
-    def _replay(self, data: np.ndarray, inputs: list[np.ndarray], axis: int, encode: bool) -> np.ndarray:
-        """Walk the rows in order, predicting each from the moment row before it: ``encode`` turns
-        moment bits into residuals (``moment - pred``), else residuals into moment bits (``pred +
-        residual``), both mod 2**16. The result is C-ordered like ``data``. The walk runs on
-        row-major copies: in a chunk's stored order each row is strided, and 5x slower to compute on."""
-        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (data, inputs[0]))
-        clip = self._coefficients(inputs)
+        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone.
+        Row by row, each predicted from the one just rebuilt. The walk runs on row-major copies: in
+        a chunk's stored order each row is strided, and 5x slower to compute on. The result is
+        C-ordered like ``residuals``."""
+        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (residuals.view(np.uint16), inputs[0]))
+        clip = self._clip(inputs, len(rows))
         out = np.empty(rows.shape, np.uint16)
-        prev = np.zeros(rows.shape[1:], np.float32)
+        prev = np.zeros((1, *rows.shape[1:]), np.float32)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             for r in range(rows.shape[0]):
-                pred = self._predict(prev, grads[r], None if clip is None else clip[r])
-                if encode:
-                    np.subtract(rows[r], pred, out=out[r])
-                    moment = rows[r]
-                else:
-                    np.add(pred, rows[r], out=out[r])
-                    moment = out[r]
-                prev = moment.view(BFLOAT16).astype(np.float32)
+                np.add(self._predict(prev, grads[r : r + 1], clip[r : r + 1])[0], rows[r], out=out[r])
+                prev[0] = out[r].view(BFLOAT16)
         return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
@@ -216,12 +224,14 @@ class AdamStepPrediction:
             decay = None if self.weight_decay == 0 else (1 - lr * self.weight_decay).astype(f32).reshape(rows)
             return (s * m) / den, decay
 
-    def residuals(self, values: np.ndarray, inputs: list[np.ndarray], axis: int = 0) -> np.ndarray:
+    def residuals(self, values: np.ndarray, inputs: list[np.ndarray], axis: int = 0,
+                  in_place: bool = False) -> np.ndarray:
         """int16 residuals of the parameter rows along ``axis`` (a chunk's rows, from its first):
-        every row predicted at once from the recorded row before it."""
+        every row predicted at once from the recorded row before it; ``in_place``: written over
+        ``values``."""
         bits = np.moveaxis(values.view(np.uint16), axis, 0)
         update, decay = self._updates(inputs, axis)
-        out = bits.copy()  # the first row: predicted as 0
+        out = bits if in_place else bits.copy()  # the first row: predicted as 0
         with np.errstate(invalid="ignore", over="ignore"):
             prev = _float(bits[:-1])
             if decay is not None:
@@ -243,6 +253,7 @@ class AdamStepPrediction:
         return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
+ROWS_AT_ONCE = 4  # rows :meth:`AdamPrediction.residuals` predicts at once (its float32 temporaries stay small)
 CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
 PREDICTIONS = {p.NAME: p for p in (AdamPrediction, AdamStepPrediction)}  # every prediction a store may name
 Prediction = AdamPrediction | AdamStepPrediction

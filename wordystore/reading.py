@@ -46,6 +46,7 @@ from wordystore.format import (
 
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
+REBUILD_CHUNKS = 4  # a predicted moment's chunks rebuilt at once (ChunkReader._decoded)
 
 
 class StoreReader:
@@ -61,9 +62,10 @@ class StoreReader:
         self._adopt(record, layouts)
 
     @classmethod
-    def open(cls, store, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "StoreReader":
-        """The trajectory in ``store`` as its commit record stands now (see :meth:`refresh`)."""
-        reader = cls(store, documents.read_metadata(store), CommitRecord(), {}, ChunkCache(cache_bytes))
+    def open(cls, store, cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int | None = None) -> "StoreReader":
+        """The trajectory in ``store`` as its commit record stands now (see :meth:`refresh`), read
+        on ``threads`` threads (default: every core)."""
+        reader = cls(store, documents.read_metadata(store), CommitRecord(), {}, ChunkCache(cache_bytes), threads)
         reader.refresh()
         return reader
 
@@ -176,6 +178,11 @@ class ChunkRead:
     @property
     def shard(self) -> tuple[int, ...]:
         return tuple(c // n for c, n in zip(self.coords, self.layout.chunks_per_shard))
+
+    @property
+    def key(self) -> tuple:
+        """The decoded chunk's key in the cache."""
+        return self.layout.path, self.coords, self.valid_rows
 
     @property
     def inner_index(self) -> int:
@@ -321,27 +328,32 @@ class ChunkReader:
     def _read_shard(self, reads: list[ChunkRead], out: np.ndarray) -> None:
         pending = []
         for read in reads:
-            key = (read.layout.path, read.coords, read.valid_rows)
-            cached = self.cache.get(key)
+            cached = self.cache.get(read.key)
             if cached is None:
                 pending.append(read)
             else:
                 _copy(read, cached, out)
         if not pending:
             return
-        for read, data in zip(pending, self._fetch(pending)):
-            stored = self._decoded(read, data)
+        for read, stored in zip(pending, self._decoded(pending, self._fetch(pending))):
             _copy(read, stored, out)
-            if not self.cache.put((read.layout.path, read.coords, read.valid_rows), stored):
+            if not self.cache.put(read.key, stored):
                 self.cache.release(stored)
 
-    def _decoded(self, read: ChunkRead, data) -> np.ndarray:
-        """The chunk's values in stored order (a predicted moment rebuilt from its residuals)."""
-        stored = self._decode(read, data)
-        if read.layout.prediction is None:
-            return stored
-        rebuilt = self._rebuild(read, stored)
-        self.cache.release(stored)
+    def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
+        """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
+        from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
+        chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
+        small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
+        if not reads or reads[0].layout.prediction is None:
+            return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
+        rebuilt = []
+        for i in range(0, len(reads), REBUILD_CHUNKS):
+            batch = reads[i : i + REBUILD_CHUNKS]
+            stored = [self._decode(read, chunk) for read, chunk in zip(batch, data[i : i + REBUILD_CHUNKS])]
+            rebuilt += self._rebuild(batch, stored)
+            for array in stored:
+                self.cache.release(array)
         return rebuilt
 
     def _decode(self, read: ChunkRead, data) -> np.ndarray:
@@ -356,35 +368,46 @@ class ChunkReader:
                                     f"cannot be decoded: {exc}") from exc
         return stored
 
-    def _companion(self, name: str, coords: tuple[int, ...], valid_rows: int) -> tuple[np.ndarray, bool]:
-        """The decoded chunk (stored order) of another main-tier array at ``coords``, via the
-        cache; and whether the caller owns it (to release after use)."""
+    def _companions(self, name: str, coords: list[tuple[int, ...]], valid_rows: int) -> tuple[list, list[bool]]:
+        """The decoded chunks (stored order) of another main-tier array at each of ``coords`` (all
+        in one of its shards), via the cache; and which of them the caller owns (to release)."""
         layout = self.main_layouts[name]
-        read = ChunkRead(layout, coords, (), (), valid_rows)
-        key = (layout.path, coords, valid_rows)
-        stored = self.cache.get(key)
-        if stored is not None:
-            return stored, False
-        (data,) = self._fetch([read])
-        stored = self._decoded(read, data)
-        return stored, not self.cache.put(key, stored)
+        reads = [ChunkRead(layout, c, (), (), valid_rows) for c in coords]
+        found = [self.cache.get(read.key) for read in reads]
+        missing = [read for read, array in zip(reads, found) if array is None]
+        decoded = iter(self._decoded(missing, self._fetch(missing)) if missing else ())
+        arrays, owned = [], []
+        for read, array in zip(reads, found):
+            if array is None:
+                array = next(decoded)
+                owned.append(not self.cache.put(read.key, array))
+            else:
+                owned.append(False)
+            arrays.append(array)
+        return arrays, owned
 
-    def _rebuild(self, read: ChunkRead, residuals: np.ndarray) -> np.ndarray:
-        """A predicted kind's chunk from its residuals and the same chunk of each of its
-        prediction's inputs (the gradients and norms of a moment; a parameter's moments, rebuilt
-        in turn, its learning rates and steps); a 0-d input's chunk is its rows'. The rows are the
-        stored order's last axis when transposed."""
-        prediction, layout = read.layout.prediction, read.layout
-        inputs = [self._companion(name, read.coords[: len(self.main_layouts[name].chunk)], read.valid_rows)
-                  for name in prediction.inputs]
-        axis = layout.codecs.transpose.order.index(0) if layout.codecs.transpose else 0
-        arrays = [_reordered(array, self.main_layouts[name], layout)
-                  for name, (array, _) in zip(prediction.inputs, inputs)]
-        rebuilt = prediction.rebuild(residuals, arrays, axis=axis)
-        for array, own in inputs:
-            if own:
-                self.cache.release(array)
-        return rebuilt
+    def _rebuild(self, reads: list[ChunkRead], residuals: list[np.ndarray]) -> list[np.ndarray]:
+        """Chunks of one shard of a predicted kind from their residuals and the same chunks of each of
+        its prediction's inputs (the gradients and norms of a moment; a parameter's moments, rebuilt
+        in turn, its learning rates and steps; a 0-d input's chunk is its rows'), rebuilt together:
+        rows first, the chunks side by side along a new second axis. Each chunk is moved to that
+        order on its own (a chunk's transpose stays in the CPU's cache; the whole shard's at once
+        would not)."""
+        layout, valid_rows = reads[0].layout, reads[0].valid_rows
+        prediction = layout.prediction
+        inputs, owned = [], []
+        for name in prediction.inputs:
+            source = self.main_layouts[name]
+            coords = [reads[0].coords[:1]] if len(source.chunk) == 1 else [read.coords for read in reads]
+            arrays, own = self._companions(name, coords, valid_rows)
+            inputs.append(arrays[0] if len(source.chunk) == 1 else _side_by_side(arrays, source))
+            owned += [array for array, mine in zip(arrays, own) if mine]
+        rebuilt = prediction.rebuild(_side_by_side(residuals, layout), inputs)
+        for array in owned:
+            self.cache.release(array)
+        order = layout.codecs.transpose.order if layout.codecs.transpose else None
+        return [np.ascontiguousarray(rebuilt[:, i] if order is None else rebuilt[:, i].transpose(order))
+                for i in range(len(reads))]
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
         """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed),
@@ -459,10 +482,11 @@ def _copy(read: ChunkRead, stored: np.ndarray, out: np.ndarray) -> None:
     out[read.out] = chunk[local]
 
 
-def _reordered(stored: np.ndarray, source: ArrayLayout, target: ArrayLayout) -> np.ndarray:
-    """A decoded chunk of ``source`` (in its stored order) as a view in ``target``'s stored order:
-    a prediction's inputs and residuals may be stored transposed differently (archive profile)."""
-    if stored.ndim == 1 or source.codecs.transpose == target.codecs.transpose:
-        return stored
-    logical = source.codecs.transpose.to_logical(stored) if source.codecs.transpose else stored
-    return logical.transpose(target.codecs.transpose.order) if target.codecs.transpose else logical
+def _side_by_side(chunks: list[np.ndarray], layout: ArrayLayout) -> np.ndarray:
+    """Decoded chunks of ``layout`` (each in its stored order) as one array of their rows in
+    logical order, the chunks along a new second axis: ``[row, chunk, ...]``."""
+    logical = [layout.codecs.transpose.to_logical(c) if layout.codecs.transpose else c for c in chunks]
+    out = np.empty((logical[0].shape[0], len(chunks), *logical[0].shape[1:]), logical[0].dtype)
+    for i, chunk in enumerate(logical):
+        out[:, i] = chunk
+    return out

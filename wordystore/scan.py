@@ -205,7 +205,7 @@ class StoreScan:
         path = self.expected_layout(tier, name, 0).path
         try:
             layout = documents.read_layout(self.store, path, self.meta.binding)
-            mismatch = format.layout_mismatch(layout, self.expected_layout(tier, name, 0))
+            mismatch = format.array_mismatch(self.meta, tier, name, layout)
         except (FormatError, KeyError, TypeError, ValueError) as exc:  # Key...: e.g. a damaged prediction
             self.problem(path, str(exc) if isinstance(exc, FormatError) else f"array '{path}': zarr.json is damaged ({exc!r})")
             self.unreadable.add((tier, name))

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from wordystore import format, trajectory
+from wordystore.codecs import encoded_nbytes
 from wordystore.errors import RoundTripWarning
 from wordystore.indexing import step_rows
 from wordystore.kinds import DTYPES, Kind
@@ -95,16 +96,17 @@ def seed_scalars(t: Trajectory) -> dict[str, float | int]:
     return scalars
 
 
-def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True) -> Path:
+def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwrite=False, progress=True,
+           threads: int | None = None) -> Path:
     """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
 
     ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
     inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
     or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
     some of the kinds only (0-d kinds outside the notebook's layout go into the header's metadata).
-    Returns the path written. Each kind is read a tile at a
-    time (a chunk of rows by a shard of tokens) on every core and written in place, so memory
-    stays at a few tiles whatever the size.
+    Returns the path written. Each kind is read a tile at a time (a chunk of rows by a shard of
+    tokens) on ``threads`` threads (default: every core) and written in place, so memory stays at
+    a few tiles whatever the size.
 
     >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
     """
@@ -154,7 +156,7 @@ def export(store, out, *, rows=None, steps=None, tokens=None, kinds=None, overwr
                 os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
                 buffers = threading.local()  # one tile buffer per thread, reused
                 with _progress(offset, f"export {out.name}", progress, "B") as bar, \
-                        ThreadPoolExecutor(os.cpu_count()) as pool:
+                        ThreadPoolExecutor(threads or os.cpu_count()) as pool:
                     for name, (dtype, shape, source) in plan.items():
                         base = data_start + header[name]["data_offsets"][0]
                         if not isinstance(source, Kind):
@@ -416,13 +418,13 @@ def _sample_bytes(read_tile, kinds: dict[str, Kind], options: dict[str, dict], s
         for name in ("momentum", "variance"):
             values = _read_sample(read_tile, kinds[name], name, chunk, sample)
             plain = compact.main_layout(name, kinds[name], 0)
-            sizes["plain"] += sum(len(plain.codecs.encode(v)) for v in values)
+            sizes["plain"] += sum(encoded_nbytes(plain.codecs.encode(v)) for v in values)
             for option, predictions in options.items():
                 prediction = predictions[name]
                 layout = compact.main_layout(name, kinds[name], 0, prediction=prediction)
                 for v, g in zip(values, grads):
                     inputs = [g, *(scalars[k][chunk] for k in prediction.inputs[1:])]
-                    sizes[option] += len(layout.codecs.encode(prediction.residuals(v, inputs)))
+                    sizes[option] += encoded_nbytes(layout.codecs.encode(prediction.residuals(v, inputs)))
     return sizes
 
 

@@ -282,8 +282,13 @@ def delete(store: Store, key: str) -> None:
         return
     store.delete_sync(key)
     parent = local_path(root, key).parent
-    while parent != root and parent.is_dir() and not parent.is_symlink() and not any(parent.iterdir()):
-        parent.rmdir()
+    while parent != root and not parent.is_symlink():
+        try:
+            if any(parent.iterdir()):
+                break
+            parent.rmdir()
+        except OSError:  # removed by another delete, or filled by a put, meanwhile: theirs now
+            break
         parent = parent.parent
 
 
@@ -381,6 +386,10 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
+
+    def fileno(self) -> int | None:
+        """The locked file's descriptor (a child process that shares the lock inherits it)."""
+        return self._fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -1,35 +1,44 @@
 """The streaming writer: one ``append`` per training step; compression, I/O and compaction in the
-background, in flat memory.
+background, in flat memory, on pools sized to the machine (:mod:`wordystore.pools`).
 
-Steps are copied into a small ring of host buffers (``block_rows + 1`` steps of every kind: about
-230 MB for the seed config, whatever the step count). Each full block goes to a background thread
-that writes it to the **hot** tier with a fast codec and then rewrites the commit record, so a step
-becomes visible to readers only once every kind of it is on disk. A second, low-priority thread
-**compacts** every ``chunk_rows`` committed rows into the **main** tier's long, well-compressed
-chunks, reading them back from the hot tier one shard at a time, then moves the commit record's
-``compacted_rows`` forward and deletes the hot copies. ``close()`` compacts the rest. A kill -9 at
-any point loses nothing committed: every change of what readers see is one atomic replace of
-``commit.json`` made after the data it admits is on disk (docs/format.md, "Commit protocol").
+Steps are copied into a ring of host buffers (one block of ``block_rows`` steps and a row on a CPU
+host, three blocks when a GPU feeds it: page-locked, so copies from the GPU run asynchronously).
+Each full block goes to the writer's background (:class:`wordystore.background.Background`, or
+the same in a child process: :mod:`wordystore.remote`): its **write threads** store the block's
+hot shards in parallel (raw bytes, a checksum and the shard's binding record: no encoding to speak
+of), then it rewrites the commit record, so a step becomes visible to readers only once every kind
+of it is on disk. Its **compaction threads** run on idle CPU time: as soon as ``chunk_rows`` rows
+are committed they encode them into the **main** tier's long chunks, every shard in parallel, move
+the commit record's ``compacted_rows`` forward and delete the hot copies; ``close()`` compacts the rest (the
+last partial chunk) at normal priority. An append waits only when the machine cannot keep up (a
+full ring, or compaction two chunks behind); ``stats()`` counts it and ``close()`` warns. A kill
+-9 at any point loses nothing committed: every change of what readers see is one atomic replace
+of ``commit.json`` made after the data it admits is on disk (docs/format.md, "Commit protocol").
+On object storage every put is fenced by the writer's lease (:mod:`wordystore.lease`), and the
+pools stay in this process (a child process needs a local store).
 
-Shards are encoded by :mod:`wordystore.compaction`; a writer is made by
-:func:`wordystore.lifecycle.create` or :func:`wordystore.lifecycle.resume`.
+A writer is made by :func:`wordystore.lifecycle.create` or :func:`wordystore.lifecycle.resume`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import os
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from wordystore import compaction, documents, format, reading, storage
+from wordystore import documents, format, reading, remote, storage
+from wordystore.background import Background, Ring
 from wordystore.compaction import TileReader
-from wordystore.errors import AppendError, WriterFailedError
+from wordystore.errors import AppendError, BackpressureWarning, WriterFailedError
 from wordystore.kinds import numpy_to_torch, scalar_value, torch_to_numpy
+from wordystore.pools import WriterPools
 from wordystore.resume_state import ResumeState
 from wordystore.storage import WriterLock, describe, local_root
 
@@ -57,55 +66,98 @@ def write_token_set(store, meta: format.Metadata, name: str, ids: np.ndarray) ->
         storage.put(store, layout.shard_key(coords), layout.encode_shard(coords, ids[layout.shard_region(coords)]))
 
 
+@dataclass(frozen=True)
+class WriterStats:
+    """What a writer has done since it was opened, and how long appends waited for it."""
+
+    appended: int  # rows appended
+    committed: int  # rows committed (visible to readers)
+    compacted: int  # rows compacted into the main tier
+    seconds: float  # since the writer was opened
+    waited_for_ring: float  # seconds appends waited for a free slot (the hot tier fell behind)
+    waited_for_compaction: float  # seconds appends waited for compaction to catch up
+    hot_rows: int  # committed rows not yet compacted
+    pools: WriterPools
+
+    @property
+    def waited(self) -> float:
+        return self.waited_for_ring + self.waited_for_compaction
+
+    def rate(self, rows: int) -> float:
+        return rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"appended": self.appended, "committed": self.committed, "compacted": self.compacted,
+                "seconds": round(self.seconds, 3), "appended_per_s": round(self.rate(self.appended), 3),
+                "committed_per_s": round(self.rate(self.committed), 3),
+                "compacted_per_s": round(self.rate(self.compacted), 3),
+                "waited_for_ring": round(self.waited_for_ring, 3),
+                "waited_for_compaction": round(self.waited_for_compaction, 3), "hot_rows": self.hot_rows,
+                "pools": self.pools.to_dict()}
+
+    def describe(self) -> str:
+        return (f"rows in {self.rate(self.appended):.2f}/s, committed {self.rate(self.committed):.2f}/s, "
+                f"compacted {self.rate(self.compacted):.2f}/s; appends waited {self.waited_for_ring:.1f} s "
+                f"for the hot tier and {self.waited_for_compaction:.1f} s for compaction, of {self.seconds:.1f} s")
+
+
 class TrajectoryWriter:
     """Appends steps to one trajectory. Use :func:`wordystore.create` or :func:`wordystore.resume` to get one."""
 
-    def __init__(self, store, lock: WriterLock, durable: bool, keep_states: int = 1):
+    def __init__(self, store, lock: WriterLock, durable: bool, keep_states: int = 1,
+                 pools: WriterPools | None = None):
         self._store, self._lock = store, lock
-        self._durable = durable and local_root(store) is not None
-        self._keep_states = keep_states
+        durable = durable and local_root(store) is not None
+        self.pools = pools or WriterPools.for_machine()
         self._meta = documents.read_metadata(store)
         format.check_writable(self._meta, describe(store))
         self.kinds = dict(self._meta.kinds)
         self.block_rows, self.chunk_rows = self._meta.block_rows, self._meta.chunk_rows
-        self._record = documents.read_commit(store)
-        self._record_lock = threading.Lock()
-        self.last_step = self._record.last_step
+        record = documents.read_commit(store)
+        self.last_step = record.last_step
         layouts = documents.read_layouts(store, self._meta)
-        format.check_arrays(describe(store), self._meta, self._record, layouts)
-        reading.check_held(store, self._record, layouts)
-        self._main = {name: main for name, (main, _) in layouts.items()}
-        self._hot = {name: hot for name, (_, hot) in layouts.items()}
+        format.check_arrays(describe(store), self._meta, record, layouts)
+        reading.check_held(store, record, layouts)
 
-        # Ring of host buffers: slot i holds row ``self._first_row + i``; the first rows of a block
-        # stay in the ring until the block is complete (a flushed partial block is rewritten whole).
-        capacity = self.block_rows + 1
-        pin = torch.cuda.is_available()
-        self._slots = {name: torch.empty((capacity, *kind.shape), dtype=kind.torch_dtype, pin_memory=pin)
-                       for name, kind in self._meta.arrays().items()}
-        self._first_row = self._record.committed_rows - self._record.committed_rows % self.block_rows
-        self._filled = 0
+        # The ring holds ``ring_blocks`` blocks and a row: appends go on while blocks are written.
+        # The rows of a block stay in it until the block is written whole (a flushed partial block
+        # is rewritten whole when it completes).
+        capacity, pin = self.pools.ring_blocks * self.block_rows + 1, torch.cuda.is_available()
+        if self.pools.process and not (local_root(store) is not None
+                                       and remote.shared_memory_room(Ring.nbytes(self._meta.arrays(), capacity))):
+            warnings.warn(f"wordystore: the writer of {describe(store)} keeps its pools in this process: a child "
+                          "process needs a local store (a directory, not object storage) and room in /dev/shm for "
+                          "its ring", RuntimeWarning, stacklevel=3)
+            self.pools = dataclasses.replace(self.pools, process=False)
+        if self.pools.process:
+            self._background = remote.RemoteBackground(store, self._meta, record, capacity, durable, keep_states,
+                                                       self.pools, lock, pin)
+        else:
+            self._background = Background(store, self._meta, record, layouts,
+                                          Ring.allocate(self._meta.arrays(), capacity, pin), durable, keep_states,
+                                          self.pools)
+        self._ring: Ring | None = self._background.ring
+        self._next_row = record.committed_rows
+        self._freed_rows = self._next_row - self._next_row % self.block_rows  # rows below: out of the ring
+        self._blocks: collections.deque[tuple[Future, int, int]] = collections.deque()  # (future, first row, rows)
         self._cuda_event = None  # recorded after the latest copy from a GPU into the ring
         self._state_provider: StateProvider | None = None
         self._pending_state: ResumeState | None = None
-        self._in_flight: tuple[Future, int] | None = None  # (future, rows it writes)
-        # Both threads yield to training. Writing a block takes a few percent of a core, so at nice
-        # 10 (a tenth of a core under contention) it keeps up; compaction waits for idle time.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordystore-writer",
-                                        initializer=_lower_priority, initargs=(10,))
-        self._compactor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wordystore-compact",
-                                             initializer=_lower_priority, initargs=(19,))
-        self._compaction: Future | None = None
         self._failure: BaseException | None = None
         self._closed = False
-        self._reload_partial_block()
+        self._opened = time.monotonic()
+        self._opened_rows = (record.committed_rows, record.compacted_rows)
+        self._appended = 0
+        self._waited_for_ring = self._waited_for_compaction = 0.0
+        if self._next_row > self._freed_rows:
+            self._reload_partial_block(reading.StoreReader(store, self._meta, record, layouts, threads=1))
 
     # -- public API ------------------------------------------------------------------------------
 
     @property
     def committed(self) -> int:
         """Rows visible to readers."""
-        return self._record.committed_rows
+        return self._background.record.committed_rows
 
     def append(self, step: int, **tensors) -> None:
         """Buffer one step: every declared kind, as a torch tensor (any device) or numpy array of
@@ -124,54 +176,42 @@ class TrajectoryWriter:
         values = {name: self._checked_value(step, name, value) for name, value in tensors.items()}
         values[format.STEPS_ARRAY] = torch.tensor(step, dtype=torch.int64)
 
-        self._make_room()
-        slot = self._filled
-        for name, value in values.items():
-            self._slots[name][slot].copy_(value, non_blocking=True)
-            if value.is_cuda:  # any host-side read of the ring waits for this copy first
-                self._cuda_event = torch.cuda.Event()
-                self._cuda_event.record()
-        self._filled += 1
+        row = self._next_row
+        self._make_room(row)
+        self._ring.put(row, values)
+        if any(value.is_cuda for value in values.values()):  # the block's writer waits for these copies
+            self._cuda_event = torch.cuda.Event()
+            self._cuda_event.record()
+        self._next_row += 1
+        self._appended += 1
         self.last_step = step
-        if self._state_provider is not None and (self._first_row + self._filled) % self.block_rows == 0:
-            self._capture_state()
-        if self._in_flight is None and self._filled >= self.block_rows:
-            self._submit(self.block_rows)
+        if self._next_row % self.block_rows == 0:
+            if self._state_provider is not None:
+                self._capture_state()
+            self._submit(row + 1 - self.block_rows, self.block_rows)
 
     def bulk_append(self, steps: np.ndarray, read_tile: TileReader, progress=None) -> None:
         """Append ``len(steps)`` rows straight into the main tier, a chunk of rows at a time, with
         every core encoding (``convert``, ``import`` and ``stitch`` use it): ``read_tile(name, fetch,
         out)`` fills ``out`` with the orthogonal selection ``fetch`` (rows counted from this call's
-        first row) of array ``name``. Only on a writer with nothing buffered and every row compacted
-        on a chunk boundary, e.g. a fresh store. ``progress(rows)`` is called after each chunk."""
+        first row) of array ``name``. Only on a writer in this process with nothing buffered and
+        every row compacted on a chunk boundary, e.g. a fresh store. ``progress(rows)`` is called
+        after each chunk."""
         self._check_open()
-        record = self._record
-        if self._filled or record.compacted_rows != record.committed_rows or record.committed_rows % self.chunk_rows:
-            raise ValueError("bulk_append needs a writer with every row compacted on a chunk boundary")
+        record = self._background.record
+        if not isinstance(self._background, Background) or self._next_row != record.committed_rows \
+                or record.compacted_rows != record.committed_rows or record.committed_rows % self.chunk_rows:
+            raise ValueError("bulk_append needs a writer in this process with every row compacted on a chunk boundary")
         steps = np.asarray(steps, dtype=np.int64)
         if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0
                            or (self.last_step is not None and steps[0] <= self.last_step)):
             raise AppendError("bulk_append: steps must be >= 0, increasing, and after the last step appended")
-        first = record.committed_rows
-
-        def shifted(name: str, fetch: tuple, out: np.ndarray) -> None:
-            rows = slice(fetch[0].start - first, fetch[0].stop - first, 1)
-            if name == format.STEPS_ARRAY:
-                out[...] = steps[rows]
-            else:
-                read_tile(name, (rows, *fetch[1:]), out)
-
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for start in range(first, first + len(steps), self.chunk_rows):
-                stop = min(start + self.chunk_rows, first + len(steps))
-                self._main = compaction.write_main_rows(self._store, self._main, self._meta.arrays(), shifted, start,
-                                                        stop, pool, self._durable)
-                self._commit(committed_rows=stop, compacted_rows=stop, last_step=int(steps[stop - first - 1]))
-                if progress is not None:
-                    progress(stop - start)
-        self.last_step = self._record.last_step
-        self._first_row = self.committed - self.committed % self.block_rows
-        self._reload_partial_block()
+        self._background.bulk_append(steps, read_tile, progress)
+        self.last_step = self._background.record.last_step
+        self._next_row = self.committed
+        self._freed_rows = self._next_row - self._next_row % self.block_rows
+        if self._next_row > self._freed_rows:
+            self._reload_partial_block(self._background.reader())
 
     def set_state_provider(self, provider: StateProvider | None) -> None:
         """Keep a resume state with the commits: ``provider()`` returns ``(tensors, info)`` (a dict
@@ -183,25 +223,24 @@ class TrajectoryWriter:
     def flush(self) -> None:
         """Write and commit every buffered step now; returns when they are visible to readers."""
         self._check_open()
-        self._wait_in_flight()
-        while self._first_row + self._filled > self.committed:
+        first = self._next_row - self._next_row % self.block_rows
+        if self._next_row > max(first, self.committed):  # the block under way, written as far as it goes
             if self._state_provider is not None and self._pending_state is None:
                 self._capture_state()
-            self._submit(min(self._filled, self.block_rows))
-            self._wait_in_flight()
+            self._submit(first, self._next_row - first)
+        while self._blocks:
+            self._wait_oldest_block()
 
     def keep_state(self, state: ResumeState) -> None:
         """Keep ``state``, the state of the last committed row, with the commits (``convert``
-        carries a run's newest state over to the store it writes)."""
+        carries a run's newest state over to the store it writes). Only on a writer in this process."""
         self.flush()
+        if not isinstance(self._background, Background):
+            raise ValueError("keep_state needs a writer in this process (writer_process=False)")
         if (state.row, state.step) != (self.committed - 1, self.last_step):
             raise ValueError(f"a resume state of row {state.row}, step {state.step} is not of the last committed row "
                              f"{self.committed - 1}, step {self.last_step}")
-        data = state.encode()
-        storage.put(self._store, state.key, data)
-        if self._durable:
-            storage.sync_to_disk(self._store, [state.key])
-        self._commit_with_state(state.entry(data))
+        self._background.keep_state(state)
 
     def add_token_set(self, name: str, ids) -> None:
         """Store a named set of token ids (sorted, unique) with the trajectory."""
@@ -224,28 +263,40 @@ class TrajectoryWriter:
         """Length of the ``token`` axis shared by the kinds that have one."""
         return format.vocab_size(self.kinds)
 
+    def stats(self) -> WriterStats:
+        """Rows appended, committed and compacted since the writer was opened, and how long appends
+        waited for the hot tier or compaction (backpressure: this machine could not keep up)."""
+        record = self._background.record
+        return WriterStats(self._appended, record.committed_rows - self._opened_rows[0],
+                           record.compacted_rows - self._opened_rows[1], time.monotonic() - self._opened,
+                           self._waited_for_ring, self._waited_for_compaction,
+                           record.committed_rows - record.compacted_rows, self.pools)
+
     def close(self) -> None:
         """Commit every buffered step, compact every committed row, stop the background threads
-        and release the lock."""
+        and release the lock. Warns (:class:`wordystore.BackpressureWarning`) if appends had to wait
+        for the writer."""
         if self._closed:
             return
         try:
             if self._failure is None:
                 self.flush()
-                self._wait_compaction()
-                self._slots.clear()  # every row is committed: the ring's memory serves compaction instead
-                self._compact(final=True)
+                self._ring = None  # every row is committed: the background frees its memory
+                self._background.close()
         except BaseException as exc:
             self._failure = self._failure or exc
         finally:
-            self._closed = True
-            self._pool.shutdown(wait=True)
-            self._compactor.shutdown(wait=True)
-            self._lock.release()
+            self._closed, self._ring = True, None
+            try:
+                if self._failure is not None:
+                    self._background.shutdown()
+            finally:
+                self._lock.release()
         if self._failure is not None:
             raise WriterFailedError(
                 f"writing {describe(self._store)} failed; {self.committed} rows are committed and readable"
             ) from self._failure
+        self._report_backpressure()
 
     def abandon(self) -> None:
         """Give the store up (a whole build that failed): stop the threads, release the lock and
@@ -271,7 +322,8 @@ class TrajectoryWriter:
 
     def __repr__(self) -> str:
         return (f"<TrajectoryWriter {describe(self._store)}: {self.committed} rows committed "
-                f"({self._record.compacted_rows} compacted), {self._filled} buffered, kinds {list(self.kinds)}>")
+                f"({self._background.record.compacted_rows} compacted), {self._next_row - self.committed} buffered, "
+                f"kinds {list(self.kinds)}>")
 
     # -- validation ------------------------------------------------------------------------------
 
@@ -282,7 +334,8 @@ class TrajectoryWriter:
             ) from self._failure
         if self._closed:
             raise ValueError(f"the writer of {describe(self._store)} is closed")
-        self._collect_finished()
+        while self._blocks and self._blocks[0][0].done():
+            self._wait_oldest_block()
 
     def _check_step(self, step) -> int:
         if isinstance(step, torch.Tensor) and step.numel() == 1:
@@ -319,54 +372,45 @@ class TrajectoryWriter:
             )
         return value.detach() if isinstance(value, torch.Tensor) else numpy_to_torch(value)
 
-    # -- the ring buffer and the block thread ----------------------------------------------------
+    # -- the ring and the block writes -----------------------------------------------------------
 
-    def _reload_partial_block(self) -> None:
-        """On resume mid-block: the block's committed rows go back into the ring, so the block is
-        rewritten whole when it completes."""
-        rows = self.committed - self._first_row
-        if rows == 0:
-            return
-        reader = self._reader(self._record)
-        for name, slots in self._slots.items():
+    def _reload_partial_block(self, reader: reading.StoreReader) -> None:
+        """On resume mid-block (or after a bulk append that ended mid-block): the block's committed
+        rows, read by ``reader``, go back into the ring, so the block is rewritten whole when it
+        completes."""
+        first, rows = self._freed_rows, self._next_row - self._freed_rows
+        for name, slots in self._ring.slots.items():
             shape = (rows, *slots.shape[1:])
-            block = reader.read(name, (slice(self._first_row, self.committed, 1), *(slice(0, n, 1) for n in shape[1:])),
-                                shape)
-            slots[:rows] = numpy_to_torch(block)
+            block = reader.read(name, (slice(first, self._next_row, 1), *(slice(0, n, 1) for n in shape[1:])), shape)
+            for row, values in enumerate(numpy_to_torch(block), start=first):
+                self._ring.put(row, {name: values})
         reader.close()
-        self._filled = rows
-
-    def _wait_for_gpu_copies(self) -> None:
-        """Wait for copies from a GPU into the ring: every host-side read of the ring calls this first."""
-        if self._cuda_event is not None:
-            self._cuda_event.synchronize()
-            self._cuda_event = None
 
     def _capture_state(self) -> None:
         tensors, info = self._state_provider()
         copies = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-        self._pending_state = ResumeState(self._first_row + self._filled - 1, self.last_step, copies, info)
+        self._pending_state = ResumeState(self._next_row - 1, self.last_step, copies, info)
 
-    def _make_room(self) -> None:
-        """Before filling a slot: if the ring is full, wait for the block in flight and reclaim its slots."""
-        if self._filled == len(next(iter(self._slots.values()))):
-            self._wait_in_flight()
+    def _make_room(self, row: int) -> None:
+        """Before filling ``row``'s slot: wait (counted as backpressure) until the row that held it
+        was written whole, and until compaction is at most two chunks of rows behind."""
+        self._background.wait_ready()  # a child process starting: not backpressure
+        began = time.monotonic()
+        while row - self._ring.capacity >= self._freed_rows:
+            self._wait_oldest_block()
+        waited = time.monotonic()
+        self._waited_for_ring += waited - began
+        if self.pools.compaction_threads:
+            try:
+                self._background.wait_for_compaction(2 * self.chunk_rows)
+            except BaseException as exc:
+                self._fail(exc)
+                self._check_open()
+            self._waited_for_compaction += time.monotonic() - waited
 
-    def _collect_finished(self) -> None:
-        if self._in_flight is not None and self._in_flight[0].done():
-            self._wait_in_flight()
-        compaction = self._compaction
-        if compaction is not None and compaction.done() and compaction.exception() is not None:
-            self._fail(compaction.exception())
-            raise WriterFailedError(
-                f"the background compaction of {describe(self._store)} failed; {self.committed} rows are committed"
-            ) from compaction.exception()
-
-    def _wait_in_flight(self) -> None:
-        if self._in_flight is None:
-            return
-        future, n = self._in_flight
-        self._in_flight = None
+    def _wait_oldest_block(self) -> None:
+        future, first, n = self._blocks.popleft()
+        self._background.help_until(future)
         try:
             future.result()
         except BaseException as exc:
@@ -374,123 +418,47 @@ class TrajectoryWriter:
             raise WriterFailedError(
                 f"the background writer of {describe(self._store)} failed; {self.committed} rows are committed"
             ) from exc
-        if n < self.block_rows:  # a flushed partial block stays in the ring
-            return
-        rest = self._filled - n
-        self._wait_for_gpu_copies()
-        for buffer in self._slots.values():
-            buffer[:rest] = buffer[n : self._filled].clone()
-        self._first_row += n
-        self._filled = rest
-        if self._filled >= self.block_rows:
-            self._submit(self.block_rows)
+        if n == self.block_rows:  # written whole: its slots are free (a flushed partial block stays)
+            self._freed_rows = first + n
 
     def _fail(self, exc: BaseException) -> None:
-        """A background write failed: write nothing more, let the other thread finish, and release
-        the lock, so that once the cause is fixed ``wordystore.resume`` goes on (in this process
-        too). Every committed row stays as it is."""
+        """A background write failed: write nothing more, let the background stop, and release the
+        lock, so that once the cause is fixed ``wordystore.resume`` goes on (in this process too).
+        Every committed row stays as it is."""
+        if self._failure is not None:
+            return
         self._failure = exc
-        self._pool.shutdown(wait=True)
-        self._compactor.shutdown(wait=True)
-        self._lock.release()
+        try:
+            self._background.shutdown()
+        finally:
+            self._lock.release()
 
-    def _submit(self, n: int) -> None:
-        self._wait_for_gpu_copies()
-        block = {name: torch_to_numpy(buffer[:n]) for name, buffer in self._slots.items()}
+    def _submit(self, first: int, n: int) -> None:
+        """Hand rows ``[first, first + n)`` (a block, or the first rows of one on flush) to the background."""
         state = self._pending_state
-        if state is not None and state.row == self._first_row + n - 1:
+        if state is not None and state.row == first + n - 1:
             self._pending_state = None
         else:
             state = None
-        self._in_flight = (self._pool.submit(self._write_block, self._first_row, block, state), n)
-
-    def _write_block(self, first_row: int, block: dict[str, np.ndarray], state: ResumeState | None) -> None:
-        """Block thread: write rows ``first_row ...`` of every array to the hot tier, then commit them."""
-        end = first_row + len(block[format.STEPS_ARRAY])
-        keys = []
-        for name, data in block.items():
-            layout = self._hot[name].with_rows(max(end, self._hot[name].shape[0]))
-            for coords in compaction.block_shards(layout, first_row):
-                key = layout.shard_key(coords)
-                storage.put(self._store, key, compaction.encode_hot_shard(layout, coords, data))
-                keys.append(key)
-            self._hot[name] = layout
-            documents.write_layout(self._store, layout)
-            keys.append(format.document_key(layout.path))
-        entry = None
-        if state is not None:
-            data = state.encode()
-            storage.put(self._store, state.key, data)
-            keys.append(state.key)
-            entry = state.entry(data)
-        if self._durable:
-            storage.sync_to_disk(self._store, keys)
-        self._commit_with_state(entry, committed_rows=end, last_step=int(block[format.STEPS_ARRAY][-1]))
-        previous = self._compaction  # a failed compaction is not retried: the main thread reports it
-        if self.committed - self._record.compacted_rows >= self.chunk_rows and (
-                previous is None or (previous.done() and previous.exception() is None)):
-            self._compaction = self._compactor.submit(self._compact)
-
-    def _commit(self, **changes) -> None:
-        """Replace the commit record (both background threads go through here, one at a time)."""
-        with self._record_lock:
-            self._record = dataclasses.replace(self._record, **changes)
-            documents.write_commit(self._store, self._record, durable=self._durable)
-
-    def _commit_with_state(self, entry: dict | None, **changes) -> None:
-        """Commit ``changes`` with the state ``entry`` names (None: none) kept too; the states past
-        ``keep_states`` are dropped from the record, then their files deleted."""
-        states = self._record.states + ((entry,) if entry else ())
-        self._commit(states=states[-self._keep_states:], **changes)
-        for old in states[: -self._keep_states]:
-            storage.delete(self._store, old["key"])
+        event, self._cuda_event = self._cuda_event, None
+        self._blocks.append((self._background.write_block(first, n, state, event), first, n))
 
     def _set_metadata(self, **changes) -> None:
         self._meta = dataclasses.replace(self._meta, **changes)
-        documents.write_metadata(self._store, self._meta, durable=self._durable)
-
-    def _reader(self, record: format.CommitRecord) -> reading.StoreReader:
-        """A reader of the rows ``record`` admits, in this writer's layouts (one thread, no cache)."""
-        layouts = {name: (self._main[name], self._hot[name]) for name in self._main}
-        return reading.StoreReader(self._store, self._meta, record, layouts, threads=1)
-
-    # -- compaction ------------------------------------------------------------------------------
+        documents.write_metadata(self._store, self._meta, durable=self._background.durable)
 
     def _wait_compaction(self) -> None:
-        if self._compaction is not None:
-            self._compaction.result()
+        """Wait for the compaction under way (tests: a store with both tiers in use)."""
+        self._background.wait_compaction()
 
-    def _compact(self, final: bool = False) -> None:
-        """Move committed rows from the hot tier into the main tier's long chunks: every complete
-        chunk of rows; with ``final``, the last partial one too (it is rewritten when it grows)."""
-        threads = (os.cpu_count() or 1) if final else 1
-        with ThreadPoolExecutor(threads) as pool:
-            while True:
-                record = self._record
-                start = record.compacted_rows - record.compacted_rows % self.chunk_rows
-                stop = min(start + self.chunk_rows, record.committed_rows)
-                if stop <= record.compacted_rows or (stop - start < self.chunk_rows and not final):
-                    return
-                self._compact_rows(record, start, stop, pool)
-
-    def _compact_rows(self, record: format.CommitRecord, start: int, stop: int, pool) -> None:
-        """Compact rows ``[start, stop)`` as ``record`` admits them, commit, then drop their hot copies."""
-        reader = self._reader(record)
-        self._main = compaction.write_main_rows(self._store, self._main, self._meta.arrays(), reader.read_into,
-                                                start, stop, pool, self._durable)
-        self._commit(compacted_rows=stop)
-        reader.close()
-        # The hot copies of rows now compacted are redundant: delete the blocks whose committed
-        # rows all lie below ``stop`` (the last block of a final compaction too: a resumed writer
-        # reloads its rows from the main tier).
-        for hot in self._hot.values():
-            for key in compaction.hot_shards_compacted(hot, start, stop):
-                storage.delete(self._store, key)
+    def _report_backpressure(self) -> None:
+        """Warn once, at close, if appends waited noticeably for the writer."""
+        stats = self.stats()
+        if stats.waited > max(BACKPRESSURE_REPORT_SECONDS, BACKPRESSURE_REPORT_SHARE * stats.seconds):
+            warnings.warn(f"wordystore: the writer of {describe(self._store)} could not keep up with appends: "
+                          f"{stats.describe()} (writer.stats(); docs/architecture.md, 'Pools')",
+                          BackpressureWarning, stacklevel=3)
 
 
-def _lower_priority(niceness: int) -> None:
-    """Lower the calling thread's CPU priority (Linux sets it per thread; elsewhere nothing)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):
-        pass
+BACKPRESSURE_REPORT_SECONDS = 1.0  # waits below this are noise, whatever the run's length
+BACKPRESSURE_REPORT_SHARE = 0.01  # a wait above 1% of the writer's life is reported
