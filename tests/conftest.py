@@ -1,6 +1,7 @@
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,6 +19,23 @@ def restored_environment():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def pytest_assertrepr_compare(op, left, right):
+    """A failed ``a.tobytes() == b.tobytes()`` of whole arrays says where the bytes first differ and
+    how many differ, in a few lines: pytest's own diff of two long byte strings is pages long, and
+    on CI (where it does not truncate) takes minutes to compute."""
+    if op != "==" or not (isinstance(left, bytes) and isinstance(right, bytes)) or max(len(left), len(right)) < 256:
+        return None
+    shared = min(len(left), len(right))
+    a = np.frombuffer(left, np.uint8, shared)
+    b = np.frombuffer(right, np.uint8, shared)
+    differ = np.flatnonzero(a != b)
+    lines = [f"{len(left):,} bytes == {len(right):,} bytes: {len(differ):,} of the first {shared:,} bytes differ"]
+    if len(differ):
+        at = int(differ[0])
+        lines.append(f"first at byte {at:,}: {left[max(at - 8, 0):at + 8]!r} != {right[max(at - 8, 0):at + 8]!r}")
+    return lines
 
 
 @pytest.fixture
