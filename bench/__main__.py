@@ -2,7 +2,7 @@
 the same run, on the seed's 200-step run (trained once, then cached with its exports).
 
     python -m bench               # the real 200-step seed run (first time: trains it, ~8 minutes)
-    python -m bench --quick       # a small run of every measurement, for CI (about a minute)
+    python -m bench --quick       # every measurement on a small run (8,192-token vocabulary), for CI (about 2 minutes)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
     python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
     python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
@@ -41,7 +41,7 @@ from bench.table import row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
-QUICK_RUN = ["--steps", "40", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
+QUICK_RUN = ["--steps", "40", "--vocab-size", "8192", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], check=True, **kwargs)
 
@@ -428,7 +428,7 @@ def bench_numerics(quick: bool) -> None:
     from trainer import numerics
 
     cpu = numerics.cpu()
-    args = {"steps": 8} if not quick else {"steps": 8, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
+    args = {"steps": 8} if not quick else {"steps": 4, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     slow_native = not cpu["bf16_units"] and not cpu["forced"]  # PyTorch's bf16 GEMM is a scalar loop here
     few_native = not cpu["bf16_units"]  # forced too: the slow kernels may be emulated (docs/trainer.md)
     step = {}
