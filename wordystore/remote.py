@@ -207,6 +207,8 @@ def _pin(buffer: torch.Tensor) -> bool:
     return int(getattr(error, "value", error)) == 0
 
 
+# Plain pickle, not Connection.send: its ForkingPickler hands tensors over through multiprocessing's
+# resource sharer, which a ``python -c`` child (another authkey) cannot reach.
 def _send(conn: Connection, message) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
