@@ -42,6 +42,8 @@ from bench.table import row, write_results
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
 QUICK_RUN = ["--steps", "40", "--vocab-size", "8192", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
+
+
 def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], check=True, **kwargs)
 
@@ -106,9 +108,15 @@ def bench_size(store: Path, portable: Path, seed: Path) -> None:
     file_bytes = seed.stat().st_size
     for label, path, target in (("compact", store, 4.5), ("portable", portable, None)):
         ratio = file_bytes / store_bytes(path)
-        row("size", f"bytes on disk, {label} profile", f"{file_bytes / 1e6:,.0f} MB (seed file)",
-            f"{store_bytes(path) / 1e6:,.0f} MB", f"{ratio:.2f}x smaller",
-            f">= {target}x" if target else "", ratio >= target if target else None)
+        row(
+            "size",
+            f"bytes on disk, {label} profile",
+            f"{file_bytes / 1e6:,.0f} MB (seed file)",
+            f"{store_bytes(path) / 1e6:,.0f} MB",
+            f"{ratio:.2f}x smaller",
+            f">= {target}x" if target else "",
+            ratio >= target if target else None,
+        )
 
 
 def bench_archive(store: Path, seed: Path, quick: bool) -> None:
@@ -124,11 +132,20 @@ def bench_archive(store: Path, seed: Path, quick: bool) -> None:
     try:
         cli("import", seed, tmp / "imported.zarr", "--quiet", stdout=subprocess.DEVNULL)
         chosen = wordystore.open(tmp / "imported.zarr").config["import_prediction"]["chosen"]
-        for label, path, target in ((f"imported seed file ({chosen} prediction)", tmp / "imported.zarr", 7.0),
-                                    ("archive profile", archive, 9.0)):
+        for label, path, target in (
+            (f"imported seed file ({chosen} prediction)", tmp / "imported.zarr", 7.0),
+            ("archive profile", archive, 9.0),
+        ):
             ratio = file_bytes / store_bytes(path)
-            row("size", f"bytes on disk, {label}", f"{file_bytes / 1e6:,.0f} MB (seed file)",
-                f"{store_bytes(path) / 1e6:,.0f} MB", f"{ratio:.2f}x smaller", f">= {target}x", ratio >= target)
+            row(
+                "size",
+                f"bytes on disk, {label}",
+                f"{file_bytes / 1e6:,.0f} MB (seed file)",
+                f"{store_bytes(path) / 1e6:,.0f} MB",
+                f"{ratio:.2f}x smaller",
+                f">= {target}x",
+                ratio >= target,
+            )
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     reads = {}
@@ -136,8 +153,15 @@ def bench_archive(store: Path, seed: Path, quick: bool) -> None:
         t = wordystore.open(path, cache_bytes=0)
         reads[label] = best(lambda: t.embeddings[0 : len(t), "untrained"], 1 if quick else 3)
     ratio = reads["archive"] / reads["compact"]
-    row("read, warm page cache", "untrained slice, archive profile", f"{reads['compact'] * 1e3:,.0f} ms (compact)",
-        f"{reads['archive'] * 1e3:,.0f} ms", f"{ratio:.2f}x the compact profile's time", "<= 2x", ratio <= 2)
+    row(
+        "read, warm page cache",
+        "untrained slice, archive profile",
+        f"{reads['compact'] * 1e3:,.0f} ms (compact)",
+        f"{reads['archive'] * 1e3:,.0f} ms",
+        f"{ratio:.2f}x the compact profile's time",
+        "<= 2x",
+        ratio <= 2,
+    )
 
 
 def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
@@ -156,13 +180,22 @@ def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
             with safe_open(str(seed), "pt") as f:
                 out = f.get_slice("embeddings")[index[0]][index[1]]
                 return out.clone() if copy else out
+
         return read
 
     cases = {
-        "untrained slice, all steps": (from_file((slice(0, rows), (slice(None), untrained)), False),
-                                       lambda: t.embeddings[0:rows, "untrained"], 2.5, None),
-        "one token, all steps": (from_file((slice(None), (slice(None), slice(1234, 1235))), True),
-                                 lambda: t.embeddings[:, 1234], None, 0.010),
+        "untrained slice, all steps": (
+            from_file((slice(0, rows), (slice(None), untrained)), False),
+            lambda: t.embeddings[0:rows, "untrained"],
+            2.5,
+            None,
+        ),
+        "one token, all steps": (
+            from_file((slice(None), (slice(None), slice(1234, 1235))), True),
+            lambda: t.embeddings[:, 1234],
+            None,
+            0.010,
+        ),
         "one step": (from_file((slice(mid, mid + 1), slice(None)), True), lambda: t.embeddings[mid], None, 0.250),
     }
     untrained_seconds = None
@@ -182,22 +215,47 @@ def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
                 target, met = f"<= {seconds * 1e3:.0f} ms", b <= seconds
             else:
                 target, met = "", None
-            row(f"read, {cache} page cache", label, f"{a * 1e3:,.1f} ms (file)", f"{b * 1e3:,.1f} ms",
-                f"{b / a:.2f}x the file's time", target, met)
+            row(
+                f"read, {cache} page cache",
+                label,
+                f"{a * 1e3:,.1f} ms (file)",
+                f"{b * 1e3:,.1f} ms",
+                f"{b / a:.2f}x the file's time",
+                target,
+                met,
+            )
 
     cached = wordystore.open(store)
     cached.embeddings[0:rows, "untrained"]  # fills the chunk cache
-    a, b = best(cases["untrained slice, all steps"][0], repeat), best(lambda: cached.embeddings[0:rows, "untrained"], repeat)
-    row("read, repeated", "untrained slice through the chunk cache", f"{a * 1e3:,.1f} ms (file, warm)",
-        f"{b * 1e3:,.1f} ms", f"{b / a:.2f}x", "no slower than the file warm", b <= a)
+    a, b = (
+        best(cases["untrained slice, all steps"][0], repeat),
+        best(lambda: cached.embeddings[0:rows, "untrained"], repeat),
+    )
+    row(
+        "read, repeated",
+        "untrained slice through the chunk cache",
+        f"{a * 1e3:,.1f} ms (file, warm)",
+        f"{b * 1e3:,.1f} ms",
+        f"{b / a:.2f}x",
+        "no slower than the file warm",
+        b <= a,
+    )
     cached.close()
 
     def iterate():
         for _ in wordystore.open(store, cache_bytes=0).embeddings:
             pass
+
     it = best(iterate, 1 if not quick else 1)
-    row("read, warm page cache", "iterate over all steps in order", f"{untrained_seconds * 1e3:,.0f} ms (untrained slice)",
-        f"{it * 1e3:,.0f} ms", f"{it / untrained_seconds:.2f}x", "<= 1.5x the untrained slice", it <= 1.5 * untrained_seconds)
+    row(
+        "read, warm page cache",
+        "iterate over all steps in order",
+        f"{untrained_seconds * 1e3:,.0f} ms (untrained slice)",
+        f"{it * 1e3:,.0f} ms",
+        f"{it / untrained_seconds:.2f}x",
+        "<= 1.5x the untrained slice",
+        it <= 1.5 * untrained_seconds,
+    )
 
 
 def bench_read_threads(store: Path) -> None:
@@ -207,8 +265,15 @@ def bench_read_threads(store: Path) -> None:
 
     serial, seconds = read_serial_part(store)
     bound = 1 / (serial + (1 - serial) / 16)
-    row("read scaling", "untrained slice on 1 reader thread: serial part (GIL held)", f"{seconds * 1e3:,.0f} ms (the read)",
-        f"{serial:.1%} serial", f"<= {bound:.1f}x at 16 threads (Amdahl)", ">= 10x", bound >= 10)
+    row(
+        "read scaling",
+        "untrained slice on 1 reader thread: serial part (GIL held)",
+        f"{seconds * 1e3:,.0f} ms (the read)",
+        f"{serial:.1%} serial",
+        f"<= {bound:.1f}x at 16 threads (Amdahl)",
+        ">= 10x",
+        bound >= 10,
+    )
 
 
 def bench_peer(portable: Path, quick: bool) -> None:
@@ -222,19 +287,36 @@ def bench_peer(portable: Path, quick: bool) -> None:
 
     t = wordystore.open(portable, cache_bytes=0)
     rows, untrained, mid = len(t), t.token_set("untrained"), len(t) // 2
-    array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(portable / "embeddings")},
-                     "context": {"cache_pool": {"total_bytes_limit": 0}}}).result()
+    array = ts.open(
+        {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(portable / "embeddings")},
+            "context": {"cache_pool": {"total_bytes_limit": 0}},
+        }
+    ).result()
     cases = {
-        "untrained slice, all steps": (lambda: array.oindex[0:rows, untrained].read().result(),
-                                       lambda: t.embeddings.numpy((slice(0, rows), "untrained"))),
-        "one token, all steps": (lambda: array[:, 1234].read().result(), lambda: t.embeddings.numpy((slice(None), 1234))),
+        "untrained slice, all steps": (
+            lambda: array.oindex[0:rows, untrained].read().result(),
+            lambda: t.embeddings.numpy((slice(0, rows), "untrained")),
+        ),
+        "one token, all steps": (
+            lambda: array[:, 1234].read().result(),
+            lambda: t.embeddings.numpy((slice(None), 1234)),
+        ),
         "one step": (lambda: array[mid].read().result(), lambda: t.embeddings.numpy(mid)),
     }
     for label, (theirs, ours) in cases.items():
         assert np.array_equal(np.asarray(theirs()).view(np.uint16), ours().view(np.uint16)), label
         a, b = best(theirs, 2 if quick else 3), best(ours, 2 if quick else 3)
-        row("peer (portable profile)", label, f"{a * 1e3:,.1f} ms (tensorstore)", f"{b * 1e3:,.1f} ms",
-            f"{b / a:.2f}x tensorstore's time", "<= 1x", b <= a)
+        row(
+            "peer (portable profile)",
+            label,
+            f"{a * 1e3:,.1f} ms (tensorstore)",
+            f"{b * 1e3:,.1f} ms",
+            f"{b / a:.2f}x tensorstore's time",
+            "<= 1x",
+            b <= a,
+        )
 
 
 def bench_efficiency(store: Path) -> None:
@@ -243,8 +325,8 @@ def bench_efficiency(store: Path) -> None:
     goes into an output already written once: a fresh one costs the same page faults whatever
     fills it (the read rows above include them, for the file and the store alike)."""
     import wordystore
-    from wordystore import storage
-    from wordystore.codecs import ShardIndex
+    from wordystore.format.codecs import ShardIndex
+    from wordystore.store import storage
 
     t = wordystore.open(store, cache_bytes=0)
     layout = t.layouts["embeddings"][0]
@@ -252,7 +334,7 @@ def bench_efficiency(store: Path) -> None:
     chunks = []
     for coords in np.ndindex(*layout.shard_grid()):
         data = storage.get(t.store, layout.shard_key(coords))
-        index = ShardIndex.decode(data[-ShardIndex.nbytes(n_chunks):], n_chunks)
+        index = ShardIndex.decode(data[-ShardIndex.nbytes(n_chunks) :], n_chunks)
         chunks += [data[start:end] for start, end in filter(None, map(index.span, range(n_chunks)))]
     stored_shape = layout.codecs.stored_shape(layout.chunk)
 
@@ -271,9 +353,15 @@ def bench_efficiency(store: Path) -> None:
     fetch = (slice(0, len(t), 1), ids, *(slice(0, n, 1) for n in out.shape[2:]))
     read_seconds = best(lambda: t.read_into("embeddings", fetch, out), 2)
     codec_rate, read_rate = decoded / seconds, decoded / read_seconds
-    row("read efficiency", f"untrained slice: bytes decoded per second ({threads} threads)",
-        f"{codec_rate / 1e6:,.0f} MB/s (codec alone)", f"{read_rate / 1e6:,.0f} MB/s",
-        f"{read_rate / codec_rate:.0%} of the codec", ">= 80%", read_rate >= 0.8 * codec_rate)
+    row(
+        "read efficiency",
+        f"untrained slice: bytes decoded per second ({threads} threads)",
+        f"{codec_rate / 1e6:,.0f} MB/s (codec alone)",
+        f"{read_rate / 1e6:,.0f} MB/s",
+        f"{read_rate / codec_rate:.0%} of the codec",
+        ">= 80%",
+        read_rate >= 0.8 * codec_rate,
+    )
 
 
 def bench_export_import(store: Path, seed: Path) -> None:
@@ -281,26 +369,57 @@ def bench_export_import(store: Path, seed: Path) -> None:
     size = seed.stat().st_size
     try:
         blob = np.ones(64 << 20, np.uint8)
+
         def plain_write():
             with open(tmp / "plain", "wb") as f:
                 for _ in range(max(1, size // blob.nbytes)):
                     f.write(blob)
+
         write_s = best(plain_write, 1) * size / (max(1, size // blob.nbytes) * blob.nbytes)
         (tmp / "plain").unlink()
         evict(seed)
         read_s = best(lambda: subprocess.run(["cat", str(seed)], stdout=subprocess.DEVNULL, check=True), 1)
-        export_s, export_rss = measured([sys.executable, "-m", "wordystore.cli", "export", str(store), str(tmp / "x.safetensors")])
-        row("export/import", "export to the seed layout: MB/s", f"{size / write_s / 1e6:,.0f} MB/s (plain file write)",
-            f"{size / export_s / 1e6:,.0f} MB/s", f"{write_s / export_s:.0%} of a plain write", ">= 400 MB/s",
-            size / export_s >= 400e6)
-        row("export/import", "export: peak RSS", "512 MB (budget)", f"{export_rss:,.0f} MB", f"{export_rss / 512:.0%}",
-            "<= 512 MB", export_rss <= 512)
+        export_s, export_rss = measured(
+            [sys.executable, "-m", "wordystore.cli", "export", str(store), str(tmp / "x.safetensors")]
+        )
+        row(
+            "export/import",
+            "export to the seed layout: MB/s",
+            f"{size / write_s / 1e6:,.0f} MB/s (plain file write)",
+            f"{size / export_s / 1e6:,.0f} MB/s",
+            f"{write_s / export_s:.0%} of a plain write",
+            ">= 400 MB/s",
+            size / export_s >= 400e6,
+        )
+        row(
+            "export/import",
+            "export: peak RSS",
+            "512 MB (budget)",
+            f"{export_rss:,.0f} MB",
+            f"{export_rss / 512:.0%}",
+            "<= 512 MB",
+            export_rss <= 512,
+        )
         (tmp / "x.safetensors").unlink()
-        import_s, import_rss = measured([sys.executable, "-m", "wordystore.cli", "import", str(seed), str(tmp / "i.zarr")])
-        row("export/import", "import from the seed layout: MB/s", f"{size / read_s / 1e6:,.0f} MB/s (plain file read, cold)",
-            f"{size / import_s / 1e6:,.0f} MB/s", f"{read_s / import_s:.0%} of a plain read")
-        row("export/import", "import: peak RSS", "512 MB (budget)", f"{import_rss:,.0f} MB", f"{import_rss / 512:.0%}",
-            "<= 512 MB", import_rss <= 512)
+        import_s, import_rss = measured(
+            [sys.executable, "-m", "wordystore.cli", "import", str(seed), str(tmp / "i.zarr")]
+        )
+        row(
+            "export/import",
+            "import from the seed layout: MB/s",
+            f"{size / read_s / 1e6:,.0f} MB/s (plain file read, cold)",
+            f"{size / import_s / 1e6:,.0f} MB/s",
+            f"{read_s / import_s:.0%} of a plain read",
+        )
+        row(
+            "export/import",
+            "import: peak RSS",
+            "512 MB (budget)",
+            f"{import_rss:,.0f} MB",
+            f"{import_rss / 512:.0%}",
+            "<= 512 MB",
+            import_rss <= 512,
+        )
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
 
@@ -312,7 +431,7 @@ import numpy as np
 from transformers import TrainerCallback
 import trainer.experiment as experiment
 import trainer.run as run
-import wordystore.writer
+import wordystore.write.writer
 from trainer.config import RunConfig
 from trainer.memory import keep_freed_memory
 keep_freed_memory()  # as `wordystore train` runs, in every arm
@@ -325,10 +444,10 @@ init = experiment.SeedTrainer.__init__
 def with_clock(self, *a, callbacks=(), **k):
     init(self, *a, callbacks=[*callbacks, Clock()], **k)
 experiment.SeedTrainer.__init__ = with_clock
-close = wordystore.writer.TrajectoryWriter.close
+close = wordystore.write.writer.TrajectoryWriter.close
 def timed_close(self):
     t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)
-wordystore.writer.TrajectoryWriter.close = timed_close
+wordystore.write.writer.TrajectoryWriter.close = timed_close
 results = []
 for mode in modes:  # one after the other in this process
     times.clear(); closing.clear()
@@ -342,8 +461,12 @@ print(json.dumps(results))
 
 def recording_runs(modes: list[str], args: dict, tmp: Path) -> list[dict]:
     """Train ``args`` once per mode ("none", "recording"), one after the other in one process."""
-    out = subprocess.run([sys.executable, "-c", RECORDING.format(root=str(ROOT)), ",".join(modes), str(tmp / "run"),
-                          json.dumps(args)], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", RECORDING.format(root=str(ROOT)), ",".join(modes), str(tmp / "run"), json.dumps(args)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -379,12 +502,25 @@ def bench_recording(quick: bool) -> None:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     train = {mode: float(np.median([r["train_s"] for r in rs])) for mode, rs in results.items()}
     overhead = train["recording"] / train["none"] - 1
-    row("recording", f"training time, steps 3..{args['steps']} (whole processes)", f"{train['none']:.1f} s (no recording)",
-        f"{train['recording']:.1f} s", f"{overhead:+.1%}", "<= +3%", overhead <= 0.03)
+    row(
+        "recording",
+        f"training time, steps 3..{args['steps']} (whole processes)",
+        f"{train['none']:.1f} s (no recording)",
+        f"{train['recording']:.1f} s",
+        f"{overhead:+.1%}",
+        "<= +3%",
+        overhead <= 0.03,
+    )
     closing = float(np.median([r["close_s"] for r in results["recording"]]))
-    row("recording", "close after the last step (the last partial chunk)", f"{train['none']:.1f} s (training)",
-        f"{closing:.1f} s", f"{closing / train['none']:.0%} of the training time", "<= 5 s" if not quick else "",
-        closing <= 5 if not quick else None)
+    row(
+        "recording",
+        "close after the last step (the last partial chunk)",
+        f"{train['none']:.1f} s (training)",
+        f"{closing:.1f} s",
+        f"{closing / train['none']:.0%} of the training time",
+        "<= 5 s" if not quick else "",
+        closing <= 5 if not quick else None,
+    )
 
 
 def bench_writer(store: Path, quick: bool) -> None:
@@ -401,19 +537,45 @@ def bench_writer(store: Path, quick: bool) -> None:
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     one, two = r["ingest"][1]["rows_per_s"], r["ingest"][2]["rows_per_s"]
-    row("writer", f"writer-only ingest, {len(rows)} rows of {r['row_mb']:.1f} MB from memory: rows/s, 2 write "
-        "threads", f"{one:.1f} rows/s (1 thread)", f"{two:.1f} rows/s", f"{two / one:.2f}x", ">= 1.8x", two / one >= 1.8)
+    row(
+        "writer",
+        f"writer-only ingest, {len(rows)} rows of {r['row_mb']:.1f} MB from memory: rows/s, 2 write threads",
+        f"{one:.1f} rows/s (1 thread)",
+        f"{two:.1f} rows/s",
+        f"{two / one:.2f}x",
+        ">= 1.8x",
+        two / one >= 1.8,
+    )
     one, two = r["compaction"][1]["mb_per_s"], r["compaction"][2]["mb_per_s"]
-    row("writer", "compaction of those rows: MB/s, 2 threads", f"{one:,.0f} MB/s (1 thread)", f"{two:,.0f} MB/s",
-        f"{two / one:.2f}x", ">= 1.8x", two / one >= 1.8)
+    row(
+        "writer",
+        "compaction of those rows: MB/s, 2 threads",
+        f"{one:,.0f} MB/s (1 thread)",
+        f"{two:,.0f} MB/s",
+        f"{two / one:.2f}x",
+        ">= 1.8x",
+        two / one >= 1.8,
+    )
     raw, lz4 = r["hot_codecs"]["raw"], r["hot_codecs"]["lz4"]
-    row("writer", "hot tier, 1 thread: rows/s encoded, stored, fsynced (raw bytes + crc32c)",
-        f"{lz4:.1f} rows/s (blosc lz4)", f"{raw:.1f} rows/s", f"{raw / lz4:.2f}x")
+    row(
+        "writer",
+        "hot tier, 1 thread: rows/s encoded, stored, fsynced (raw bytes + crc32c)",
+        f"{lz4:.1f} rows/s (blosc lz4)",
+        f"{raw:.1f} rows/s",
+        f"{raw / lz4:.2f}x",
+    )
     step_ms = writer_bench.GPU_STEP_S * 1e3
     for label, key in (("pools beside training", "gil_threads_ms"), ("pools in a child process", "gil_process_ms")):
         lost = r[key]
-        row("writer", f"GIL a Python-bound loop loses per recorded row, {label}", f"{step_ms:.1f} ms (a GPU step)",
-            f"{lost:.2f} ms", f"{lost / step_ms:.0%} of a step", "<= 10%", lost <= 0.1 * step_ms)
+        row(
+            "writer",
+            f"GIL a Python-bound loop loses per recorded row, {label}",
+            f"{step_ms:.1f} ms (a GPU step)",
+            f"{lost:.2f} ms",
+            f"{lost / step_ms:.0%} of a step",
+            "<= 10%",
+            lost <= 0.1 * step_ms,
+        )
 
 
 def wordystore_kind(store: Path, name: str):
@@ -443,14 +605,26 @@ def bench_numerics(quick: bool) -> None:
     what = "seed step" if not quick else "quick step"
     picked = numerics.choose("auto", "cpu").bf16_matmul
     speedup = step["native"] / step["float32"]
-    row("numerics", f"{what}: float32 against native" + (" (native: this CPU's kernels, not the forced class's)"
-                                                           if cpu["forced"] else ""),
-        f"{step['native']:.3f} s (native)", f"{step['float32']:.3f} s", f"{speedup:.2f}x as fast",
-        ">= 10x" if slow_native else "", speedup >= 10 if slow_native else None)
+    row(
+        "numerics",
+        f"{what}: float32 against native"
+        + (" (native: this CPU's kernels, not the forced class's)" if cpu["forced"] else ""),
+        f"{step['native']:.3f} s (native)",
+        f"{step['float32']:.3f} s",
+        f"{speedup:.2f}x as fast",
+        ">= 10x" if slow_native else "",
+        speedup >= 10 if slow_native else None,
+    )
     ratio = step["auto"] / step["float32"]
-    row("numerics", f"{what}: auto (picks {picked}) against float32", f"{step['float32']:.3f} s (float32)",
-        f"{step['auto']:.3f} s", f"{ratio:.2f}x float32's time", "" if cpu["bf16_units"] else "<= 1.2x",
-        None if cpu["bf16_units"] else ratio <= 1.2)
+    row(
+        "numerics",
+        f"{what}: auto (picks {picked}) against float32",
+        f"{step['float32']:.3f} s (float32)",
+        f"{step['auto']:.3f} s",
+        f"{ratio:.2f}x float32's time",
+        "" if cpu["bf16_units"] else "<= 1.2x",
+        None if cpu["bf16_units"] else ratio <= 1.2,
+    )
 
 
 def bench_main_job(quick: bool) -> None:
@@ -463,11 +637,22 @@ def bench_main_job(quick: bool) -> None:
     middle = medians(side_by_side(steps, repeats, batch_size=batch))
     nb, ws = middle["notebook"], middle["wordystore"]
     speedup = nb["wall_s"] / ws["wall_s"]
-    row("main job", f"seed job, {steps} steps{f', batch {batch}' if batch else ''}, whole processes (median of {repeats})",
+    row(
+        "main job",
+        f"seed job, {steps} steps{f', batch {batch}' if batch else ''}, whole processes (median of {repeats})",
         f"{nb['wall_s']:.1f} s (notebook)",
-        f"{ws['wall_s']:.1f} s", f"{speedup:.2f}x as fast", ">= 2x", speedup >= 2)
-    row("main job", "peak RSS", f"{nb['peak_rss_gb']:.2f} GB (notebook)", f"{ws['peak_rss_gb']:.2f} GB",
-        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x")
+        f"{ws['wall_s']:.1f} s",
+        f"{speedup:.2f}x as fast",
+        ">= 2x",
+        speedup >= 2,
+    )
+    row(
+        "main job",
+        "peak RSS",
+        f"{nb['peak_rss_gb']:.2f} GB (notebook)",
+        f"{ws['peak_rss_gb']:.2f} GB",
+        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x",
+    )
 
 
 def bench_writer_memory(quick: bool) -> None:
@@ -476,25 +661,44 @@ def bench_writer_memory(quick: bool) -> None:
     vocab, rows = (50257, 80) if not quick else (50257, 24)
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
     try:
-        out = subprocess.run([sys.executable, "-c", WRITER.format(root=str(ROOT)), str(tmp / "w.zarr"), str(rows),
-                              str(vocab), "64"], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", WRITER.format(root=str(ROOT)), str(tmp / "w.zarr"), str(rows), str(vocab), "64"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     finally:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
     extra = json.loads(out.strip().splitlines()[-1])["extra_mb"]
-    row("recording", f"writer's extra peak RSS ({rows} seed-sized rows)", "300 MB (budget)", f"{extra:,.0f} MB",
-        f"{extra / 300:.0%}", "<= 300 MB", extra <= 300)
+    row(
+        "recording",
+        f"writer's extra peak RSS ({rows} seed-sized rows)",
+        "300 MB (budget)",
+        f"{extra:,.0f} MB",
+        f"{extra / 300:.0%}",
+        "<= 300 MB",
+        extra <= 300,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a small run of every measurement (CI)")
     parser.add_argument("--store", help="measure this trajectory instead of the cached seed run")
     parser.add_argument("--skip-training", action="store_true", help="leave out the recording measurements")
-    parser.add_argument("--scale", action="store_true",
-                        help="object storage, writer processes and a cluster instead (bench/scale.py, docs/scale.md)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: the GPU table instead (bench/gpu_bench.py; results in bench/results/gpu.md)")
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="object storage, writer processes and a cluster instead (bench/scale.py, docs/scale.md)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the GPU table instead (bench/gpu_bench.py; results in bench/results/gpu.md)",
+    )
     ns = parser.parse_args()
     if ns.scale:
         from bench import scale
@@ -505,8 +709,10 @@ def main() -> None:
         import torch
 
         if not torch.cuda.is_available():
-            parser.error(f"--device cuda needs a CUDA GPU; this torch ({torch.__version__}) sees none "
-                         "(README: 'Benchmarks on a GPU machine')")
+            parser.error(
+                f"--device cuda needs a CUDA GPU; this torch ({torch.__version__}) sees none "
+                "(README: 'Benchmarks on a GPU machine')"
+            )
         from bench import gpu_bench
 
         gpu_bench.run(ns.quick)

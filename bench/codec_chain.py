@@ -10,7 +10,7 @@ portable twin is written beside it with ``wordystore convert`` unless it exists.
 of decoded bytes per second of the process's CPU time, the best of ``--repeats`` passes over the
 chunks, the decoders interleaved pass by pass (CPU time, not wall time: the machine is shared).
 
-- ``wordystore``: :meth:`wordystore.codecs.ChunkCodecs.decode_into` into a reused buffer (what
+- ``wordystore``: :meth:`wordystore.format.codecs.ChunkCodecs.decode_into` into a reused buffer (what
   the reader does: blosc decompresses in place, pcodec decodes into the buffer).
 - ``zarr, per chunk``: the array's inner codec pipeline as zarr-python builds it, one chunk a call.
 - ``zarr, batched``: the same pipeline given every chunk in one call (its best case).
@@ -30,8 +30,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import wordystore
-from wordystore import storage
-from wordystore.convert import convert
+from wordystore.store import storage
+from wordystore.tools.convert import convert
 
 KINDS = ("embeddings", "grads", "momentum", "variance")
 
@@ -42,7 +42,7 @@ def chunks_of(t, name: str, tier: str, limit: int) -> tuple[object, list[bytes]]
     found = []
     for key in sorted(storage.list_prefix(t.store, layout.chunk_prefix)):
         data = storage.get(t.store, key)
-        tail = layout.decode_tail(data[-layout.tail_nbytes:], key)
+        tail = layout.decode_tail(data[-layout.tail_nbytes :], key)
         found += [data[a:b] for a, b in filter(None, map(tail.index.span, range(layout.n_chunks)))]
         if len(found) >= limit:
             break
@@ -79,8 +79,13 @@ def measure(path: Path, layout, chunks: list[bytes], repeats: int) -> dict[str, 
         warnings.simplefilter("ignore")
         array = zarr.open_array(path / layout.path, mode="r")
     pipeline = array.metadata.codecs[0].codec_pipeline
-    spec = ArraySpec(shape=layout.chunk, dtype=array.metadata.data_type, fill_value=array.metadata.fill_value,
-                     config=ArrayConfig.from_dict({}), prototype=default_buffer_prototype())
+    spec = ArraySpec(
+        shape=layout.chunk,
+        dtype=array.metadata.data_type,
+        fill_value=array.metadata.fill_value,
+        config=ArrayConfig.from_dict({}),
+        prototype=default_buffer_prototype(),
+    )
     buffers = [default_buffer_prototype().buffer.from_bytes(c) for c in chunks]
 
     ours = [np.ascontiguousarray(layout.codecs.decode_into(c, buffer)).copy() for c in chunks]
@@ -124,8 +129,10 @@ def main() -> None:
     for name in KINDS:
         layout, chunks = hot_chunks(t, name, args.chunks)
         rows.append(("hot", layout.path, None if not chunks else measure(args.store, layout, chunks, args.repeats)))
-    print(f"{'tier, profile':<16} {'array':<22} {'wordystore':>11} {'zarr/chunk':>11} {'zarr/batch':>11}  "
-          "(MB per CPU second)")
+    print(
+        f"{'tier, profile':<16} {'array':<22} {'wordystore':>11} {'zarr/chunk':>11} {'zarr/batch':>11}  "
+        "(MB per CPU second)"
+    )
     for tier, array, speeds in rows:
         if speeds:
             print(f"{tier:<16} {array:<22} " + " ".join(f"{v:>11,.0f}" for v in speeds.values()))

@@ -35,7 +35,7 @@ class GilProbe:
         (run1, queued1), self.wall = self._schedstat(), time.perf_counter() - began
         self.blocked = max(0.0, self.wall - (run1 - run0) - (queued1 - queued0))
 
-    def __enter__(self) -> "GilProbe":
+    def __enter__(self) -> GilProbe:
         self._thread = threading.Thread(target=self._spin, name="gil-probe")
         self._thread.start()
         self._ready.wait()
@@ -49,7 +49,8 @@ class GilProbe:
 def untrained_read(store: Path, threads: int):
     """(reader, read) for the untrained slice of embeddings over every step, read on ``threads``
     threads into an output whose pages are faulted in once already; ``read()`` reads it again."""
-    from wordystore import reading, storage
+    from wordystore.read import reading
+    from wordystore.store import storage
 
     reader = reading.StoreReader.open(storage.as_store(store, read_only=True), cache_bytes=0, threads=threads)
     ids = reader.read_token_set("untrained")

@@ -55,11 +55,19 @@ def section(title: str, work) -> None:
 
 
 def gpu_tests() -> None:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_gpu.py"], cwd=ROOT, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True
+    )
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1]
-    row("gpu tests", "tests/test_gpu.py: stored rows equal synchronous snapshots; the ring is pinned", "-", summary,
-        "-", "all pass", done.returncode == 0)
+    row(
+        "gpu tests",
+        "tests/test_gpu.py: stored rows equal synchronous snapshots; the ring is pinned",
+        "-",
+        summary,
+        "-",
+        "all pass",
+        done.returncode == 0,
+    )
 
 
 def recording(steps: int, tmp: Path, keep: dict) -> None:
@@ -70,15 +78,30 @@ def recording(steps: int, tmp: Path, keep: dict) -> None:
     for label, env in (("pools in a child process", "1"), ("pools beside training", "0")):
         os.environ["WORDYSTORE_WRITER_PROCESS"] = env
         try:
-            none, recorded = recording_runs(["none", "recording"], {"steps": steps, "device": "cuda"},
-                                            tmp / f"run-{env}")
+            none, recorded = recording_runs(
+                ["none", "recording"], {"steps": steps, "device": "cuda"}, tmp / f"run-{env}"
+            )
         finally:
             del os.environ["WORDYSTORE_WRITER_PROCESS"]
         ratio = recorded["steps_per_s"] / none["steps_per_s"]
-        row("recording", f"steps/s, steps 3..{steps}, one process ({label})", f"{none['steps_per_s']:.1f} (no recording)",
-            f"{recorded['steps_per_s']:.1f}", f"{ratio:.2f}x", ">= 0.9x", ratio >= 0.9)
-        row("recording", f"close after the last step ({label})", "3 s (target)", f"{recorded['close_s']:.1f} s",
-            f"{recorded['close_s'] / 3:.0%}", "<= 3 s", recorded["close_s"] <= 3)
+        row(
+            "recording",
+            f"steps/s, steps 3..{steps}, one process ({label})",
+            f"{none['steps_per_s']:.1f} (no recording)",
+            f"{recorded['steps_per_s']:.1f}",
+            f"{ratio:.2f}x",
+            ">= 0.9x",
+            ratio >= 0.9,
+        )
+        row(
+            "recording",
+            f"close after the last step ({label})",
+            "3 s (target)",
+            f"{recorded['close_s']:.1f} s",
+            f"{recorded['close_s'] / 3:.0%}",
+            "<= 3 s",
+            recorded["close_s"] <= 3,
+        )
         keep.setdefault("store", tmp / f"run-{env}.recording")
 
 
@@ -87,11 +110,22 @@ def main_job(steps: int) -> None:
 
     middle = medians(side_by_side(steps, 1))
     nb, ws = middle["notebook"], middle["wordystore"]
-    row("main job", f"seed job, {steps} steps, whole processes", f"{nb['wall_s']:.1f} s (notebook)",
-        f"{ws['wall_s']:.1f} s", f"{ws['wall_s'] / nb['wall_s']:.2f}x the notebook's time", "<= 0.8x",
-        ws["wall_s"] <= 0.8 * nb["wall_s"])
-    row("main job", "peak RSS", f"{nb['peak_rss_gb']:.2f} GB (notebook)", f"{ws['peak_rss_gb']:.2f} GB",
-        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x")
+    row(
+        "main job",
+        f"seed job, {steps} steps, whole processes",
+        f"{nb['wall_s']:.1f} s (notebook)",
+        f"{ws['wall_s']:.1f} s",
+        f"{ws['wall_s'] / nb['wall_s']:.2f}x the notebook's time",
+        "<= 0.8x",
+        ws["wall_s"] <= 0.8 * nb["wall_s"],
+    )
+    row(
+        "main job",
+        "peak RSS",
+        f"{nb['peak_rss_gb']:.2f} GB (notebook)",
+        f"{ws['peak_rss_gb']:.2f} GB",
+        f"{ws['peak_rss_gb'] / nb['peak_rss_gb']:.2f}x",
+    )
 
 
 def writer(store: Path, threads: list[int], tmp: Path) -> None:
@@ -103,29 +137,50 @@ def writer(store: Path, threads: list[int], tmp: Path) -> None:
     one_in, one_c = r["ingest"][1]["rows_per_s"], r["compaction"][1]["mb_per_s"]
     for n in threads[1:]:
         many = r["ingest"][n]["rows_per_s"]
-        row("writer", f"writer-only ingest ({r['row_mb']:.0f} MB rows from memory), {n} write threads",
-            f"{one_in:.1f} rows/s (1 thread)", f"{many:.1f} rows/s ({many * r['row_mb'] / 1e3:.2f} GB/s)",
-            f"{many / one_in:.2f}x")
+        row(
+            "writer",
+            f"writer-only ingest ({r['row_mb']:.0f} MB rows from memory), {n} write threads",
+            f"{one_in:.1f} rows/s (1 thread)",
+            f"{many:.1f} rows/s ({many * r['row_mb'] / 1e3:.2f} GB/s)",
+            f"{many / one_in:.2f}x",
+        )
         many = r["compaction"][n]["mb_per_s"]
-        row("writer", f"compaction, {n} threads", f"{one_c:,.0f} MB/s (1 thread)", f"{many:,.0f} MB/s",
-            f"{many / one_c:.2f}x")
+        row(
+            "writer",
+            f"compaction, {n} threads",
+            f"{one_c:,.0f} MB/s (1 thread)",
+            f"{many:,.0f} MB/s",
+            f"{many / one_c:.2f}x",
+        )
     raw, lz4 = r["hot_codecs"]["raw"], r["hot_codecs"]["lz4"]
-    row("writer", "hot tier, 1 thread: raw bytes + crc32c", f"{lz4:.1f} rows/s (blosc lz4)", f"{raw:.1f} rows/s",
-        f"{raw / lz4:.2f}x")
+    row(
+        "writer",
+        "hot tier, 1 thread: raw bytes + crc32c",
+        f"{lz4:.1f} rows/s (blosc lz4)",
+        f"{raw:.1f} rows/s",
+        f"{raw / lz4:.2f}x",
+    )
     step_ms = writer_bench.GPU_STEP_S * 1e3
     for label, key in (("pools beside training", "gil_threads_ms"), ("pools in a child process", "gil_process_ms")):
-        row("writer", f"GIL a Python-bound loop loses per recorded row, {label}", f"{step_ms:.1f} ms (a GPU step)",
-            f"{r[key]:.2f} ms", f"{r[key] / step_ms:.0%} of a step", "<= 10%", r[key] <= 0.1 * step_ms)
+        row(
+            "writer",
+            f"GIL a Python-bound loop loses per recorded row, {label}",
+            f"{step_ms:.1f} ms (a GPU step)",
+            f"{r[key]:.2f} ms",
+            f"{r[key] / step_ms:.0%} of a step",
+            "<= 10%",
+            r[key] <= 0.1 * step_ms,
+        )
 
 
 def export(store: Path, threads: list[int], tmp: Path) -> None:
-    from wordystore import seedfile
+    from wordystore.tools import safetensors_layout
 
     out = tmp / "export.safetensors"
     rates = {}
     for n in threads:
         began = time.perf_counter()
-        seedfile.export(store, out, threads=n, progress=False, overwrite=True)
+        safetensors_layout.export(store, out, threads=n, progress=False, overwrite=True)
         rates[n] = out.stat().st_size / (time.perf_counter() - began)
     size = out.stat().st_size
     out.unlink()
@@ -138,9 +193,15 @@ def export(store: Path, threads: list[int], tmp: Path) -> None:
     (tmp / "plain").unlink()
     for n, rate in rates.items():
         target = n == max(threads) and n >= 16
-        row("export", f"export to the seed layout, {n} threads: MB/s", f"{plain / 1e6:,.0f} MB/s (plain file write)",
-            f"{rate / 1e6:,.0f} MB/s", f"{rate / plain:.0%} of a plain write", ">= 1,000 MB/s" if target else "",
-            rate >= 1e9 if target else None)
+        row(
+            "export",
+            f"export to the seed layout, {n} threads: MB/s",
+            f"{plain / 1e6:,.0f} MB/s (plain file write)",
+            f"{rate / 1e6:,.0f} MB/s",
+            f"{rate / plain:.0%} of a plain write",
+            ">= 1,000 MB/s" if target else "",
+            rate >= 1e9 if target else None,
+        )
 
 
 def reads(store: Path, threads: list[int]) -> None:
@@ -152,12 +213,23 @@ def reads(store: Path, threads: list[int]) -> None:
         if n == 1:
             base = seconds
         target = n == max(threads) and n >= 16
-        row("reads", f"untrained slice, all steps, {n} reader threads", f"{base * 1e3:,.0f} ms (1 thread)",
-            f"{seconds * 1e3:,.0f} ms", f"{base / seconds:.1f}x", ">= 10x" if target else "",
-            base / seconds >= 10 if target else None)
+        row(
+            "reads",
+            f"untrained slice, all steps, {n} reader threads",
+            f"{base * 1e3:,.0f} ms (1 thread)",
+            f"{seconds * 1e3:,.0f} ms",
+            f"{base / seconds:.1f}x",
+            ">= 10x" if target else "",
+            base / seconds >= 10 if target else None,
+        )
     bound = 1 / (serial + (1 - serial) / 16)
-    row("reads", "serial part of a read at 1 thread (GIL held), and the 16-thread speed-up it allows",
-        f"{one * 1e3:,.0f} ms (the read)", f"{serial:.1%} serial", f"<= {bound:.1f}x at 16 threads (Amdahl)")
+    row(
+        "reads",
+        "serial part of a read at 1 thread (GIL held), and the 16-thread speed-up it allows",
+        f"{one * 1e3:,.0f} ms (the read)",
+        f"{serial:.1%} serial",
+        f"<= {bound:.1f}x at 16 threads (Amdahl)",
+    )
 
 
 def _timed(fn) -> float:
@@ -177,9 +249,11 @@ def run(quick: bool) -> Path:
     """Every section; returns the results file."""
     steps = 40 if quick else 200
     threads = threads_to_try(quick)
-    header = (f"`python -m bench --device cuda{' --quick' if quick else ''}` on {torch.cuda.get_device_name(0)}, "
-              f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-              f"Python {platform.python_version()}")
+    header = (
+        f"`python -m bench --device cuda{' --quick' if quick else ''}` on {torch.cuda.get_device_name(0)}, "
+        f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"Python {platform.python_version()}"
+    )
     print(header, flush=True)
     keep: dict = {}
     with tempfile.TemporaryDirectory(prefix="wordystore-gpu-bench-") as tmp:

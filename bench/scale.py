@@ -26,10 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import wordystore  # noqa: E402
 from s3_rows import Rows  # noqa: E402
 from s3_servers import CountingProxy, ServerUnavailable, start_moto, start_seaweedfs  # noqa: E402
-from wordystore import analysis, storage  # noqa: E402
+
+import wordystore  # noqa: E402
+from wordystore.analysis import measures  # noqa: E402
+from wordystore.store import storage  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LINES: list[str] = []
@@ -61,8 +63,10 @@ def read_untrained(where, **options) -> float:
 def per_row(counts: dict, n: int) -> str:
     requests = counts["requests"]
     ops = " ".join(f"{op} {k / n:.1f}" for op, k in sorted(requests.items()))
-    return (f"{sum(requests.values()) / n:.1f} requests/row ({ops}); {sum(counts['sent'].values()) / n / 1e6:.2f} MB "
-            f"sent/row, {sum(counts['received'].values()) / n / 1e6:.2f} MB received/row")
+    return (
+        f"{sum(requests.values()) / n:.1f} requests/row ({ops}); {sum(counts['sent'].values()) / n / 1e6:.2f} MB "
+        f"sent/row, {sum(counts['received'].values()) / n / 1e6:.2f} MB received/row"
+    )
 
 
 def bench_recording(server, bucket, workdir: Path, quick: bool) -> None:
@@ -73,10 +77,14 @@ def bench_recording(server, bucket, workdir: Path, quick: bool) -> None:
     write_local, write_s3 = record(local, rows, data), record(url, rows, data)
     read_local, read_s3 = read_untrained(local), read_untrained(url)
     stored = storage.size(storage.as_store(url, read_only=True))
-    say(f"| {server.name} | seed recording, {n} rows of {rows.vocab} tokens: rows/s written | {n / write_local:.2f} "
-        f"| {n / write_s3:.2f} | **{write_local / write_s3:.2f}x** local (target >= 0.5x) |")
-    say(f"| {server.name} | untrained slice of every row: seconds | {read_local:.2f} | {read_s3:.2f} | "
-        f"**{read_s3 / read_local:.2f}x** local (target <= 2x) |")
+    say(
+        f"| {server.name} | seed recording, {n} rows of {rows.vocab} tokens: rows/s written | {n / write_local:.2f} "
+        f"| {n / write_s3:.2f} | **{write_local / write_s3:.2f}x** local (target >= 0.5x) |"
+    )
+    say(
+        f"| {server.name} | untrained slice of every row: seconds | {read_local:.2f} | {read_s3:.2f} | "
+        f"**{read_s3 / read_local:.2f}x** local (target <= 2x) |"
+    )
     with CountingProxy(server.endpoint) as proxy:
         endpoint = {"storage_options": {"endpoint": proxy.endpoint}}
         record(f"{bucket.url}/seed-counted.zarr", rows, data, **endpoint)
@@ -84,11 +92,20 @@ def bench_recording(server, bucket, workdir: Path, quick: bool) -> None:
         proxy.reset()
         read_untrained(f"{bucket.url}/seed-counted.zarr", **endpoint)
         read = proxy.snapshot()
-    say(f"| {server.name} | cost of a row written (create, appends, compaction, close) | - | {per_row(written, n)} | "
-        f"stored {stored / n / 1e6:.2f} MB/row |")
+    say(
+        f"| {server.name} | cost of a row written (create, appends, compaction, close) | - | {per_row(written, n)} | "
+        f"stored {stored / n / 1e6:.2f} MB/row |"
+    )
     say(f"| {server.name} | reading the untrained slice of {n} rows | - | {per_row(read, 1).replace('/row', '')} | - |")
-    FIGURES[server.name] = {"rows": n, "vocab": rows.vocab, "write_s": [write_local, write_s3],
-                            "read_s": [read_local, read_s3], "written": written, "read": read, "stored_bytes": stored}
+    FIGURES[server.name] = {
+        "rows": n,
+        "vocab": rows.vocab,
+        "write_s": [write_local, write_s3],
+        "read_s": [read_local, read_s3],
+        "written": written,
+        "read": read,
+        "stored_bytes": stored,
+    }
 
 
 def bench_writers(server, bucket, quick: bool) -> None:
@@ -96,13 +113,30 @@ def bench_writers(server, bucket, quick: bool) -> None:
     vocab, dim, n = (4096, 256, 8) if quick else (50257, 1024, 8)
     runs = {}
     for processes in (1, 2):
-        children = [subprocess.Popen([sys.executable, "-m", "bench.scale", "writer", f"{bucket.url}/w{processes}-{i}.zarr",
-                                      str(vocab), str(dim), str(n)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-                    for i in range(processes)]
+        children = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.scale",
+                    "writer",
+                    f"{bucket.url}/w{processes}-{i}.zarr",
+                    str(vocab),
+                    str(dim),
+                    str(n),
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(processes)
+        ]
         seconds = [float(child.communicate(timeout=1800)[0].split()[-1]) for child in children]
         runs[processes] = processes * n / max(seconds)
-    say(f"| {server.name} | writer processes, [{vocab}, {dim}] bf16 rows, {n} each: rows/s | {runs[1]:.2f} (1) | "
-        f"{runs[2]:.2f} (2) | **{runs[2] / runs[1]:.2f}x** |")
+    say(
+        f"| {server.name} | writer processes, [{vocab}, {dim}] bf16 rows, {n} each: rows/s | {runs[1]:.2f} (1) | "
+        f"{runs[2]:.2f} (2) | **{runs[2] / runs[1]:.2f}x** |"
+    )
     FIGURES.setdefault(server.name, {})["writers_rows_per_s"] = runs
 
 
@@ -127,20 +161,27 @@ def bench_cluster(server, bucket, quick: bool) -> None:
     environment = dict(os.environ)  # a LocalCluster sets OMP_NUM_THREADS=1 in its parent for good
     t = wordystore.open(f"{bucket.url}/seed.zarr")
     began = time.perf_counter()
-    here = analysis.moment_norms(t, "untrained")
+    here = measures.moment_norms(t, "untrained")
     local_s = time.perf_counter() - began
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         client.run(lambda: None)  # workers up
         began = time.perf_counter()
-        there = analysis.moment_norms(t, "untrained", client=client)
+        there = measures.moment_norms(t, "untrained", client=client)
         cluster_s = time.perf_counter() - began
-        same = t.momentum.to_dask()[:, :100].compute().tobytes() == t.momentum.numpy((slice(None), slice(0, 100))).tobytes()
+        same = (
+            t.momentum.to_dask()[:, :100].compute().tobytes()
+            == t.momentum.numpy((slice(None), slice(0, 100))).tobytes()
+        )
     os.environ.clear()
     os.environ.update(environment)
     equal = all(here[k].tobytes() == there[k].tobytes() for k in here) and same
-    say(f"| {server.name} | moment_norms of the untrained tokens, {len(t)} rows: rows/s | {len(t) / local_s:.2f} "
-        f"(this process) | {len(t) / cluster_s:.2f} (2 workers) | **{local_s / cluster_s:.2f}x**; bit-equal: {equal} |")
+    say(
+        f"| {server.name} | moment_norms of the untrained tokens, {len(t)} rows: rows/s | {len(t) / local_s:.2f} "
+        f"(this process) | {len(t) / cluster_s:.2f} (2 workers) | **{local_s / cluster_s:.2f}x**; bit-equal: {equal} |"
+    )
     FIGURES.setdefault(server.name, {})["cluster_s"] = [local_s, cluster_s, equal]
 
 

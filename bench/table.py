@@ -18,8 +18,10 @@ def write_results(name: str, header: str = "") -> Path:
     """Print the table and write it to ``bench/results/<name>.md`` (after ``header``, if any)."""
     lines = ["| section | measure | baseline | wordystore | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for section, measure, baseline, ours, ratio, target, met in ROWS:
-        lines.append(f"| {section} | {measure} | {baseline} | {ours} | {ratio} | {target} | "
-                     f"{'' if met is None else ('yes' if met else '**no**')} |")
+        lines.append(
+            f"| {section} | {measure} | {baseline} | {ours} | {ratio} | {target} | "
+            f"{'' if met is None else ('yes' if met else '**no**')} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     RESULTS.mkdir(exist_ok=True)

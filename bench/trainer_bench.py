@@ -46,8 +46,13 @@ def run_process(argv: list[str], env: dict) -> dict:
         if proc.returncode:
             stderr.seek(0)
             raise SystemExit(f"{argv[:4]} failed ({proc.returncode}):\n{stderr.read().decode()[-2000:]}")
-    return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
-            "minflt": usage.ru_minflt, "peak_rss_gb": usage.ru_maxrss / 1e6}
+    return {
+        "wall_s": wall,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "minflt": usage.ru_minflt,
+        "peak_rss_gb": usage.ru_maxrss / 1e6,
+    }
 
 
 def side_by_side(steps: int, repeats: int, batch_size: int | None = None) -> dict[str, list[dict]]:
@@ -65,15 +70,27 @@ def side_by_side(steps: int, repeats: int, batch_size: int | None = None) -> dic
                     out.mkdir()
                     argv = [sys.executable, "-c", notebook, str(steps), str(out), str(batch)]
                 else:
-                    argv = [sys.executable, "-m", "wordystore.cli", "train", str(out / "run.zarr"),
-                            "--steps", str(steps), "--batch-size", str(batch), "--quiet"]
+                    argv = [
+                        sys.executable,
+                        "-m",
+                        "wordystore.cli",
+                        "train",
+                        str(out / "run.zarr"),
+                        "--steps",
+                        str(steps),
+                        "--batch-size",
+                        str(batch),
+                        "--quiet",
+                    ]
                 results[mode].append(run_process(argv, env))
                 print(mode, {k: round(v, 2) for k, v in results[mode][-1].items()}, flush=True)
     return results
 
 
 def medians(results: dict[str, list[dict]]) -> dict[str, dict]:
-    return {mode: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for mode, rows in results.items()}
+    return {
+        mode: {key: statistics.median(row[key] for row in rows) for key in rows[0]} for mode, rows in results.items()
+    }
 
 
 def main():
@@ -86,11 +103,15 @@ def main():
     print("| code path | wall s | user s | sys s | minor faults | peak RSS GB |\n|---|---|---|---|---|---|")
     middle = medians(results)
     for mode, m in middle.items():
-        print(f"| {mode} | {m['wall_s']:.1f} | {m['user_s']:.1f} | {m['sys_s']:.1f} | {m['minflt']:,.0f} "
-              f"| {m['peak_rss_gb']:.2f} |")
+        print(
+            f"| {mode} | {m['wall_s']:.1f} | {m['user_s']:.1f} | {m['sys_s']:.1f} | {m['minflt']:,.0f} "
+            f"| {m['peak_rss_gb']:.2f} |"
+        )
     ratios = [nb["wall_s"] / ws["wall_s"] for nb, ws in zip(results["notebook"], results["wordystore"])]
-    print(f"\nwordystore train is {middle['notebook']['wall_s'] / middle['wordystore']['wall_s']:.2f}x as fast "
-          f"as the notebook's code path (pairwise: {', '.join(f'{r:.2f}x' for r in ratios)})")
+    print(
+        f"\nwordystore train is {middle['notebook']['wall_s'] / middle['wordystore']['wall_s']:.2f}x as fast "
+        f"as the notebook's code path (pairwise: {', '.join(f'{r:.2f}x' for r in ratios)})"
+    )
 
 
 if __name__ == "__main__":

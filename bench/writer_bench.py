@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bench.gil import GilProbe
+from wordystore.format.layout import Profile
 
 GPU_STEP_S = 1 / 57  # the H200's training step without recording (56-59 steps/s): almost all of it Python
 
@@ -43,17 +44,26 @@ def synthetic_rows(n: int, vocab: int, dim: int, seed: int = 0) -> list[dict]:
         norm = float(torch.nn.utils.clip_grad_norm_([param], 1.0))
         optimizer.step()
         state = optimizer.state[param]
-        rows.append({"embeddings": param.detach().clone(), "grads": grads, "momentum": state["exp_avg"].clone(),
-                     "variance": state["exp_avg_sq"].clone(),
-                     "logits": torch.randn(vocab, generator=gen).to(torch.bfloat16), "losses": 10.0 - step / 100,
-                     "learning_rate": 1e-3, "grad_norm": norm, "grad_norm_clipped": min(norm, 1.0)})
+        rows.append(
+            {
+                "embeddings": param.detach().clone(),
+                "grads": grads,
+                "momentum": state["exp_avg"].clone(),
+                "variance": state["exp_avg_sq"].clone(),
+                "logits": torch.randn(vocab, generator=gen).to(torch.bfloat16),
+                "losses": 10.0 - step / 100,
+                "learning_rate": 1e-3,
+                "grad_norm": norm,
+                "grad_norm_clipped": min(norm, 1.0),
+            }
+        )
     return rows
 
 
 def recorded_rows(store, n: int) -> list[dict]:
     """The first ``n`` rows of a recorded trajectory, as tensors to append."""
     import wordystore
-    from wordystore.kinds import numpy_to_torch
+    from wordystore.format.kinds import numpy_to_torch
 
     t = wordystore.open(store, cache_bytes=0)
     data = {name: t[name].numpy(slice(0, n)) for name in t.kinds}
@@ -78,8 +88,9 @@ def ingest(path: Path, rows: list[dict], threads: int, vocab: int, dim: int, pro
 
     kinds, predictions = kinds_and_predictions(vocab, dim)
     shutil.rmtree(path, ignore_errors=True)
-    w = wordystore.create(path, kinds, predictions=predictions, write_threads=threads, compaction_threads=0,
-                          writer_process=process)
+    w = wordystore.create(
+        path, kinds, predictions=predictions, write_threads=threads, compaction_threads=0, writer_process=process
+    )
     began = time.perf_counter()
     for i, row in enumerate(rows):
         w.append(i, **row)
@@ -92,7 +103,9 @@ def compaction(path: Path, threads: int) -> dict:
     """Compact the hot rows of ``path`` (a chunk of rows or more, as :func:`ingest` left them) into
     main shards with ``threads`` threads, as the writer's compaction does (the shards are written;
     the commit record is left alone): MB/s of rows."""
-    from wordystore import compaction as compact, reading, storage
+    from wordystore.read import reading
+    from wordystore.store import storage
+    from wordystore.write import compaction as compact
 
     store = storage.as_store(path, read_only=False)  # the writer's lock stays with the writer
     reader = reading.StoreReader.open(store, cache_bytes=0)
@@ -104,8 +117,9 @@ def compaction(path: Path, threads: int) -> dict:
     with ThreadPoolExecutor(threads) as pool:
         began = time.perf_counter()
         for start in range(0, done, chunk):
-            compact.write_main_rows(store, layouts, reader.meta.arrays(), reader.read_into, start, start + chunk, pool,
-                                    durable=True)
+            compact.write_main_rows(
+                store, layouts, reader.meta.arrays(), reader.read_into, start, start + chunk, pool, durable=True
+            )
         seconds = time.perf_counter() - began
     reader.close()
     return {"mb_per_s": done * per_row / seconds / 1e6, "seconds": seconds}
@@ -119,8 +133,9 @@ def recording_gil(path: Path, rows: list[dict], threads: int, vocab: int, dim: i
 
     kinds, predictions = kinds_and_predictions(vocab, dim)
     shutil.rmtree(path, ignore_errors=True)
-    w = wordystore.create(path, kinds, predictions=predictions, write_threads=threads, compaction_threads=threads,
-                          writer_process=process)
+    w = wordystore.create(
+        path, kinds, predictions=predictions, write_threads=threads, compaction_threads=threads, writer_process=process
+    )
     w.append(0, **rows[0])
     w.flush()  # a child process has started
     with GilProbe() as gil:
@@ -136,8 +151,10 @@ def hot_codecs(path: Path, rows: list[dict], vocab: int, dim: int) -> dict[str, 
     """Rows/s of one thread encoding and storing blocks of ``rows`` as hot shards (fsynced), in
     today's hot codec (raw bytes and a checksum) and in blosc lz4 (the hot codec before it)."""
     import wordystore
-    from wordystore import codecs, compaction as compact, format, storage
-    from wordystore.kinds import torch_to_numpy
+    from wordystore.format import codecs
+    from wordystore.format.kinds import torch_to_numpy
+    from wordystore.store import storage
+    from wordystore.write import compaction as compact
 
     kinds = wordystore.seed_kinds(vocab, dim)
     store = storage.as_store(path, read_only=False)
@@ -147,7 +164,7 @@ def hot_codecs(path: Path, rows: list[dict], vocab: int, dim: int) -> dict[str, 
     for label in ("raw", "lz4"):
         began = time.perf_counter()
         for name, kind in kinds.items():
-            layout = format.Profile("compact").hot_layout(name, kind, 8, binding=binding, raw=label == "raw")
+            layout = Profile("compact").hot_layout(name, kind, 8, binding=binding, raw=label == "raw")
             for coords in compact.block_shards(layout, 0):
                 compact.write_hot_shard(store, layout, coords, block[name], durable=True)
         rates[label] = 8 / (time.perf_counter() - began)
@@ -184,12 +201,16 @@ def main() -> None:
         r = measure(rows, threads, ns.vocab, ns.dim, Path(tmp))
     print(f"{ns.rows} rows of {r['row_mb']:.1f} MB, {os.cpu_count()} cores")
     for n in threads:
-        print(f"  {n} thread(s): ingest {r['ingest'][n]['rows_per_s']:.1f} rows/s, "
-              f"compaction {r['compaction'][n]['mb_per_s']:.0f} MB/s")
+        print(
+            f"  {n} thread(s): ingest {r['ingest'][n]['rows_per_s']:.1f} rows/s, "
+            f"compaction {r['compaction'][n]['mb_per_s']:.0f} MB/s"
+        )
     print(f"  hot tier, 1 thread: raw {r['hot_codecs']['raw']:.1f} rows/s, lz4 {r['hot_codecs']['lz4']:.1f} rows/s")
     for label, key in (("pools beside training", "gil_threads_ms"), ("pools in a child process", "gil_process_ms")):
-        print(f"  GIL lost per recorded row, {label}: {r[key]:.2f} ms "
-              f"({r[key] / (GPU_STEP_S * 1e3):.0%} of a 57 steps/s GPU step)")
+        print(
+            f"  GIL lost per recorded row, {label}: {r[key]:.2f} ms "
+            f"({r[key] / (GPU_STEP_S * 1e3):.0%} of a 57 steps/s GPU step)"
+        )
 
 
 if __name__ == "__main__":

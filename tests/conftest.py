@@ -34,7 +34,7 @@ def pytest_assertrepr_compare(op, left, right):
     lines = [f"{len(left):,} bytes == {len(right):,} bytes: {len(differ):,} of the first {shared:,} bytes differ"]
     if len(differ):
         at = int(differ[0])
-        lines.append(f"first at byte {at:,}: {left[max(at - 8, 0):at + 8]!r} != {right[max(at - 8, 0):at + 8]!r}")
+        lines.append(f"first at byte {at:,}: {left[max(at - 8, 0) : at + 8]!r} != {right[max(at - 8, 0) : at + 8]!r}")
     return lines
 
 
@@ -48,8 +48,13 @@ def small_tmpfs(tmp_path):
     def mount(size: str, why: str):
         where = tmp_path / f"tmpfs-{len(mounts)}"
         where.mkdir()
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                               capture_output=True).returncode != 0:
+        if (
+            os.geteuid() != 0
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+            ).returncode
+            != 0
+        ):
             pytest.skip(f"cannot mount a {size} tmpfs here ({why})")
         mounts.append(where)
         return where

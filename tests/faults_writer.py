@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 import wordystore
-from wordystore import AdamPrediction, Kind, reading, storage
+from wordystore import AdamPrediction, Kind
+from wordystore.read import reading
+from wordystore.store import storage
 
 VOCAB = 6
 KINDS = {
@@ -55,16 +57,23 @@ def row(step: int) -> dict[str, np.ndarray]:
         return rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
 
     grads = bf16((VOCAB, 2))
-    return {"emb": bf16((VOCAB, 2)), "grads": grads, "momentum": bf16((VOCAB, 2)) * ml_dtypes.bfloat16(0.01),
-            "wide": bf16((8, 4096)), "grad_norm": np.float32(np.linalg.norm(grads.astype(np.float32))),
-            "loss": np.float32(step / 7)}
+    return {
+        "emb": bf16((VOCAB, 2)),
+        "grads": grads,
+        "momentum": bf16((VOCAB, 2)) * ml_dtypes.bfloat16(0.01),
+        "wide": bf16((8, 4096)),
+        "grad_norm": np.float32(np.linalg.norm(grads.astype(np.float32))),
+        "loss": np.float32(step / 7),
+    }
 
 
 def rows(steps) -> dict[str, np.ndarray]:
     """The reference data of these steps, kind by kind, with ``recorded_steps``."""
     per_step = [row(step) for step in steps]
-    data = {name: np.stack([r[name] for r in per_step]) if per_step else np.zeros((0, *kind.shape), kind.numpy_dtype)
-            for name, kind in KINDS.items()}
+    data = {
+        name: np.stack([r[name] for r in per_step]) if per_step else np.zeros((0, *kind.shape), kind.numpy_dtype)
+        for name, kind in KINDS.items()
+    }
     return {**data, "recorded_steps": np.asarray(list(steps), np.int64)}
 
 
@@ -74,8 +83,17 @@ def state(step: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def create(path, **args) -> wordystore.TrajectoryWriter:
-    return wordystore.create(path, KINDS, token_sets=TOKEN_SETS, config={"suite": "faults"}, block_rows=BLOCK_ROWS,
-                             chunk_rows=CHUNK_ROWS, predictions=PREDICTIONS, keep_states=KEEP_STATES, **args)
+    return wordystore.create(
+        path,
+        KINDS,
+        token_sets=TOKEN_SETS,
+        config={"suite": "faults"},
+        block_rows=BLOCK_ROWS,
+        chunk_rows=CHUNK_ROWS,
+        predictions=PREDICTIONS,
+        keep_states=KEEP_STATES,
+        **args,
+    )
 
 
 def append(w: wordystore.TrajectoryWriter, steps, flush_after: int | None = None) -> None:
@@ -155,6 +173,7 @@ def census(out: str) -> None:
 def kill(out: str, points: list[int]) -> None:
     results = {}
     for n in points:
+
         def work(n=n):
             instrument(n)
             write(os.path.join(out, f"kill-{n}.zarr"))
@@ -207,7 +226,7 @@ def reader(path: str, number: int, out: str) -> None:
         n = len(t.refresh())
         assert not seen or n >= seen[-1], f"rows went from {seen[-1]} to {n}"
         assert t.steps.tolist() == READ_STEPS[:n], f"steps {t.steps.tolist()} are not a prefix of the run's"
-        for name in READ_KINDS[number % 2::2] if not done else READ_KINDS:  # half the kinds, all at the end
+        for name in READ_KINDS[number % 2 :: 2] if not done else READ_KINDS:  # half the kinds, all at the end
             got = t[name].numpy(slice(0, n))
             assert got.tobytes() == reference[name][:n].tobytes(), f"reader {number}: {name}[:{n}] differs"
         reads += 1
@@ -223,11 +242,16 @@ def readers(out: str) -> None:
     path = os.path.join(out, "polled.zarr")
     pids = {"writer": forked(lambda: slow_writer(path))}
     for number in range(4):
-        pids[f"reader{number}"] = forked(lambda number=number: reader(path, number, os.path.join(out, f"reader{number}.json")))
+        pids[f"reader{number}"] = forked(
+            lambda number=number: reader(path, number, os.path.join(out, f"reader{number}.json"))
+        )
     print(json.dumps({name: outcome(pid) for name, pid in pids.items()}))
 
 
 if __name__ == "__main__":
     command, directory, *numbers = sys.argv[1:]
-    {"census": lambda: census(directory), "kill": lambda: kill(directory, [int(n) for n in numbers]),
-     "readers": lambda: readers(directory)}[command]()
+    {
+        "census": lambda: census(directory),
+        "kill": lambda: kill(directory, [int(n) for n in numbers]),
+        "readers": lambda: readers(directory),
+    }[command]()

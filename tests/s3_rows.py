@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 import wordystore
-from wordystore.bfloat16 import NUMPY_BFLOAT16 as BF16
+from wordystore.format.bfloat16 import NUMPY_BFLOAT16 as BF16
 
 
 class Rows:
@@ -35,10 +35,17 @@ class Rows:
         emb, grads = self.e0.copy(), np.zeros((self.vocab, self.dim), np.float32)
         grads[self.trained] = rng.standard_normal((len(self.trained), self.dim), np.float32) * 1e-3
         emb[self.trained] += (r + 1) * 1e-4
-        return {"embeddings": emb.astype(BF16), "grads": grads.astype(BF16), "momentum": (0.1 * grads).astype(BF16),
-                "variance": (grads * grads).astype(BF16), "logits": rng.standard_normal(self.vocab).astype(BF16),
-                "losses": np.asarray(3.0 - r * 1e-3, BF16), "learning_rate": np.float32(1e-3),
-                "grad_norm": np.float32(1.0 + r), "grad_norm_clipped": np.float32(1.0)}
+        return {
+            "embeddings": emb.astype(BF16),
+            "grads": grads.astype(BF16),
+            "momentum": (0.1 * grads).astype(BF16),
+            "variance": (grads * grads).astype(BF16),
+            "logits": rng.standard_normal(self.vocab).astype(BF16),
+            "losses": np.asarray(3.0 - r * 1e-3, BF16),
+            "learning_rate": np.float32(1e-3),
+            "grad_norm": np.float32(1.0 + r),
+            "grad_norm_clipped": np.float32(1.0),
+        }
 
     @staticmethod
     def step(r: int) -> int:

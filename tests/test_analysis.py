@@ -18,10 +18,12 @@ import torch
 
 import wordystore
 from trainer.config import RunConfig
-from wordystore import Kind, analysis, display, reading, report
+from wordystore import Kind
+from wordystore.analysis import measures, report
 from wordystore.cli import main
-from wordystore.extras import install_hint
-from wordystore.stitch import stitch
+from wordystore.optional import install_hint
+from wordystore.read import display, reading
+from wordystore.tools.stitch import stitch
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 MATRIX = ("embeddings", "grads", "momentum", "variance")
@@ -54,14 +56,26 @@ def build(path, *, rows=20, vocab=40, dim=6, seed=0, kick_row=None, first_step=0
     steps = first_step + 2 * np.arange(rows)
     lr = np.full(rows, 1e-3, np.float32) if lr is None else lr
     kinds = {name: Kind((vocab, dim), "bfloat16", ("token", "dim")) for name in MATRIX}
-    kinds.update(losses=Kind((), "bfloat16", ()), learning_rate=Kind((), "float32", ()),
-                 grad_norm=Kind((), "float32", ()), grad_norm_clipped=Kind((), "float32", ()))
+    kinds.update(
+        losses=Kind((), "bfloat16", ()),
+        learning_rate=Kind((), "float32", ()),
+        grad_norm=Kind((), "float32", ()),
+        grad_norm_clipped=Kind((), "float32", ()),
+    )
     sets = {"even": np.arange(0, vocab, 2), "odd": np.arange(1, vocab, 2)}
     losses = np.linspace(10, 7, rows).astype(BF16)
-    with wordystore.create(path, kinds, token_sets=sets, config=config or {"seed": seed}, block_rows=4, chunk_rows=8) as w:
+    with wordystore.create(
+        path, kinds, token_sets=sets, config=config or {"seed": seed}, block_rows=4, chunk_rows=8
+    ) as w:
         for r in range(rows):
-            w.append(int(steps[r]), **{name: ref[name][r] for name in MATRIX}, losses=losses[r:r + 1].reshape(()),
-                     learning_rate=lr[r], grad_norm=np.float32(r), grad_norm_clipped=np.float32(min(r, 1)))
+            w.append(
+                int(steps[r]),
+                **{name: ref[name][r] for name in MATRIX},
+                losses=losses[r : r + 1].reshape(()),
+                learning_rate=lr[r],
+                grad_norm=np.float32(r),
+                grad_norm_clipped=np.float32(min(r, 1)),
+            )
     return {**ref, "steps": steps, "delta": np.abs(delta), "freeze_row": freeze_row, "losses": losses, "lr": lr}
 
 
@@ -76,12 +90,12 @@ def lower_median(x):
 
 
 @pytest.mark.parametrize("tokens", ["odd", None, [5, 3, 3, 17, 2, 0]])
-@pytest.mark.parametrize("max_bytes", [3000, analysis.MAX_BYTES])  # many row blocks and token tiles, or one
+@pytest.mark.parametrize("max_bytes", [3000, measures.MAX_BYTES])  # many row blocks and token tiles, or one
 def test_embedding_stats_match_numpy(store, tokens, max_bytes):
     path, ref = store
     t = wordystore.open(path)
     ids = t.token_set(tokens) if isinstance(tokens, str) else np.arange(40) if tokens is None else np.array(tokens)
-    s = analysis.embedding_stats(t, tokens, max_bytes=max_bytes)
+    s = measures.embedding_stats(t, tokens, max_bytes=max_bytes)
     tab = s.table
     w = ref["embeddings"][:, ids].astype(np.float32)
     bits = ref["embeddings"][:, ids].view(np.uint16)
@@ -123,7 +137,7 @@ def test_notebook_verification_numbers(store):
     """The notebook's verification cell, in torch, on the store's first and last rows."""
     path, _ = store
     t = wordystore.open(path)
-    s = analysis.embedding_stats(t, "even")
+    s = measures.embedding_stats(t, "even")
     w0, w_last = t.embeddings[0, "even"].float(), t.embeddings[-1, "even"].float()
     d = torch.norm(w_last - w0, dim=1)
     assert s.table["displacement_max"][-1] == pytest.approx(d.max().item(), rel=1e-6)
@@ -138,7 +152,7 @@ def test_notebook_verification_numbers(store):
 
 def test_freeze_step_counts_and_hop_bins(store):
     path, ref = store
-    s = analysis.embedding_stats(wordystore.open(path), None)
+    s = measures.embedding_stats(wordystore.open(path), None)
     counts = s.freeze_step_counts()
     rows = ref["freeze_row"][ref["freeze_row"] < 19]
     np.testing.assert_array_equal(counts["tokens"], np.bincount(rows, minlength=20))
@@ -150,7 +164,7 @@ def test_lattice_index_counts_every_bfloat16_value_once():
     values = np.arange(2**16, dtype=np.uint16).view(BF16)
     values = values[~np.isnan(values.astype(np.float32))]
     order = np.argsort(values.astype(np.float32), kind="stable")
-    index = analysis.lattice_index(values[order])
+    index = measures.lattice_index(values[order])
     steps = np.diff(index)
     zero = values[order].astype(np.float32) == 0
     assert np.all(index[zero] == 0) and zero.sum() == 2  # -0 and +0: one value
@@ -161,7 +175,7 @@ def test_lattice_index_counts_every_bfloat16_value_once():
 def test_moment_norms_are_float64_and_match_numpy(store):
     path, ref = store
     t = wordystore.open(path)
-    norms = analysis.moment_norms(t, "odd", max_bytes=2000)
+    norms = measures.moment_norms(t, "odd", max_bytes=2000)
     ids = t.token_set("odd")
     for kind in ("grads", "momentum", "variance"):
         x = ref[kind][:, ids].astype(np.float64).reshape(20, -1)
@@ -171,7 +185,7 @@ def test_moment_norms_are_float64_and_match_numpy(store):
 
 def test_curves(store):
     path, ref = store
-    c = analysis.curves(wordystore.open(path))
+    c = measures.curves(wordystore.open(path))
     np.testing.assert_array_equal(c["losses"], ref["losses"].astype(np.float64))
     np.testing.assert_array_equal(c["learning_rate"], ref["lr"].astype(np.float64))
     np.testing.assert_array_equal(c["grad_norm"], np.arange(20))
@@ -181,35 +195,35 @@ def test_curves(store):
 def test_bad_token_selections_are_named(store):
     t = wordystore.open(store[0])
     with pytest.raises(ValueError, match="token id 40 is out of range: kind 'embeddings' has 40 tokens"):
-        analysis.embedding_stats(t, [1, 40])
+        measures.embedding_stats(t, [1, 40])
     with pytest.raises(KeyError, match="no token set 'nope'"):
-        analysis.embedding_stats(t, "nope")
+        measures.embedding_stats(t, "nope")
     with pytest.raises(ValueError, match="needs 'token' as its first axis"):
-        analysis.embedding_stats(t, None, kind="losses")
+        measures.embedding_stats(t, None, kind="losses")
     with pytest.raises(ValueError, match="no kind 'nope'"):
-        analysis.moment_norms(t, None, kinds=["nope"])
+        measures.moment_norms(t, None, kinds=["nope"])
 
 
 def test_largest_jump_finds_a_kick(tmp_path):
     ref = build(tmp_path / "kick.zarr", kick_row=12)
-    s = analysis.embedding_stats(wordystore.open(tmp_path / "kick.zarr"), None)
-    step, ratio = analysis.largest_jump(s.table["movement_mean"], s.table["step"])
+    s = measures.embedding_stats(wordystore.open(tmp_path / "kick.zarr"), None)
+    step, ratio = measures.largest_jump(s.table["movement_mean"], s.table["step"])
     assert step == ref["steps"][12] and ratio > 10
-    assert analysis.largest_jump(np.linspace(1, 0.5, 20), ref["steps"]) is None
+    assert measures.largest_jump(np.linspace(1, 0.5, 20), ref["steps"]) is None
 
 
 def test_cache_is_reused_and_invalidated_when_the_store_grows(tmp_path):
     path = tmp_path / "c.zarr"
     build(path, rows=10)
     t = wordystore.open(path)
-    first = analysis.embedding_stats(t, "odd", cache=True)
-    keys = sorted((path / analysis.CACHE_PREFIX).iterdir())
+    first = measures.embedding_stats(t, "odd", cache=True)
+    keys = sorted((path / measures.CACHE_PREFIX).iterdir())
     assert len(keys) == 1 and keys[0].name.startswith("embedding_stats-")
     document = json.loads(keys[0].read_text())
     assert document["rows"] == 10
     document["result"]["table"]["displacement_max"]["ndarray"][3] = 123.0  # a marker only the cache holds
     keys[0].write_text(json.dumps(document))
-    again = analysis.embedding_stats(wordystore.open(path), "odd", cache=True)
+    again = measures.embedding_stats(wordystore.open(path), "odd", cache=True)
     assert again.table["displacement_max"][3] == 123.0
     np.testing.assert_array_equal(again.hop_histogram, first.hop_histogram)
     np.testing.assert_array_equal(again.table["movement_max"], first.table["movement_max"])  # NaN survives
@@ -217,7 +231,7 @@ def test_cache_is_reused_and_invalidated_when_the_store_grows(tmp_path):
     with wordystore.resume(path) as w:  # the store grows: the cached result is stale
         extra = {name: wordystore.open(path)[name].numpy(-1) for name in t.kinds}
         w.append(100, **extra)
-    grown = analysis.embedding_stats(wordystore.open(path), "odd", cache=True)
+    grown = measures.embedding_stats(wordystore.open(path), "odd", cache=True)
     assert len(grown.table["step"]) == 11 and grown.table["displacement_max"][3] == first.table["displacement_max"][3]
 
 
@@ -234,7 +248,7 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_working_set(tmp_path):
     del row
     raw = rows * vocab * dim * 2  # 63 MB, 30 times the budget
     t = wordystore.open(tmp_path / "big.zarr", cache_bytes=0)  # the calibration read below keeps nothing
-    analysis.embedding_stats(t, [0])  # imports done before measuring
+    measures.embedding_stats(t, [0])  # imports done before measuring
     tracemalloc.start()
     try:
         # calibration: tracemalloc sees a read (one under 8 MB: larger outputs are mmap'd huge pages)
@@ -242,10 +256,10 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_working_set(tmp_path):
         seen = tracemalloc.get_traced_memory()[1] >= part.nbytes
         del part
         tracemalloc.reset_peak()
-        s = analysis.embedding_stats(t, None, max_bytes=2**21)
+        s = measures.embedding_stats(t, None, max_bytes=2**21)
         stats_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        analysis.moment_norms(t, None, kinds=["embeddings"], max_bytes=2**21)
+        measures.moment_norms(t, None, kinds=["embeddings"], max_bytes=2**21)
         norms_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -263,8 +277,11 @@ def test_memory_stays_bounded_on_a_store_larger_than_the_working_set(tmp_path):
 
 def trainer_config(output_dir, **changes):
     run = RunConfig(steps=20, **changes).to_dict()
-    return {"run": run, "training_arguments": {"lr_scheduler_type": "linear", "max_grad_norm": 1.0,
-                                               "output_dir": output_dir}, "device": "cpu"}
+    return {
+        "run": run,
+        "training_arguments": {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "output_dir": output_dir},
+        "device": "cpu",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +289,12 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
     build(root / "a.zarr", config=trainer_config("a.trainer"))
     halved = np.r_[np.full(10, 1e-3), np.full(10, 5e-4)].astype(np.float32)
-    build(root / "b.zarr", config={**trainer_config("b.trainer", learning_rate=2e-3), "note": "<script>"},
-          lr=halved, kick_row=13)
+    build(
+        root / "b.zarr",
+        config={**trainer_config("b.trainer", learning_rate=2e-3), "note": "<script>"},
+        lr=halved,
+        kick_row=13,
+    )
     return root
 
 
@@ -285,17 +306,28 @@ def test_report_writes_plots_and_key_numbers(two_runs, tmp_path, capsys):
     out = tmp_path / "rep"
     assert main(["report", str(two_runs / "b.zarr"), "--out", str(out), "--quiet"]) == 0
     names = {p.name for p in out.iterdir()}
-    plots = {"losses.png", "learning_rate.png", "grad_norm.png", "displacement.png", "movement.png",
-             "frozen_fraction.png", "lattice_hops.png", "freeze_steps.png", "moment_norms.png"}
+    plots = {
+        "losses.png",
+        "learning_rate.png",
+        "grad_norm.png",
+        "displacement.png",
+        "movement.png",
+        "frozen_fraction.png",
+        "lattice_hops.png",
+        "freeze_steps.png",
+        "moment_norms.png",
+    }
     assert names == plots | {"report.md"}
     assert all(is_png(out / name) for name in plots)
     text = (out / "report.md").read_text()
-    s = analysis.embedding_stats(wordystore.open(two_runs / "b.zarr"), "odd")
+    s = measures.embedding_stats(wordystore.open(two_runs / "b.zarr"), "odd")
     tab = s.table
-    assert (f"| odd | 20 | {tab['displacement_max'][-1]:.2e} / {tab['displacement_mean'][-1]:.2e} / "
-            f"{tab['displacement_median'][-1]:.2e} | {report.share(round(tab['frozen_fraction'][-1] * 20), 20)} |") in text
+    assert (
+        f"| odd | 20 | {tab['displacement_max'][-1]:.2e} / {tab['displacement_mean'][-1]:.2e} / "
+        f"{tab['displacement_median'][-1]:.2e} | {report.share(round(tab['frozen_fraction'][-1] * 20), 20)} |"
+    ) in text
     assert f"step {s.table['step'][13]} (x" in text  # the kick
-    losses = analysis.curves(wordystore.open(two_runs / "b.zarr"))["losses"]
+    losses = measures.curves(wordystore.open(two_runs / "b.zarr"))["losses"]
     assert f"Loss: {losses[1]:.4f} at step 2, {losses[-1]:.4f} at step 38" in text
     assert all(f"({name})" in text for name in plots)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging directory left
@@ -314,20 +346,27 @@ def test_compare_prints_config_and_learning_rate_differences(two_runs, tmp_path,
     assert all(is_png(p) for p in out.glob("*.png"))
 
 
-WITHOUT_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None\n"
-                      "from wordystore.cli import main; sys.exit(main(sys.argv[1:]))")
+WITHOUT_MATPLOTLIB = (
+    "import sys; sys.modules['matplotlib'] = None\nfrom wordystore.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def test_report_and_compare_without_matplotlib_write_their_text_and_name_the_plots_not_drawn(two_runs, tmp_path):
-    for args, written in ((["report", two_runs / "a.zarr"], "report.md"),
-                          (["compare", two_runs / "a.zarr", two_runs / "b.zarr"], "compare.md")):
+    for args, written in (
+        (["report", two_runs / "a.zarr"], "report.md"),
+        (["compare", two_runs / "a.zarr", two_runs / "b.zarr"], "compare.md"),
+    ):
         out = tmp_path / args[0]
-        proc = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB, *map(str, args), "--out", str(out)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", WITHOUT_MATPLOTLIB, *map(str, args), "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.strip().splitlines() == [
             f"wordystore {args[0]}: warning: wrote {out / written} without its plots: plots need matplotlib, "
-            f"which is not installed; {install_hint('analysis')}"]
+            f"which is not installed; {install_hint('analysis')}"
+        ]
         assert proc.stdout.strip().endswith(f"wrote {out / written}")
         assert [p.name for p in out.iterdir()] == [written]  # the text, no image
         text = (out / written).read_text()
@@ -337,18 +376,28 @@ def test_report_and_compare_without_matplotlib_write_their_text_and_name_the_plo
     assert "run.learning_rate: 0.001 -> 0.002" in (tmp_path / "compare" / "compare.md").read_text()
 
 
-@pytest.mark.parametrize("part, whole, text", [
-    (0, 5170, "0 %"), (1, 5170, "0.019 %"), (5169, 5170, "99.981 %"), (5170, 5170, "100 %"), (1, 3, "33.3 %"),
-    (1, 20_000, "0.005 %"), (19_999, 20_000, "99.995 %"), (1, 100, "1.0 %"),
-])
+@pytest.mark.parametrize(
+    "part, whole, text",
+    [
+        (0, 5170, "0 %"),
+        (1, 5170, "0.019 %"),
+        (5169, 5170, "99.981 %"),
+        (5170, 5170, "100 %"),
+        (1, 3, "33.3 %"),
+        (1, 20_000, "0.005 %"),
+        (19_999, 20_000, "99.995 %"),
+        (1, 100, "1.0 %"),
+    ],
+)
 def test_a_share_reads_0_or_100_percent_only_when_it_is(part, whole, text):
     assert report.share(part, whole) == text
 
 
 def test_plots_keep_percentages_within_0_to_100_name_the_run_and_label_seams(tmp_path):
     steps = np.arange(10)
-    fig = report.plot_lines.__wrapped__("Tokens frozen\nwb1b", "share", {"": [("", steps, np.zeros(10), {})]},
-                                        percent=True, seams=[5, 8])
+    fig = report.plot_lines.__wrapped__(
+        "Tokens frozen\nwb1b", "share", {"": [("", steps, np.zeros(10), {})]}, percent=True, seams=[5, 8]
+    )
     ax = fig.axes[0]
     low, high = ax.get_ylim()
     assert 0 <= low and high <= 1  # all zeros: not -4 % .. 4 %
@@ -365,8 +414,10 @@ def test_the_freeze_legend_counts_tokens_as_report_md_does(two_runs, tmp_path):
     s = run.stats["odd"]
     fig = report.plot_freeze_steps.__wrapped__("When tokens freeze\nb", run.stats)
     legend = [x.get_text() for x in fig.axes[0].get_legend().get_texts()]
-    assert f"odd: {s.still_moving:,} of {s.token_ids.size:,} still moving at the end " \
-           f"({report.share(s.still_moving, s.token_ids.size)})" in legend
+    assert (
+        f"odd: {s.still_moving:,} of {s.token_ids.size:,} still moving at the end "
+        f"({report.share(s.still_moving, s.token_ids.size)})" in legend
+    )
     assert f"| {s.still_moving:,} of {s.token_ids.size:,} |" in report.report_markdown(run, [])
 
 
@@ -385,7 +436,9 @@ def test_info_is_concise_and_sizes_are_the_store_files(two_runs, capsys):
     t = wordystore.open(path)
     sizes = display.kind_sizes(t)
     for name in t.kinds:
-        on_disk = sum(f.stat().st_size for tier in (path, path / "hot") for f in (tier / name).rglob("*") if f.is_file())
+        on_disk = sum(
+            f.stat().st_size for tier in (path, path / "hot") for f in (tier / name).rglob("*") if f.is_file()
+        )
         assert sizes[name] == (on_disk, 20 * t.kinds[name].step_nbytes)
         row = next(line.split() for line in lines if line.split()[:1] == [name])
         assert row[1] == t.kinds[name].dtype and row[-1] == display.ratio(*sizes[name])
@@ -412,7 +465,7 @@ def joined(two_runs):
 
 
 def test_seams_of_a_stitched_run_are_found(joined):
-    from wordystore.report import analyse
+    from wordystore.analysis.report import analyse
 
     assert analyse(joined, "joined", progress=False).seams == [40]
 
@@ -421,8 +474,11 @@ def test_the_docs_example_script_runs_around_a_seam(joined, tmp_path):
     doc = (Path(__file__).parents[1] / "docs" / "analysis.md").read_text()
     script = doc.split("## Example script")[1].split("```python\n")[1].split("```")[0]
     (tmp_path / "around_a_step.py").write_text(script)
-    proc = subprocess.run([sys.executable, str(tmp_path / "around_a_step.py"), str(joined.store.root), "odd"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "around_a_step.py"), str(joined.store.root), "odd"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "odd tokens around step 40 (a seam):" and lines[1].startswith("  step    36: median movement")
@@ -442,4 +498,4 @@ def test_report_on_a_real_trainer_run(tmp_path, capsys):
     assert "Learning rate used: 1.000e-03 at step 1, 5.000e-04 at step 4, 1.667e-04 at step 6." in text
     assert "| trained | 512 |" in text and "| untrained |" not in text  # the empty set is left out
     with pytest.raises(ValueError, match="token set 'untrained' is empty"):
-        analysis.embedding_stats(wordystore.open(tmp_path / "run.zarr"), "untrained")
+        measures.embedding_stats(wordystore.open(tmp_path / "run.zarr"), "untrained")

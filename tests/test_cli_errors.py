@@ -17,18 +17,21 @@ from safetensors.torch import load_file
 
 import wordystore
 from wordystore.cli import main
-from wordystore.seedfile import STEP_KINDS, export
+from wordystore.tools.safetensors_layout import STEP_KINDS, export
 
 VOCAB = 10
-SCALARS = dict(init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-               n_trained=4, n_untrained=6)
+SCALARS = dict(
+    init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, n_trained=4, n_untrained=6
+)
 
 
 def record(path, steps, n_trained=4):
     """A seed-layout trajectory whose every value is its training step."""
     kinds = {name: kind for name, kind in wordystore.seed_kinds(VOCAB, 2).items() if name in STEP_KINDS}
     sets = {"trained": np.arange(n_trained), "untrained": np.arange(n_trained, VOCAB)}
-    with wordystore.create(path, kinds, token_sets=sets, config={"seed_scalars": SCALARS}, block_rows=2, chunk_rows=4) as w:
+    with wordystore.create(
+        path, kinds, token_sets=sets, config={"seed_scalars": SCALARS}, block_rows=2, chunk_rows=4
+    ) as w:
         for step in steps:
             w.append(step, **{name: torch.full(kind.shape, float(step)).bfloat16() for name, kind in kinds.items()})
     return path
@@ -65,44 +68,98 @@ def user_error(capsys, *args) -> str:
 # -- the issue's list, and their kin ---------------------------------------------------------------------
 
 CASES = [
-    (["info", "{plain.zarr}"], r"^wordystore info: error: .*plain.zarr is a zarr group but not a wordystore trajectory"),
+    (
+        ["info", "{plain.zarr}"],
+        r"^wordystore info: error: .*plain.zarr is a zarr group but not a wordystore trajectory",
+    ),
     (["info", "{missing.zarr}"], r"no trajectory at .*missing.zarr"),
     (["info"], r"^wordystore info: error: the following arguments are required: store \(see wordystore info --help\)"),
-    (["export", "{a.zarr}", "{out}", "--tokens", "nosuch"], r"no token set 'nosuch'; this trajectory has \['trained', 'untrained'\]"),
-    (["export", "{a.zarr}", "{out}", "--tokens", "-1"], r"token ids \[-1\] are outside the vocabulary; expected ids in \[0, 10\)"),
+    (
+        ["export", "{a.zarr}", "{out}", "--tokens", "nosuch"],
+        r"no token set 'nosuch'; this trajectory has \['trained', 'untrained'\]",
+    ),
+    (
+        ["export", "{a.zarr}", "{out}", "--tokens", "-1"],
+        r"token ids \[-1\] are outside the vocabulary; expected ids in \[0, 10\)",
+    ),
     (["export", "{a.zarr}", "{out}", "--tokens", "1,a"], r"argument --tokens: expected a token-set name .* got '1,a'"),
     (["export", "{a.zarr}", "{out}", "--tokens", "1,99999"], r"token ids \[99999\] are outside the vocabulary"),
-    (["export", "{a.zarr}", "{out}", "--steps", "1:2:3:4"], r"argument --steps: expected N, START:STOP, START:STOP:STRIDE or N,N,...; got '1:2:3:4'"),
+    (
+        ["export", "{a.zarr}", "{out}", "--steps", "1:2:3:4"],
+        r"argument --steps: expected N, START:STOP, START:STOP:STRIDE or N,N,...; got '1:2:3:4'",
+    ),
     (["export", "{a.zarr}", "{out}", "--steps", "1::0"], r"the stride of '1::0' is 0; expected a non-zero stride"),
-    (["export", "{a.zarr}", "{out}", "--steps", "10:2"], r"steps 10:2 select nothing; the trajectory has 6 rows, training steps 0\.\.5"),
+    (
+        ["export", "{a.zarr}", "{out}", "--steps", "10:2"],
+        r"steps 10:2 select nothing; the trajectory has 6 rows, training steps 0\.\.5",
+    ),
     (["export", "{a.zarr}", "{out}", "--rows", "10:2"], r"rows 10:2 select nothing"),
-    (["export", "{a.zarr}", "{out}", "--steps", "99"], r"training step\(s\) \[99\] not recorded; this trajectory records 6 steps, 0\.\.5"),
+    (
+        ["export", "{a.zarr}", "{out}", "--steps", "99"],
+        r"training step\(s\) \[99\] not recorded; this trajectory records 6 steps, 0\.\.5",
+    ),
     (["export", "{a.zarr}", "{out}", "--rows", "1,99"], r"rows \[1, 99\] are out of range; the trajectory has 6 rows"),
-    (["export", "{a.zarr}", "{out}", "--steps", "1", "--rows", "1"], r"argument --rows: not allowed with argument --steps"),
+    (
+        ["export", "{a.zarr}", "{out}", "--steps", "1", "--rows", "1"],
+        r"argument --rows: not allowed with argument --steps",
+    ),
     (["export", "{a.zarr}", "{out}", "--kinds", "embeddings,nosuch"], r"kinds \['nosuch'\] are not in the trajectory"),
-    (["export", "{a.zarr}", "{adir}", "--overwrite"], r"adir is a directory; expected the path of a .safetensors file to write"),
-    (["export", "{a.zarr}", "{missing}/out.safetensors"], r"cannot write .*missing/out.safetensors: directory .*missing does not exist$"),
+    (
+        ["export", "{a.zarr}", "{adir}", "--overwrite"],
+        r"adir is a directory; expected the path of a .safetensors file to write",
+    ),
+    (
+        ["export", "{a.zarr}", "{missing}/out.safetensors"],
+        r"cannot write .*missing/out.safetensors: directory .*missing does not exist$",
+    ),
     (["export", "{a.zarr}", "{junk}"], r"junk exists; pass overwrite=True \(--overwrite\) to replace it"),
-    (["train", "{out}", "--config", "{adir}"], r"--config .*adir is a directory; expected a JSON file of run parameters"),
+    (
+        ["train", "{out}", "--config", "{adir}"],
+        r"--config .*adir is a directory; expected a JSON file of run parameters",
+    ),
     (["train", "{out}", "--config", "{bad.json}"], r"--config .*bad.json is not JSON \(.*\); expected a JSON object"),
     (["train", "{out}", "--config", "{missing.json}"], r"--config .*missing.json does not exist"),
-    (["train", "{out}", "--token-masks", "{junk}"], r"--token-masks .*junk is not a readable safetensors file \(.*\); expected the notebook's token-mask file"),
+    (
+        ["train", "{out}", "--token-masks", "{junk}"],
+        r"--token-masks .*junk is not a readable safetensors file \(.*\); expected the notebook's token-mask file",
+    ),
     (["train", "{out}", "--device", "nosuch"], r"--device 'nosuch' is not a device; expected cpu, cuda, cuda:N or mps"),
     (["train", "{out}", "--training-arg", "junk"], r"--training-arg 'junk': expected KEY=VALUE"),
-    (["train", "{out}", "--training-arg", "lr_schedler_type=constant"], r"'lr_schedler_type' is not a Hugging Face TrainingArguments field; did you mean lr_scheduler_type"),
-    (["train", "{out}", "--corpus", "{missing.txt}"], r"--corpus .*missing.txt does not exist; expected a UTF-8 text file"),
-    (["train", "{out}", "--config", "{device.json}"], r"--config .*device.json: 'device' 'gpu' is not a device; expected cpu"),
+    (
+        ["train", "{out}", "--training-arg", "lr_schedler_type=constant"],
+        r"'lr_schedler_type' is not a Hugging Face TrainingArguments field; did you mean lr_scheduler_type",
+    ),
+    (
+        ["train", "{out}", "--corpus", "{missing.txt}"],
+        r"--corpus .*missing.txt does not exist; expected a UTF-8 text file",
+    ),
+    (
+        ["train", "{out}", "--config", "{device.json}"],
+        r"--config .*device.json: 'device' 'gpu' is not a device; expected cpu",
+    ),
     (["train", "{out}", "--steps", "abc"], r"argument --steps: invalid int value: 'abc'"),
     (["import", "{junk}", "{out}"], r"junk is not a readable safetensors file"),
-    (["import", "{junk}", "{out}", "--token-masks", "{junk}"], r"--token-masks .*junk is not a readable safetensors file"),
+    (
+        ["import", "{junk}", "{out}", "--token-masks", "{junk}"],
+        r"--token-masks .*junk is not a readable safetensors file",
+    ),
     (["stitch", "{a.zarr}", "{out}"], r"stitch needs at least two trajectories, got 1"),
-    (["stitch", "{a.zarr}", "{inside.zarr}", "{out}"], r"inside.zarr \(steps 1\.\.3\) adds no step after .*a.zarr \(steps 0\.\.5\)"),
+    (
+        ["stitch", "{a.zarr}", "{inside.zarr}", "{out}"],
+        r"inside.zarr \(steps 1\.\.3\) adds no step after .*a.zarr \(steps 0\.\.5\)",
+    ),
     (["stitch", "{a.zarr}", "{a.zarr}", "{out}"], r"a.zarr \(steps 0\.\.5\) adds no step after"),
     (["stitch", "{a.zarr}", "{b.zarr}", "{a.zarr}", "--overwrite"], r"the output .*a.zarr is also a source"),
     (["stitch", "{a.zarr}", "{plain.zarr}", "{out}"], r"plain.zarr is a zarr group but not a wordystore trajectory"),
-    (["stitch", "{a.zarr}", "{b.zarr}", "{inside.zarr}"], r"inside.zarr already holds a zarr store; pass overwrite=True"),
+    (
+        ["stitch", "{a.zarr}", "{b.zarr}", "{inside.zarr}"],
+        r"inside.zarr already holds a zarr store; pass overwrite=True",
+    ),
     (["stitch", "{a.zarr}", "{empty.zarr}", "{out}"], r"empty.zarr has no recorded rows; nothing to stitch from it"),
-    (["stitch", "{a.zarr}", "{other-sets.zarr}", "{out}"], r"cannot stitch .*other-sets.zarr onto .*a.zarr: their token sets differ"),
+    (
+        ["stitch", "{a.zarr}", "{other-sets.zarr}", "{out}"],
+        r"cannot stitch .*other-sets.zarr onto .*a.zarr: their token sets differ",
+    ),
     (["nosuch"], r"^wordystore: error: argument command: invalid choice: 'nosuch'"),
 ]
 
@@ -143,7 +200,9 @@ def test_debug_shows_the_traceback_too(runs, capsys, monkeypatch):
     for args in (["--debug", "info", runs / "plain.zarr"], ["info", runs / "plain.zarr", "--debug"]):
         assert main([str(a) for a in args]) == 2
         err = capsys.readouterr().err
-        assert "Traceback" in err and "FormatError" in err and err.splitlines()[-1].startswith("wordystore info: error:")
+        assert (
+            "Traceback" in err and "FormatError" in err and err.splitlines()[-1].startswith("wordystore info: error:")
+        )
     monkeypatch.setenv("WORDYSTORE_DEBUG", "1")
     assert main(["info", str(runs / "plain.zarr")]) == 2 and "Traceback" in capsys.readouterr().err
     monkeypatch.setenv("WORDYSTORE_DEBUG", "0")
@@ -157,20 +216,26 @@ def test_a_bug_is_one_line_too_but_says_so_with_exit_status_1(runs, capsys, monk
     monkeypatch.setattr("wordystore.cli.cmd_info", broken_info)  # a stand-in for a bug in a command
     assert main(["info", str(runs / "a.zarr")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("wordystore info: error: internal error, RuntimeError: an invariant broke")
+    assert err.count("\n") == 1 and err.startswith(
+        "wordystore info: error: internal error, RuntimeError: an invariant broke"
+    )
     assert "WORDYSTORE_DEBUG=1" in err
 
 
 def run_cli(*args, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "wordystore.cli", *map(str, args)], env=env, capture_output=True, text=True, **popen
+    )
 
 
 def test_a_closed_pipe_ends_quietly(runs):
     """``wordystore info STORE | head``: the reader goes away before the output is written."""
-    proc = subprocess.Popen([sys.executable, "-m", "wordystore.cli", "info", str(runs / "a.zarr"), "--config"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wordystore.cli", "info", str(runs / "a.zarr"), "--config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == ""
@@ -183,7 +248,10 @@ def limit_file_size():
 def test_a_write_refused_by_the_system_names_the_output_and_leaves_nothing(runs, tmp_path):
     proc = run_cli("export", runs / "a.zarr", tmp_path / "out.safetensors", preexec_fn=limit_file_size)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines()[-1] == f"wordystore export: error: cannot write {tmp_path / 'out.safetensors'}: File too large"
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"wordystore export: error: cannot write {tmp_path / 'out.safetensors'}: File too large"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -197,25 +265,31 @@ def test_a_full_disk_during_export_names_the_output_and_leaves_nothing(tmp_path,
     big = record(tmp_path / "big.zarr", range(40))
     proc = run_cli("export", big, full_disk / "out.safetensors")
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.splitlines()[-1] == f"wordystore export: error: cannot write {full_disk / 'out.safetensors'}: No space left on device"
+    assert (
+        proc.stderr.splitlines()[-1]
+        == f"wordystore export: error: cannot write {full_disk / 'out.safetensors'}: No space left on device"
+    )
     assert list(full_disk.iterdir()) == []
 
 
 # -- export: training steps or rows (issue 10, item 8) ----------------------------------------------------
 
 
-@pytest.mark.parametrize("selection, steps", [
-    ([], [0, 10, 20, 30, 40]),
-    (["--steps", "10:30"], [10, 20, 30]),  # training steps, both ends included (as .loc)
-    (["--steps", "15:25"], [20]),  # ends need not be recorded steps
-    (["--steps", "20"], [20]),  # one step, not "the first 20 rows"
-    (["--steps", "0:40:2"], [0, 20, 40]),  # every 2nd row
-    (["--steps", "40,0"], [40, 0]),
-    (["--steps", "::-1"], [40, 30, 20, 10, 0]),
-    (["--rows", "1:3"], [10, 20]),  # rows, a python slice
-    (["--rows=-2:"], [30, 40]),
-    (["--rows", "0"], [0]),
-])
+@pytest.mark.parametrize(
+    "selection, steps",
+    [
+        ([], [0, 10, 20, 30, 40]),
+        (["--steps", "10:30"], [10, 20, 30]),  # training steps, both ends included (as .loc)
+        (["--steps", "15:25"], [20]),  # ends need not be recorded steps
+        (["--steps", "20"], [20]),  # one step, not "the first 20 rows"
+        (["--steps", "0:40:2"], [0, 20, 40]),  # every 2nd row
+        (["--steps", "40,0"], [40, 0]),
+        (["--steps", "::-1"], [40, 30, 20, 10, 0]),
+        (["--rows", "1:3"], [10, 20]),  # rows, a python slice
+        (["--rows=-2:"], [30, 40]),
+        (["--rows", "0"], [0]),
+    ],
+)
 def test_export_selects_training_steps_or_rows(tmp_path, capsys, selection, steps):
     store = record(tmp_path / "sparse.zarr", [0, 10, 20, 30, 40])
     assert main(["export", str(store), str(tmp_path / "out.safetensors"), *selection]) == 0
@@ -242,13 +316,16 @@ def test_stitch_joins_runs_in_step_order_whatever_order_they_are_given(runs, tmp
         assert t.steps.tolist() == list(range(12))
         assert t.losses[:].float().tolist() == list(range(12))
         assert [(s["source"], s["steps"], s["dropped_repeated_steps"]) for s in t.segments] == [
-            (str(runs / "a.zarr"), [0, 5], 0), (str(runs / "b.zarr"), [6, 11], 1)]
+            (str(runs / "a.zarr"), [0, 5], 0),
+            (str(runs / "b.zarr"), [6, 11], 1),
+        ]
 
 
 def test_stitch_overwrite_replaces_an_existing_output(runs, tmp_path, capsys):
     out = record(tmp_path / "out.zarr", [100, 101, 102])
     assert user_error(capsys, "stitch", runs / "a.zarr", runs / "b.zarr", out).endswith(
-        "already holds a zarr store; pass overwrite=True (--overwrite) to replace it")
+        "already holds a zarr store; pass overwrite=True (--overwrite) to replace it"
+    )
     assert wordystore.open(out).steps.tolist() == [100, 101, 102]
     assert main(["stitch", str(runs / "a.zarr"), str(runs / "b.zarr"), str(out), "--overwrite"]) == 0
     assert wordystore.open(out).steps.tolist() == list(range(12))

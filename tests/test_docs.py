@@ -68,8 +68,10 @@ def stores(tmp_path_factory):
     for copy in ("a.zarr", "b.zarr"):
         shutil.copytree(root / "runs" / "wb1b.zarr", root / "runs" / copy)
     t = wordystore.open(root / "runs" / "wb1b.zarr")
-    save_file({f"{name}_indices": torch.from_numpy(ids) for name, ids in t.token_sets.items()},
-              str(root / "fineweb_token_masks.safetensors"))
+    save_file(
+        {f"{name}_indices": torch.from_numpy(ids) for name, ids in t.token_sets.items()},
+        str(root / "fineweb_token_masks.safetensors"),
+    )
     return root
 
 
@@ -106,8 +108,9 @@ def workdir(stores, tmp_path) -> Path:
 
 def run_bash(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
@@ -127,7 +130,11 @@ def test_every_block_runs(path, stores, s3, tmp_path, monkeypatch):
         if language not in RUNNABLE or "no-run" in markers:
             continue
         if language == "python":
-            exec(compile(code, f"{path.name}:{line}", "exec"), {"__name__": "__main__"})  # a failure shows its traceback
+            exec(
+                compile(code, f"{path.name}:{line}", "exec"), {"__name__": "__main__"}
+            )  # a failure shows its traceback
             continue
         done = run_bash(code, cwd)
-        assert done.returncode == 0, f"{path.name}:{line} failed:\n{code}\n--- output:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        assert done.returncode == 0, (
+            f"{path.name}:{line} failed:\n{code}\n--- output:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )

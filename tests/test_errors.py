@@ -29,7 +29,11 @@ def writer(tmp_path):
 @pytest.mark.parametrize(
     "step, tensors, message",
     [
-        (2, {**good(2), "emb": torch.zeros(6, 3).bfloat16()}, r"kind 'emb' expects shape \(6, 2\) and dtype bfloat16; got shape \(6, 3\)"),
+        (
+            2,
+            {**good(2), "emb": torch.zeros(6, 3).bfloat16()},
+            r"kind 'emb' expects shape \(6, 2\) and dtype bfloat16; got shape \(6, 3\)",
+        ),
         (2, {**good(2), "emb": torch.zeros(6, 2)}, "dtype bfloat16; got shape .* and dtype torch.float32"),
         (2, {**good(2), "emb": np.zeros((6, 2), np.float16)}, "dtype float16"),
         (2, {**good(2), "extra": torch.zeros(1)}, r"unknown kind\(s\) \['extra'\]"),
@@ -98,7 +102,9 @@ def test_a_corrupt_chunk_names_the_array_and_the_chunk(writer, tmp_path):
     data[5] ^= 0xFF  # inside the first inner chunk's compressed bytes
     shard.write_bytes(bytes(data))
     t = trajectory.open(tmp_path / "t.zarr")
-    with pytest.raises(wordystore.CorruptChunkError, match=r"array 'emb' chunk \(0, 0, 0\) \(step 0\.\.3, token 0\.\.5"):
+    with pytest.raises(
+        wordystore.CorruptChunkError, match=r"array 'emb' chunk \(0, 0, 0\) \(step 0\.\.3, token 0\.\.5"
+    ):
         t.emb[:, 0]
     assert t.loss[:].tolist() == [0.0, 1.0]  # other arrays still read
 
@@ -128,7 +134,9 @@ def test_create_with_overwrite_replaces_the_store(writer, tmp_path):
 
 
 def test_append_refuses_steps_past_int64(writer):
-    with pytest.raises(wordystore.AppendError, match=r"append\(step=9223372036854775808\): steps must lie in \[0, 2\*\*63\)"):
+    with pytest.raises(
+        wordystore.AppendError, match=r"append\(step=9223372036854775808\): steps must lie in \[0, 2\*\*63\)"
+    ):
         writer.append(2**63, **good(2))
     writer.append(2**63 - 1, **good(2))  # the largest step an int64 holds
     writer.flush()
@@ -137,9 +145,13 @@ def test_append_refuses_steps_past_int64(writer):
 def test_scalar_kinds_refuse_values_they_cannot_hold_and_take_numpy_scalars(tmp_path):
     kinds = {"f32": Kind((), "float32"), "bf16": Kind((), "bfloat16"), "i8": Kind((), "int8")}
     with wordystore.create(tmp_path / "s.zarr", kinds) as w:
-        for value, kind, message in [(1e39, "f32", "1e\\+39 overflows float32"), (-1e39, "bf16", "-1e\\+39 overflows bfloat16"),
-                                     (300, "i8", "300 does not fit in int8"), (1.5, "i8", "1.5 does not fit in int8"),
-                                     (True, "f32", "a float32 kind takes numbers, not bools")]:
+        for value, kind, message in [
+            (1e39, "f32", "1e\\+39 overflows float32"),
+            (-1e39, "bf16", "-1e\\+39 overflows bfloat16"),
+            (300, "i8", "300 does not fit in int8"),
+            (1.5, "i8", "1.5 does not fit in int8"),
+            (True, "f32", "a float32 kind takes numbers, not bools"),
+        ]:
             row = {"f32": 0.0, "bf16": 0.0, "i8": 0, kind: value}
             with pytest.raises(wordystore.AppendError, match=rf"append\(step=0\): kind '{kind}': {message}"):
                 w.append(0, **row)

@@ -13,21 +13,22 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+import faults_writer as fw
 import numpy as np
 import pytest
 import torch
 import zarr
 
-import faults_writer as fw
 import wordystore
-from wordystore import CorruptChunkError, FormatError, documents, format, storage
+from wordystore import CorruptChunkError, FormatError
 from wordystore.cli import main
-from wordystore.codecs import EMPTY, Crc32c, decode_shard_index, shard_index_nbytes
-from wordystore.format import VERIFIED_KEY
+from wordystore.format.codecs import EMPTY, Crc32c, decode_shard_index, shard_index_nbytes
+from wordystore.format.keys import COMMIT_KEY, VERIFIED_KEY, WRITER_LOCK_KEY
+from wordystore.store import json_documents, storage
 
 DRIVER = Path(fw.__file__)
 
@@ -51,7 +52,11 @@ def assert_rows(path, steps) -> wordystore.Trajectory:
     loaded = wordystore.load_state(path)
     if loaded is not None:
         tensors, info, step = loaded
-        assert step in steps and info == fw.state(step)[1] and torch.equal(tensors["weights"], fw.state(step)[0]["weights"])
+        assert (
+            step in steps
+            and info == fw.state(step)[1]
+            and torch.equal(tensors["weights"], fw.state(step)[0]["weights"])
+        )
     return t
 
 
@@ -60,8 +65,14 @@ def assert_rows(path, steps) -> wordystore.Trajectory:
 
 def census_index(log: list[tuple[int, str, str, str]], op=None, key=None, phase=None, last=False, after=None) -> int:
     """The number of the census run's first (or last) store write matching: op, key (a regex), phase."""
-    hits = [n for n, o, k, p in log if (op is None or o == op) and (key is None or re.search(key, k))
-            and (phase is None or p == phase) and (after is None or n > after)]
+    hits = [
+        n
+        for n, o, k, p in log
+        if (op is None or o == op)
+        and (key is None or re.search(key, k))
+        and (phase is None or p == phase)
+        and (after is None or n > after)
+    ]
     return hits[-1] if last else hits[0]
 
 
@@ -90,12 +101,17 @@ KILL_POINTS: dict[str, Callable] = {  # what the writer was doing when killed ->
     "append: the first block's commit": lambda log: census_index(log, key=r"^commit\.json$", phase="append"),
     "append: rewriting the flushed partial block": repeated_hot_shard,
     "append: deleting an old resume state": lambda log: census_index(log, op="delete", key=r"^state/"),
-    "append: midway": lambda log: [n for n, *_, p in log if p == "append"][len([1 for *_, p in log if p == "append"]) // 2],
+    "append: midway": lambda log: [n for n, *_, p in log if p == "append"][
+        len([1 for *_, p in log if p == "append"]) // 2
+    ],
     "compaction: the first main shard": lambda log: census_index(log, key=MAIN_SHARD),
     "compaction: a predicted moment's shard": lambda log: census_index(log, key=r"^momentum\.residuals/c/"),
-    "compaction: the main tier's zarr.json": lambda log: census_index(log, key=r"^recorded_steps/zarr\.json$", phase="append"),
-    "compaction: its commit": lambda log: census_index(log, key=r"^commit\.json$", after=census_index(
-        log, key=r"^recorded_steps/zarr\.json$", phase="append")),
+    "compaction: the main tier's zarr.json": lambda log: census_index(
+        log, key=r"^recorded_steps/zarr\.json$", phase="append"
+    ),
+    "compaction: its commit": lambda log: census_index(
+        log, key=r"^commit\.json$", after=census_index(log, key=r"^recorded_steps/zarr\.json$", phase="append")
+    ),
     "compaction: deleting the hot copies": lambda log: census_index(log, op="delete", key=r"^hot/"),
     "close: its first write": lambda log: census_index(log, phase="close"),
     "close: a main shard of the last rows": lambda log: census_index(log, key=MAIN_SHARD, phase="close", last=True),
@@ -109,8 +125,10 @@ def killed(tmp_path_factory):
     """The census run (uninterrupted), then one run killed at each of KILL_POINTS."""
     out = tmp_path_factory.mktemp("kills")
     assert drive("census", out) == {"census": "finished"}
-    log = [(int(n), op, key, phase) for n, op, key, phase in
-           (line.split() for line in (out / "census.log").read_text().splitlines())]
+    log = [
+        (int(n), op, key, phase)
+        for n, op, key, phase in (line.split() for line in (out / "census.log").read_text().splitlines())
+    ]
     points = {label: choose(log) for label, choose in KILL_POINTS.items()}
     outcomes = drive("kill", out, *sorted(set(points.values())))
     return out, points, {int(n): what for n, what in outcomes.items()}
@@ -122,9 +140,13 @@ def test_kill_9_loses_no_committed_row_and_resume_matches_an_uninterrupted_run(k
     assert outcomes[points[label]] == "killed"
     path = tmp_path / "t.zarr"
     shutil.copytree(out / f"kill-{points[label]}.zarr", path)
-    if not (path / format.COMMIT_KEY).exists():  # died inside create: nothing was committed
-        with pytest.raises((FormatError, FileNotFoundError), match=r"has no zarr\.json" if not (path / "zarr.json").exists()
-                           else r"has no commit\.json.*`wordystore verify .* --repair`"):
+    if not (path / COMMIT_KEY).exists():  # died inside create: nothing was committed
+        with pytest.raises(
+            (FormatError, FileNotFoundError),
+            match=r"has no zarr\.json"
+            if not (path / "zarr.json").exists()
+            else r"has no commit\.json.*`wordystore verify .* --repair`",
+        ):
             wordystore.open(path)
         w, done = fw.create(path), 0  # a create that died is replaced by the next one
     else:
@@ -153,8 +175,9 @@ def pristine(tmp_path_factory):
     fw.append(w, fw.STEPS[:ROWS])
     w.flush()
     store, deadline = storage.as_store(path, read_only=True), time.monotonic() + 120
-    while documents.read_commit(store).compacted_rows < 8 or any((path / "hot" / name / "c" / "3").exists()
-                                                              for name in [*fw.KINDS, "recorded_steps"]):
+    while json_documents.read_commit(store).compacted_rows < 8 or any(
+        (path / "hot" / name / "c" / "3").exists() for name in [*fw.KINDS, "recorded_steps"]
+    ):
         assert time.monotonic() < deadline, "the background compaction did not finish"
         time.sleep(0.01)
     yield path
@@ -166,6 +189,7 @@ def flip(at: int):
         data = bytearray(file.read_bytes())
         data[at] ^= 0xFF
         file.write_bytes(bytes(data))
+
     return mutate
 
 
@@ -184,23 +208,27 @@ def empty(file: Path):
 def shard_index(file: Path, chunks: int) -> tuple[bytes, np.ndarray]:
     """A ``wide`` shard's bytes and its index (2 inner chunks in the main tier, 1 in the hot tier)."""
     data = file.read_bytes()
-    return data, decode_shard_index(data[-shard_index_nbytes(chunks):], chunks).copy()
+    return data, decode_shard_index(data[-shard_index_nbytes(chunks) :], chunks).copy()
 
 
 def in_chunk(i: int, chunks: int = 2):
     """Flip a byte inside inner chunk ``i`` of a shard."""
+
     def mutate(file: Path):
         _, index = shard_index(file, chunks)
         flip(int(index[i, 0]) + 5)(file)
+
     return mutate
 
 
 def drop_chunk(i: int, chunks: int = 2):
     """Mark inner chunk ``i`` absent in the shard index, with a valid checksum."""
+
     def mutate(file: Path):
         data, index = shard_index(file, chunks)
         index[i] = EMPTY
         file.write_bytes(data[: -shard_index_nbytes(chunks)] + Crc32c().encode(index.astype("<u8").tobytes()))
+
     return mutate
 
 
@@ -209,6 +237,7 @@ def edit(change: Callable[[dict], None]):
         doc = json.loads(file.read_bytes())
         change(doc)
         file.write_text(json.dumps(doc))
+
     return mutate
 
 
@@ -236,7 +265,9 @@ CORRUPTIONS = {
     "main emb: emptied": Corruption("emb/c/1/0/0", empty, "'emb", MAIN1),
     "main wide: second inner chunk flipped": Corruption("wide/c/0/0/0", in_chunk(1), "'wide", MAIN0),
     "main wide: first inner chunk flipped": Corruption("wide/c/1/0/0", in_chunk(0), "'wide", MAIN1),
-    "main wide: inner chunk missing from a valid index": Corruption("wide/c/1/0/0", drop_chunk(1), "missing chunk.*'wide", MAIN1),
+    "main wide: inner chunk missing from a valid index": Corruption(
+        "wide/c/1/0/0", drop_chunk(1), "missing chunk.*'wide", MAIN1
+    ),
     "main momentum (predicted): flipped": Corruption("momentum.residuals/c/1/0/0", flip(5), "'momentum", MAIN1),
     "main momentum (predicted): truncated": Corruption("momentum.residuals/c/0/0/0", truncate(20), "'momentum", MAIN0),
     "main momentum (predicted): deleted": Corruption("momentum.residuals/c/1/0/0", delete, "'momentum", MAIN1),
@@ -257,8 +288,9 @@ CORRUPTIONS = {
     "hot emb: deleted": Corruption("hot/emb/c/4/0/0", delete, "'hot/emb", HOT),
     "hot emb: emptied": Corruption("hot/emb/c/4/0/0", empty, "'hot/emb", HOT),
     "hot wide: inner chunk flipped": Corruption("hot/wide/c/4/0/0", in_chunk(0, chunks=1), "'hot/wide", HOT),
-    "hot wide: inner chunk missing from a valid index": Corruption("hot/wide/c/4/0/0", drop_chunk(0, chunks=1),
-                                                                   "missing chunk.*'hot/wide", HOT),
+    "hot wide: inner chunk missing from a valid index": Corruption(
+        "hot/wide/c/4/0/0", drop_chunk(0, chunks=1), "missing chunk.*'hot/wide", HOT
+    ),
     "hot loss (scalar): flipped": Corruption("hot/loss/c/4", flip(5), "'hot/loss", HOT),
     "hot loss (scalar): deleted": Corruption("hot/loss/c/4", delete, "'hot/loss", HOT),
     "hot recorded_steps: flipped": Corruption("hot/recorded_steps/c/4", flip(5), "'hot/recorded_steps", HOT),
@@ -270,49 +302,80 @@ CORRUPTIONS = {
     "token set: flipped index byte": Corruption("token_sets/a/c/0", flip(-2), "'token_sets/a", ROWS, False),
     "token set: deleted": Corruption("token_sets/b/c/0", delete, "'token_sets/b", ROWS, False),
     "token set: truncated": Corruption("token_sets/a/c/0", truncate(-3), "'token_sets/a", ROWS, False),
-    "token set: zarr.json shape shortened": Corruption("token_sets/b/zarr.json", edit(lambda d: d.update(shape=[2])),
-                                                       "'token_sets/b", ROWS, False),
+    "token set: zarr.json shape shortened": Corruption(
+        "token_sets/b/zarr.json", edit(lambda d: d.update(shape=[2])), "'token_sets/b", ROWS, False
+    ),
     # array and group documents: rebuilt from the metadata when unreadable; left alone when they disagree with it
     "main emb zarr.json: deleted": Corruption("emb/zarr.json", delete, "'emb'", ROWS),
     "hot loss zarr.json: not JSON": Corruption("hot/loss/zarr.json", truncate(30), r"hot/loss/zarr\.json", ROWS),
     "main recorded_steps zarr.json: shape shortened": Corruption(
-        "recorded_steps/zarr.json", edit(lambda d: d.update(shape=[3])), r"'recorded_steps' holds 3", ROWS),
-    "main wide zarr.json: data type edited": Corruption("wide/zarr.json", edit(lambda d: d.update(data_type="float16")),
-                                                        "'wide'.*data type float16", None, False),
+        "recorded_steps/zarr.json", edit(lambda d: d.update(shape=[3])), r"'recorded_steps' holds 3", ROWS
+    ),
+    "main wide zarr.json: data type edited": Corruption(
+        "wide/zarr.json", edit(lambda d: d.update(data_type="float16")), "'wide'.*data type float16", None, False
+    ),
     "main grads zarr.json: transpose edited": Corruption(
-        "grads/zarr.json", edit(lambda d: codecs_of(d)[0]["configuration"].update(order=[2, 1, 0])),
-        "'grads'.*transpose", None, False),
+        "grads/zarr.json",
+        edit(lambda d: codecs_of(d)[0]["configuration"].update(order=[2, 1, 0])),
+        "'grads'.*transpose",
+        None,
+        False,
+    ),
     "hot group zarr.json: deleted": Corruption("hot/zarr.json", delete, r"hot/zarr\.json", ROWS),
     # the commit record
     "commit.json: deleted": Corruption("commit.json", delete, r"commit\.json", ROWS),
     "commit.json: not JSON": Corruption("commit.json", truncate(20), r"commit\.json", ROWS),
     "commit.json: more rows than the arrays hold": Corruption(
-        "commit.json", edit(lambda d: d.update(committed_rows=100)), r"commit\.json admits", ROWS),
-    "commit.json: a wrong last step": Corruption("commit.json", edit(lambda d: d.update(last_step=99)),
-                                                 r"commit\.json says the last step is 99", ROWS),
+        "commit.json", edit(lambda d: d.update(committed_rows=100)), r"commit\.json admits", ROWS
+    ),
+    "commit.json: a wrong last step": Corruption(
+        "commit.json", edit(lambda d: d.update(last_step=99)), r"commit\.json says the last step is 99", ROWS
+    ),
     "commit.json: fewer rows compacted than were": Corruption(
-        "commit.json", edit(lambda d: d.update(compacted_rows=4)), "missing shard.*'hot/", ROWS),
+        "commit.json", edit(lambda d: d.update(compacted_rows=4)), "missing shard.*'hot/", ROWS
+    ),
     "commit.json: a resume state's step edited": Corruption(
-        "commit.json", edit(lambda d: d["states"][-1].update(step=99)), "resume state.*step 99", ROWS, drops_state=True),
+        "commit.json", edit(lambda d: d["states"][-1].update(step=99)), "resume state.*step 99", ROWS, drops_state=True
+    ),
     # the metadata document: nothing can be checked or rebuilt without it
     "zarr.json (root): deleted": Corruption("zarr.json", delete, r"no zarr\.json", None, False),
     "zarr.json (root): not JSON": Corruption("zarr.json", truncate(100), r"zarr\.json is not valid JSON", None, False),
     "zarr.json (root): a kind's shape edited": Corruption(
-        "zarr.json", edit(lambda d: d["attributes"]["wordystore"]["kinds"]["emb"].update(shape=[12, 2])),
-        r"kinds: kinds disagree on the length of the token axis: \[6, 12\]", None, False),
+        "zarr.json",
+        edit(lambda d: d["attributes"]["wordystore"]["kinds"]["emb"].update(shape=[12, 2])),
+        r"kinds: kinds disagree on the length of the token axis: \[6, 12\]",
+        None,
+        False,
+    ),
     "zarr.json (root): format version edited": Corruption(
-        "zarr.json", edit(lambda d: d["attributes"]["wordystore"].update(format_version=4)), "format version 4", None, False),
+        "zarr.json",
+        edit(lambda d: d["attributes"]["wordystore"].update(format_version=4)),
+        "format version 4",
+        None,
+        False,
+    ),
     # resume states: safetensors files (a repair drops a damaged one from the record; the file stays)
-    "state: header length flipped": Corruption("state/000000000009.safetensors", flip(0), "state/000000000009", ROWS, drops_state=True),
-    "state: header JSON flipped": Corruption("state/000000000009.safetensors", flip(8), "state/000000000009", ROWS, drops_state=True),
-    "state: deleted": Corruption("state/000000000009.safetensors", delete, "state/000000000009", ROWS, drops_state=True),
-    "state: older one truncated": Corruption("state/000000000007.safetensors", truncate(50), "state/000000000007", ROWS, drops_state=True),
+    "state: header length flipped": Corruption(
+        "state/000000000009.safetensors", flip(0), "state/000000000009", ROWS, drops_state=True
+    ),
+    "state: header JSON flipped": Corruption(
+        "state/000000000009.safetensors", flip(8), "state/000000000009", ROWS, drops_state=True
+    ),
+    "state: deleted": Corruption(
+        "state/000000000009.safetensors", delete, "state/000000000009", ROWS, drops_state=True
+    ),
+    "state: older one truncated": Corruption(
+        "state/000000000007.safetensors", truncate(50), "state/000000000007", ROWS, drops_state=True
+    ),
 }
 
 
 def files(path: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(path)): f.read_bytes() for f in path.rglob("*")
-            if f.is_file() and f.name not in (format.WRITER_LOCK_KEY, VERIFIED_KEY)}
+    return {
+        str(f.relative_to(path)): f.read_bytes()
+        for f in path.rglob("*")
+        if f.is_file() and f.name not in (WRITER_LOCK_KEY, VERIFIED_KEY)
+    }
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -320,7 +383,7 @@ def test_every_corruption_is_named_never_read_as_other_values_and_repair_keeps_w
     case = CORRUPTIONS[name]
     path = tmp_path / "s.zarr"
     shutil.copytree(pristine, path)
-    record = json.loads((path / format.COMMIT_KEY).read_bytes())
+    record = json.loads((path / COMMIT_KEY).read_bytes())
     case.mutate(path / case.key)
 
     try:  # reading gives the recorded values, or an error naming what is broken
@@ -342,7 +405,7 @@ def test_every_corruption_is_named_never_read_as_other_values_and_repair_keeps_w
             assert any(after[b] == data for b in repaired.repair.backups if b.startswith(f"{key}.")), key
     assert repaired.ok == case.ok_after, repaired.summary()
     if case.rows_after is None:  # it could not rebuild the record: left as it was, and it says why
-        assert json.loads((path / format.COMMIT_KEY).read_bytes()) == record and repaired.repair.not_saved
+        assert json.loads((path / COMMIT_KEY).read_bytes()) == record and repaired.repair.not_saved
         return
     assert repaired.verified_rows == case.rows_after, repaired.summary()
     t = assert_rows(path, fw.STEPS[: case.rows_after]) if case.ok_after else wordystore.open(path)
@@ -366,27 +429,37 @@ def test_verify_command_exit_status_and_listing(pristine, tmp_path, capsys):
     assert main(["verify", "--quiet", str(good)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{good}: 10 rows committed (8 compacted); 25 chunks checked",
-        "ok: every row verifies (rows 0..9, training steps 1..28)"]
+        "ok: every row verifies (rows 0..9, training steps 1..28)",
+    ]
 
     bad = damaged_copy(pristine, tmp_path)
     assert main(["verify", "--quiet", str(bad)]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"^  corrupt chunk: array 'emb' chunk \(1, 0, 0\) \(step 4\.\.7, token 0\.\.5, dim 0\.\.1\) of .*: "
-                     r"crc32c checksum mismatch \[training steps 13\.\.22\]$", out, re.M), out
+    assert re.search(
+        r"^  corrupt chunk: array 'emb' chunk \(1, 0, 0\) \(step 4\.\.7, token 0\.\.5, dim 0\.\.1\) of .*: "
+        r"crc32c checksum mismatch \[training steps 13\.\.22\]$",
+        out,
+        re.M,
+    ), out
     assert "rows that verify: rows 0..3, training steps 1..10" in out and f"`wordystore verify {bad} --repair`" in out
 
     assert main(["verify", "--quiet", str(bad), "--repair"]) == 1  # rows 4..9 could not be saved
     out = capsys.readouterr().out
     assert re.search(r"^repair: commit\.json admits 4 rows \(4 compacted\)$", out, re.M), out
     assert re.search(r"^  kept the old bytes as commit\.json\.\d{8}T\d{6}Z\.bak$", out, re.M), out
-    assert re.search(r"^  could not save: rows 4\.\.9 committed: corrupt chunk: array 'emb' chunk \(1, 0, 0\)", out, re.M), out
+    assert re.search(
+        r"^  could not save: rows 4\.\.9 committed: corrupt chunk: array 'emb' chunk \(1, 0, 0\)", out, re.M
+    ), out
     assert main(["verify", "--quiet", str(bad)]) == 0
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: None, r"no trajectory at .*missing\.zarr"),
-    (lambda p: zarr.open_group(p, mode="w"), r"missing\.zarr is a zarr group but not a wordystore trajectory"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, r"no trajectory at .*missing\.zarr"),
+        (lambda p: zarr.open_group(p, mode="w"), r"missing\.zarr is a zarr group but not a wordystore trajectory"),
+    ],
+)
 def test_verify_of_something_else_is_a_user_error_and_changes_nothing(tmp_path, capsys, make, message):
     path = tmp_path / "missing.zarr"
     make(path)
@@ -419,15 +492,16 @@ def test_info_says_when_the_store_was_verified_and_spots_missing_shards(pristine
         fw.append(w, fw.STEPS[ROWS:])
     assert info() == f"not verified since rows were added (verified {stamp['time']} at 10 rows: no problems)"
     (path / "loss/c/1").unlink()
-    assert info().startswith("DAMAGED: 1 shard(s) of committed rows are missing (e.g. loss/c/1); "
-                             f"run `wordystore verify {path}`")
+    assert info().startswith(
+        f"DAMAGED: 1 shard(s) of committed rows are missing (e.g. loss/c/1); run `wordystore verify {path}`"
+    )
 
 
 @pytest.mark.parametrize("mutate", [delete, truncate(20)], ids=["missing", "not JSON"])
 def test_resume_of_a_store_whose_commit_record_is_damaged_refuses_and_points_to_repair(pristine, tmp_path, mutate):
     path = tmp_path / "r.zarr"
     shutil.copytree(pristine, path)
-    mutate(path / format.COMMIT_KEY)
+    mutate(path / COMMIT_KEY)
     before = files(path)
     with pytest.raises(FormatError, match=rf"commit\.json.*`wordystore verify {re.escape(str(path))} --repair`"):
         wordystore.resume(path)

@@ -9,12 +9,15 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_store import random_bf16
 
 import wordystore
-from wordystore import Kind, format, reading
-from wordystore.convert import convert
-
-from test_store import random_bf16
+from wordystore import Kind
+from wordystore.format.codecs import Bytes, ChunkCodecs
+from wordystore.format.layout import ArrayLayout
+from wordystore.format.metadata import Metadata
+from wordystore.read import reading
+from wordystore.tools.convert import convert
 
 KINDS = {
     "embeddings": Kind((300, 8), "bfloat16", ("token", "dim")),
@@ -24,8 +27,14 @@ KINDS = {
 
 
 def fill(path, rows, profile, rng, close=True, **rows_args):
-    ref = {name: (random_bf16(rng, (rows, *k.shape)) if k.dtype == "bfloat16"
-                  else rng.standard_normal((rows, *k.shape)).astype(np.float32)) for name, k in KINDS.items()}
+    ref = {
+        name: (
+            random_bf16(rng, (rows, *k.shape))
+            if k.dtype == "bfloat16"
+            else rng.standard_normal((rows, *k.shape)).astype(np.float32)
+        )
+        for name, k in KINDS.items()
+    }
     w = wordystore.create(path, KINDS, profile=profile, token_sets={"low": np.arange(50)}, **rows_args)
     for i in range(rows):
         w.append(3 * i, **{name: v[i] for name, v in ref.items()})
@@ -57,7 +66,9 @@ def test_tensorstore_reads_the_portable_profile(tmp_path):
     ts = pytest.importorskip("tensorstore")
     _, ref = fill(tmp_path / "t.zarr", 40, "portable", np.random.default_rng(2), block_rows=4, chunk_rows=8)
     for name, data in ref.items():
-        array = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "t.zarr" / name)}}).result()
+        array = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "t.zarr" / name)}}
+        ).result()
         assert np.array_equal(bits(array.read().result()), bits(data)), name
 
 
@@ -88,14 +99,20 @@ def test_a_format_3_store_with_the_earlier_lz4_hot_tier_reads_and_appends_as_it_
     """Format-3 stores written before the raw hot tier have blosc lz4 hot arrays: they open, their hot
     rows read bit for bit, and a resumed writer appends in their layout, bound."""
     path, rng = tmp_path / "t.zarr", np.random.default_rng(5)
-    earlier = format.Metadata.hot_layouts
+    earlier = Metadata.hot_layouts
     with monkeypatch.context() as m:  # what those writers wrote: the lz4 hot layout
-        m.setattr(format.Metadata, "hot_layouts", lambda self, name, rows=0: earlier(self, name, rows)[::-1])
+        m.setattr(Metadata, "hot_layouts", lambda self, name, rows=0: earlier(self, name, rows)[::-1])
         _, ref = fill(path, 6, "compact", rng, block_rows=2, chunk_rows=4)
-    hot = format.ArrayLayout.from_zarr_json("hot/embeddings", json.loads((path / "hot/embeddings/zarr.json").read_text()))
+    hot = ArrayLayout.from_zarr_json("hot/embeddings", json.loads((path / "hot/embeddings/zarr.json").read_text()))
     assert type(hot.codecs.compressors[0]).__name__ == "Blosc"
-    more = {name: (random_bf16(rng, (3, *k.shape)) if k.dtype == "bfloat16"
-                   else rng.standard_normal((3, *k.shape)).astype(np.float32)) for name, k in KINDS.items()}
+    more = {
+        name: (
+            random_bf16(rng, (3, *k.shape))
+            if k.dtype == "bfloat16"
+            else rng.standard_normal((3, *k.shape)).astype(np.float32)
+        )
+        for name, k in KINDS.items()
+    }
     with wordystore.resume(path, compaction_threads=0) as w:  # rows 6..8 stay hot until close
         for i in range(3):
             w.append(3 * (6 + i), **{name: v[i] for name, v in more.items()})
@@ -111,14 +128,17 @@ def test_a_hot_shard_is_bound_to_its_place(tmp_path):
     """A raw hot shard (one chunk) carries a binding record like every format-3 shard: a block's shard
     copied over another block's reads as an error, never as other rows."""
     path = tmp_path / "t.zarr"
-    w, _ = fill(path, 4, "compact", np.random.default_rng(6), close=False, block_rows=2, chunk_rows=4,
-                compaction_threads=0)
+    w, _ = fill(
+        path, 4, "compact", np.random.default_rng(6), close=False, block_rows=2, chunk_rows=4, compaction_threads=0
+    )
     try:
         w.flush()
         shard = (path / "hot/embeddings/c/1/0/0").read_bytes()
-        assert shard[-(40 + 20):-20].startswith(b"WYSTBIND")  # its record (one chunk: 40 bytes), then its index
+        assert shard[-(40 + 20) : -20].startswith(b"WYSTBIND")  # its record (one chunk: 40 bytes), then its index
         (path / "hot/embeddings/c/1/0/0").write_bytes((path / "hot/embeddings/c/0/0/0").read_bytes())
-        with pytest.raises(wordystore.CorruptChunkError, match=r"'hot/embeddings/c/1/0/0'.*binding record names another"):
+        with pytest.raises(
+            wordystore.CorruptChunkError, match=r"'hot/embeddings/c/1/0/0'.*binding record names another"
+        ):
             wordystore.open(path).embeddings.numpy(slice(2, 4))
     finally:
         w.abandon()
@@ -131,22 +151,40 @@ def test_a_read_plan_covers_the_selection_exactly_once(data):
     rows, vocab = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 50))
     chunk_rows, tok = data.draw(st.sampled_from([1, 2, 4, 8])), data.draw(st.integers(1, 9))
     compacted = data.draw(st.integers(0, rows))
-    layout = format.ArrayLayout("x", "int64", (rows, vocab), (chunk_rows, tok * 2), (chunk_rows, tok),
-                                format.ChunkCodecs(None, format.Bytes(), ()), ("step", "token"))
-    hot = format.ArrayLayout("hot/x", "int64", (rows, vocab), (2, tok * 2), (2, tok),
-                             format.ChunkCodecs(None, format.Bytes(), ()), ("step", "token"))
+    layout = ArrayLayout(
+        "x",
+        "int64",
+        (rows, vocab),
+        (chunk_rows, tok * 2),
+        (chunk_rows, tok),
+        ChunkCodecs(None, Bytes(), ()),
+        ("step", "token"),
+    )
+    hot = ArrayLayout(
+        "hot/x",
+        "int64",
+        (rows, vocab),
+        (2, tok * 2),
+        (2, tok),
+        ChunkCodecs(None, Bytes(), ()),
+        ("step", "token"),
+    )
     start = data.draw(st.integers(0, rows - 1))
     sel_rows = slice(start, data.draw(st.integers(start + 1, rows)), data.draw(st.integers(1, 3)))
     ids = np.array(sorted(data.draw(st.sets(st.integers(0, vocab - 1), min_size=1))), dtype=np.int64)
-    reads = reading.plan_reads([reading.Tier(layout, 0, compacted), reading.Tier(hot, compacted, rows)], (sel_rows, ids))
+    reads = reading.plan_reads(
+        [reading.Tier(layout, 0, compacted), reading.Tier(hot, compacted, rows)], (sel_rows, ids)
+    )
     full = np.arange(rows * vocab).reshape(rows, vocab)
     out = np.full((len(range(*sel_rows.indices(rows))), len(ids)), -1)
     for r in reads:
         origin = [c * n for c, n in zip(r.coords, r.layout.chunk)]
-        chunk = full[origin[0]:origin[0] + r.layout.chunk[0], origin[1]:origin[1] + r.layout.chunk[1]]
+        chunk = full[origin[0] : origin[0] + r.layout.chunk[0], origin[1] : origin[1] + r.layout.chunk[1]]
         chunk = np.pad(chunk, [(0, a - b) for a, b in zip(r.layout.chunk, chunk.shape)], constant_values=-2)
         assert (out[r.out] == -1).all()  # each output position written once
-        out[r.out] = chunk[np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(r.local, r.layout.chunk)])]
+        out[r.out] = chunk[
+            np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(r.local, r.layout.chunk)])
+        ]
         rows_read = origin[0] + np.arange(r.layout.chunk[0])[r.local[0]]
         assert (rows_read < compacted).all() if r.layout is layout else (rows_read >= compacted).all()
     np.testing.assert_array_equal(out, full[sel_rows][:, ids])
@@ -174,12 +212,26 @@ def test_predicted_moments_round_trip_bit_for_bit(tmp_path):
         for name, value in (("grads", g), ("momentum", m), ("variance", v), ("grad_norm", norm)):
             ref[name].append(value.clone())
     ref = {name: torch.stack(values) for name, values in ref.items()}
-    w = wordystore.create(tmp_path / "t.zarr", kinds, predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
-                          chunk_rows=16, block_rows=4)
+    w = wordystore.create(
+        tmp_path / "t.zarr",
+        kinds,
+        predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
+        chunk_rows=16,
+        block_rows=4,
+    )
     for r in range(rows):
-        w.append(r, embeddings=ref["momentum"][r], grads=ref["grads"][r], momentum=ref["momentum"][r],
-                 variance=ref["variance"][r], logits=torch.zeros(vocab, dtype=torch.bfloat16), losses=0.0,
-                 learning_rate=0.0, grad_norm=ref["grad_norm"][r], grad_norm_clipped=0.0)
+        w.append(
+            r,
+            embeddings=ref["momentum"][r],
+            grads=ref["grads"][r],
+            momentum=ref["momentum"][r],
+            variance=ref["variance"][r],
+            logits=torch.zeros(vocab, dtype=torch.bfloat16),
+            losses=0.0,
+            learning_rate=0.0,
+            grad_norm=ref["grad_norm"][r],
+            grad_norm_clipped=0.0,
+        )
     w.close()
     raw = zarr.open_array(tmp_path / "t.zarr" / "momentum.residuals", mode="r")  # named for what it holds
     assert raw.metadata.data_type.to_json(3) == "int16" and (raw[:] == 0).mean() > 0.5  # mostly predicted
@@ -210,7 +262,7 @@ def test_a_live_store_can_be_listed_and_measured_while_its_writer_compacts(tmp_p
     emptied directories meanwhile (a walk that fails on a vanished directory once ended a run)."""
     import threading
 
-    from wordystore import storage
+    from wordystore.store import storage
 
     w = wordystore.create(tmp_path / "t.zarr", {"e": KINDS["embeddings"]}, block_rows=1, chunk_rows=2)
     store, errors, done = storage.as_store(tmp_path / "t.zarr", read_only=True), [], threading.Event()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wordystore
-from wordystore.convert import convert
+from wordystore.tools.convert import convert
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
@@ -34,7 +34,11 @@ def assert_holds_the_rows(path) -> wordystore.Trajectory:
         assert t[name].numpy().tobytes() == reference[name].tobytes(), name
     assert {name: ids.tolist() for name, ids in t.token_sets.items()} == v2.TOKEN_SETS
     tensors, info, step = wordystore.load_state(path)
-    assert step == v2.STEPS[-1] and info == v2.state(step)[1] and torch.equal(tensors["weights"], v2.state(step)[0]["weights"])
+    assert (
+        step == v2.STEPS[-1]
+        and info == v2.state(step)[1]
+        and torch.equal(tensors["weights"], v2.state(step)[0]["weights"])
+    )
     return t
 
 
@@ -49,15 +53,20 @@ def test_a_format_2_store_reads_bit_for_bit(name):
 def test_verify_says_a_format_2_store_predates_binding(name, tmp_path):
     report = wordystore.verify(copy(name, tmp_path))
     assert report.ok and report.exit_status == 0 and report.verified_rows == 13
-    assert "format 2: this store predates chunks bound to their place and resume states with checksums" \
-        in report.summary() and "`wordystore convert" in report.summary()
+    assert (
+        "format 2: this store predates chunks bound to their place and resume states with checksums" in report.summary()
+        and "`wordystore convert" in report.summary()
+    )
 
 
 def test_a_writer_refuses_a_format_2_store_and_changes_nothing(tmp_path):
     path = copy("hot", tmp_path)
     before = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    with pytest.raises(wordystore.FormatError, match=r"is a format-2 trajectory, which this wordystore reads but does "
-                                                     r"not append to; `wordystore convert .* NEW\.zarr`"):
+    with pytest.raises(
+        wordystore.FormatError,
+        match=r"is a format-2 trajectory, which this wordystore reads but does "
+        r"not append to; `wordystore convert .* NEW\.zarr`",
+    ):
         wordystore.resume(path)
     assert {p: p.read_bytes() for p in path.rglob("*") if p.is_file() and p.name != ".wordystore-writer.lock"} == before
 
@@ -69,7 +78,8 @@ def test_a_repair_keeps_a_format_2_store_format_2(tmp_path):
     assert report.ok and report.verified_rows == 13
     record = json.loads((path / "commit.json").read_text())
     assert record["format_version"] == 2 and record["states"] == [
-        {"row": 12, "step": 37, "key": "state/000000000012.safetensors"}]
+        {"row": 12, "step": 37, "key": "state/000000000012.safetensors"}
+    ]
     assert_holds_the_rows(path)
 
 

@@ -25,14 +25,24 @@ def train_recorded(path, writer_process: bool):
     model = build_model(cfg, VOCAB, "cuda")
     embedding = model.transformer.wte.weight
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
-    writer = wordystore.create(path, kinds_for({"embeddings": embedding}, VOCAB),
-                               predictions=wordystore.adam_predictions(0.9, 0.999, 1.0), writer_process=writer_process)
+    writer = wordystore.create(
+        path,
+        kinds_for({"embeddings": embedding}, VOCAB),
+        predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
+        writer_process=writer_process,
+    )
     snapshots, append = [], writer.append
 
     def append_and_snapshot(step, **tensors):
         append(step, **tensors)
-        snapshots.append({name: value.detach().to("cpu", non_blocking=True, copy=True)
-                          if isinstance(value, torch.Tensor) else value for name, value in tensors.items()})
+        snapshots.append(
+            {
+                name: value.detach().to("cpu", non_blocking=True, copy=True)
+                if isinstance(value, torch.Tensor)
+                else value
+                for name, value in tensors.items()
+            }
+        )
 
     writer.append = append_and_snapshot
     recorder = ParameterRecorder(writer, model, {"embeddings": embedding})
@@ -54,9 +64,12 @@ def test_every_stored_row_equals_a_synchronous_snapshot(tmp_path, writer_process
     snapshots = train_recorded(tmp_path / "t.zarr", writer_process)
     t = wordystore.open(tmp_path / "t.zarr")
     assert len(t) == STEPS + 1 == len(snapshots)
-    differing = [(row, name) for name in ("embeddings", "grads", "momentum", "variance", "logits")
-                 for row, stored in enumerate(t[name].numpy(slice(None)))
-                 if stored.view(np.uint16).tobytes() != snapshots[row][name].view(torch.int16).numpy().tobytes()]
+    differing = [
+        (row, name)
+        for name in ("embeddings", "grads", "momentum", "variance", "logits")
+        for row, stored in enumerate(t[name].numpy(slice(None)))
+        if stored.view(np.uint16).tobytes() != snapshots[row][name].view(torch.int16).numpy().tobytes()
+    ]
     assert differing == []
     assert t.commit_record.writer["process"] is writer_process
 

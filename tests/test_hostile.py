@@ -24,22 +24,32 @@ import pytest
 import torch
 
 import wordystore
-from wordystore import CorruptChunkError, FormatError, Kind, analysis
+from wordystore import CorruptChunkError, FormatError, Kind
+from wordystore.analysis import measures
 from wordystore.cli import main
-from wordystore.codecs import Crc32c, decode_shard_index, shard_index_nbytes
+from wordystore.format.codecs import Crc32c, decode_shard_index, shard_index_nbytes
 
 VOCAB, DIM, STEPS = 12, 2, 14
 KINDS = {**wordystore.seed_kinds(VOCAB, DIM), "wide": Kind((8, 4096), "bfloat16", ("slot", "dim"))}  # 2 chunks a shard
-SCALARS = {"init_scale": 0.02, "learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
-           "n_trained": 6, "n_untrained": 6}
+SCALARS = {
+    "init_scale": 0.02,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "n_trained": 6,
+    "n_untrained": 6,
+}
 SETS = {"trained": list(range(0, VOCAB, 2)), "untrained": list(range(1, VOCAB, 2))}
 BOUND = 60  # seconds: a generous bound on any command here (each takes well under one)
 
 
 def row(step: int) -> dict:
     rng = np.random.default_rng(step)
-    data = {name: rng.standard_normal(kind.shape).astype(np.float32).astype(kind.numpy_dtype)
-            for name, kind in KINDS.items()}
+    data = {
+        name: rng.standard_normal(kind.shape).astype(np.float32).astype(kind.numpy_dtype)
+        for name, kind in KINDS.items()
+    }
     data["grad_norm"] = np.float32(1.0 + step)
     return data
 
@@ -49,8 +59,15 @@ def state(step: int):
 
 
 def build(path) -> None:
-    w = wordystore.create(path, KINDS, token_sets=SETS, config={"seed_scalars": SCALARS}, block_rows=2, chunk_rows=4,
-                          predictions=wordystore.adam_predictions(0.9, 0.999, 1.0))
+    w = wordystore.create(
+        path,
+        KINDS,
+        token_sets=SETS,
+        config={"seed_scalars": SCALARS},
+        block_rows=2,
+        chunk_rows=4,
+        predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
+    )
     w.set_state_provider(lambda: state(w.last_step))
     for step in range(STEPS):
         w.append(step, **row(step))
@@ -108,6 +125,7 @@ def world(pristine, tmp_path):
 @contextlib.contextmanager
 def bounded(seconds: int = BOUND):
     """Fail (rather than hang) if the block takes longer than ``seconds``."""
+
     def expire(signum, frame):
         raise TimeoutError(f"took more than {seconds} s")
 
@@ -179,7 +197,9 @@ def test_a_resume_state_key_outside_the_store_deletes_nothing(world, capsys):
     assert wordystore.load_state(world.store)[2] == STEPS + 7
 
 
-@pytest.mark.parametrize("key", ["../outside/outside.safetensors", "OUTSIDE", "state/../../outside/outside.safetensors"])
+@pytest.mark.parametrize(
+    "key", ["../outside/outside.safetensors", "OUTSIDE", "state/../../outside/outside.safetensors"]
+)
 def test_a_resume_state_outside_the_store_is_not_loaded(world, capsys, key):
     key = str(world.outside / "outside.safetensors") if key == "OUTSIDE" else key
     edit(world.store / "commit.json", lambda d: d["states"][0].update(key=key))
@@ -194,12 +214,16 @@ def test_a_resume_state_linked_outside_the_store_is_not_loaded(world, capsys):
     state_file.symlink_to(world.outside / "outside.safetensors")
     with pytest.raises(FormatError, match="is a symbolic link"):
         wordystore.load_state(world.store)
-    verify_lists(capsys, world.store, r"resume state 'state/000000000013\.safetensors': it cannot be read .*symbolic link")
+    verify_lists(
+        capsys, world.store, r"resume state 'state/000000000013\.safetensors': it cannot be read .*symbolic link"
+    )
 
 
 def test_a_kind_named_outside_the_store_is_refused_and_nothing_is_written_outside(world, capsys):
-    edit(world.store / "zarr.json",
-         lambda d: meta_of(d)["kinds"].update({"../outside_kind": meta_of(d)["kinds"]["losses"]}))
+    edit(
+        world.store / "zarr.json",
+        lambda d: meta_of(d)["kinds"].update({"../outside_kind": meta_of(d)["kinds"]["losses"]}),
+    )
     message = r"metadata document is damaged: kinds: kind name '\.\./outside_kind' is not allowed"
     refused(capsys, "info", world.store, message)
     with pytest.raises(FormatError, match=message):
@@ -232,8 +256,11 @@ COPIES = {  # the case -> (shard copied, shard it replaces, (kind, rows) that re
     "grads over embeddings": ("grads/c/1/0/0", "embeddings/c/1/0/0", ("embeddings", slice(4, 8))),
     "learning_rate over grad_norm": ("learning_rate/c/1", "grad_norm/c/1", ("grad_norm", slice(4, 8))),
     "grad_norm_clipped over grad_norm": ("grad_norm_clipped/c/2", "grad_norm/c/2", ("grad_norm", slice(8, 12))),
-    "variance's residuals over momentum's": ("variance.residuals/c/0/0/0", "momentum.residuals/c/0/0/0",
-                                             ("momentum", slice(0, 4))),
+    "variance's residuals over momentum's": (
+        "variance.residuals/c/0/0/0",
+        "momentum.residuals/c/0/0/0",
+        ("momentum", slice(0, 4)),
+    ),
     "a token set over another": ("token_sets/trained/c/0", "token_sets/untrained/c/0", None),
 }
 
@@ -242,11 +269,16 @@ COPIES = {  # the case -> (shard copied, shard it replaces, (kind, rows) that re
 def test_a_shard_copied_over_another_is_detected_on_read_and_by_verify(world, capsys, case):
     source, target, read = COPIES[case]
     shutil.copy(world.store / source, world.store / target)
-    with bounded(), pytest.raises(CorruptChunkError, match=rf"'{re.escape(target)}'.*binding record names another place"):
+    with (
+        bounded(),
+        pytest.raises(CorruptChunkError, match=rf"'{re.escape(target)}'.*binding record names another place"),
+    ):
         t = wordystore.open(world.store)
         t[read[0]].numpy(read[1]) if read else t.token_set("untrained")
     origin = rf".*\(they are the bytes of '{re.escape(source)}'\)" if read else ""  # named for per-row arrays
-    verify_lists(capsys, world.store, rf"corrupt shard: '{re.escape(target)}' .*binding record names another place{origin}")
+    verify_lists(
+        capsys, world.store, rf"corrupt shard: '{re.escape(target)}' .*binding record names another place{origin}"
+    )
 
 
 def test_a_shard_of_another_store_is_detected(world, capsys):
@@ -268,7 +300,7 @@ def test_a_store_whose_id_was_edited_binds_none_of_its_shards(world, capsys):
 def swap_chunks(file: Path, copy: bool = False) -> None:
     """Swap the index entries of a shard's two inner chunks (or point both at the first), with a valid crc."""
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2):], 2).copy()
+    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
     index[[0, 1]] = index[[0, 0]] if copy else index[[1, 0]]
     file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
 
@@ -276,8 +308,11 @@ def swap_chunks(file: Path, copy: bool = False) -> None:
 @pytest.mark.parametrize("copy", [False, True], ids=["swapped", "one copied over the other"])
 def test_chunks_moved_inside_a_shard_are_detected(world, capsys, copy):
     swap_chunks(world.store / "wide/c/1/0/0", copy)
-    with pytest.raises(CorruptChunkError, match=r"misplaced chunk: array 'wide' chunk \(1, [01], 0\).*inner chunk [01] "
-                                                r"is not the chunk bound to that place"):
+    with pytest.raises(
+        CorruptChunkError,
+        match=r"misplaced chunk: array 'wide' chunk \(1, [01], 0\).*inner chunk [01] "
+        r"is not the chunk bound to that place",
+    ):
         wordystore.open(world.store).wide.numpy(slice(4, 8))
     verify_lists(capsys, world.store, r"misplaced chunk: array 'wide'")
 
@@ -302,8 +337,11 @@ def test_a_flipped_byte_in_a_resume_state_is_detected(world, capsys):
     data = bytearray(file.read_bytes())
     data[-3] ^= 0x01  # in the tensors' data, past the header
     file.write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=r"resume state state/000000000013\.safetensors is damaged: it is \d+ bytes of "
-                                          r"CRC-32C 0x[0-9a-f]{8}; commit\.json recorded \d+ bytes of CRC-32C"):
+    with pytest.raises(
+        FormatError,
+        match=r"resume state state/000000000013\.safetensors is damaged: it is \d+ bytes of "
+        r"CRC-32C 0x[0-9a-f]{8}; commit\.json recorded \d+ bytes of CRC-32C",
+    ):
         wordystore.load_state(world.store)
     verify_lists(capsys, world.store, r"resume state 'state/000000000013\.safetensors': it is \d+ bytes of CRC-32C")
 
@@ -311,11 +349,17 @@ def test_a_flipped_byte_in_a_resume_state_is_detected(world, capsys):
 # -- sizes a document claims ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows, message", [
-    (10**15, r"committed_rows 1000000000000000 .* must be counts with compacted <= committed <= 1099511627776"),
-    (10**9, r"commit\.json admits 1000000000 rows but the shards of array 'embeddings' hold at most 16 "
-            r"\('hot/embeddings/c/8/0/0' is missing\)"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (10**15, r"committed_rows 1000000000000000 .* must be counts with compacted <= committed <= 1099511627776"),
+        (
+            10**9,
+            r"commit\.json admits 1000000000 rows but the shards of array 'embeddings' hold at most 16 "
+            r"\('hot/embeddings/c/8/0/0' is missing\)",
+        ),
+    ],
+)
 def test_row_counts_past_what_the_store_holds_are_refused(world, capsys, rows, message):
     edit(world.store / "commit.json", lambda d: d.update(committed_rows=rows, last_step=rows))
     for document in (world.store / "hot").glob("*/zarr.json"):
@@ -335,7 +379,9 @@ def test_a_kind_declared_too_wide_for_the_format_is_refused(world, capsys):
 
 def test_a_kind_declared_wider_than_its_shards_is_refused(world, capsys):
     edit(world.store / "zarr.json", lambda d: meta_of(d)["kinds"]["wide"].update(shape=[80_000, 4096]))
-    meta = wordystore.format.Metadata.from_json(meta_of(json.loads((world.store / "zarr.json").read_text())), "x")
+    meta = wordystore.format.metadata.Metadata.from_json(
+        meta_of(json.loads((world.store / "zarr.json").read_text())), "x"
+    )
     for layout in meta.layouts("wide", STEPS):  # the array's own documents agree with the metadata
         (world.store / layout.path / "zarr.json").write_text(json.dumps(layout.to_zarr_json()))
     message = r"array 'wide' is 80000 long along 'slot' .*: 1250 shards, but its shards present cover 1"
@@ -356,8 +402,11 @@ def test_a_document_too_large_or_too_deep_is_refused(world, capsys):
 def test_a_shard_larger_than_its_chunks_can_be_is_not_read(world, capsys):
     with open(world.store / "embeddings/c/1/0/0", "r+b") as f:
         f.truncate(1 << 32)  # a sparse 4 GiB
-    with pytest.raises(CorruptChunkError, match=r"unreadable shard: 'embeddings/c/1/0/0'.*is 4294967296 bytes; "
-                                                r"wordystore reads at most"):
+    with pytest.raises(
+        CorruptChunkError,
+        match=r"unreadable shard: 'embeddings/c/1/0/0'.*is 4294967296 bytes; "
+        r"wordystore reads at most",
+    ):
         wordystore.open(world.store).embeddings.numpy(slice(4, 8))
     verify_lists(capsys, world.store, r"'embeddings/c/1/0/0'")
 
@@ -365,7 +414,7 @@ def test_a_shard_larger_than_its_chunks_can_be_is_not_read(world, capsys):
 def test_a_shard_index_claiming_a_huge_chunk_is_refused(world, capsys):
     file = world.store / "wide/c/1/0/0"
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2):], 2).copy()
+    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
     index[1, 1] = 1 << 40
     file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
     with pytest.raises(CorruptChunkError, match=r"lists 1099511627776 bytes for the chunk, more than such a chunk"):
@@ -374,18 +423,24 @@ def test_a_shard_index_claiming_a_huge_chunk_is_refused(world, capsys):
 
 
 def test_inner_chunks_edited_to_multiply_the_reads_are_refused(world, capsys):
-    edit(world.store / "embeddings/zarr.json",
-         lambda d: d["codecs"][0]["configuration"].update(chunk_shape=[4, 1, 1]))
+    edit(world.store / "embeddings/zarr.json", lambda d: d["codecs"][0]["configuration"].update(chunk_shape=[4, 1, 1]))
     refused(capsys, "info", world.store, r"array 'embeddings': its zarr\.json has shards and chunks")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("block_rows", "2", r"block_rows and chunk_rows: block_rows '2' must be a positive int"),
-    ("chunk_rows", 2**40, r"chunk_rows 1099511627776 \(at most 4096\)"),
-    ("store_id", "../x", r"store_id: '\.\./x' is not 32 hex digits"),
-    ("predictions", {"momentum": {"name": "pickle"}}, r"predictions: prediction 'pickle' is not one of \['adam', 'adamw_step'\]"),
-    ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("block_rows", "2", r"block_rows and chunk_rows: block_rows '2' must be a positive int"),
+        ("chunk_rows", 2**40, r"chunk_rows 1099511627776 \(at most 4096\)"),
+        ("store_id", "../x", r"store_id: '\.\./x' is not 32 hex digits"),
+        (
+            "predictions",
+            {"momentum": {"name": "pickle"}},
+            r"predictions: prediction 'pickle' is not one of \['adam', 'adamw_step'\]",
+        ),
+        ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
+    ],
+)
 def test_metadata_fields_of_the_wrong_kind_are_named(world, capsys, field, value, message):
     edit(world.store / "zarr.json", lambda d: meta_of(d).update({field: value}))
     refused(capsys, "info", world.store, message)
@@ -405,8 +460,11 @@ def test_a_shard_that_is_not_a_regular_file_is_refused_at_once(world, capsys, ma
     else:  # the row block's directory leads outside the store, to a copy of it
         shutil.rmtree(shard.parent.parent)
         shard.parent.parent.symlink_to(world.outside / "rows")
-    message = {"fifo": "is not a regular file", "device link": "is a symbolic link",
-               "directory link": "is a symbolic link"}[make]
+    message = {
+        "fifo": "is not a regular file",
+        "device link": "is a symbolic link",
+        "directory link": "is a symbolic link",
+    }[make]
     with bounded(), pytest.raises(CorruptChunkError, match=message):
         wordystore.open(world.store).embeddings.numpy(slice(4, 8))
     verify_lists(capsys, world.store, rf"'embeddings/c/1/0/0'.*{message}")
@@ -434,18 +492,28 @@ def test_a_linked_array_directory_is_refused_by_reader_and_writer(world, capsys)
 def test_an_imported_store_whose_scalars_lack_one_is_a_clear_export_error(world, capsys, tmp_path):
     edit(world.store / "zarr.json", lambda d: meta_of(d)["config"]["seed_scalars"].pop("n_trained"))
     status, _, err = cli(capsys, "export", world.store, tmp_path / "x.safetensors")
-    assert status == 2 and err.count("\n") == 1 and re.search(
-        r"config\['seed_scalars'\] lacks numbers for \['n_trained'\]", err), err
+    assert (
+        status == 2
+        and err.count("\n") == 1
+        and re.search(r"config\['seed_scalars'\] lacks numbers for \['n_trained'\]", err)
+    ), err
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("result", [{"ndarray": [1, 2], "dtype": "|O"}, {"ndarray": [1], "dtype": "V100000000"},
-                                    {"ndarray": "x", "dtype": 5}, "not a result"])
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"ndarray": [1, 2], "dtype": "|O"},
+        {"ndarray": [1], "dtype": "V100000000"},
+        {"ndarray": "x", "dtype": 5},
+        "not a result",
+    ],
+)
 def test_a_hostile_analysis_cache_entry_is_recomputed(world, result):
-    first = analysis.moment_norms(wordystore.open(world.store), "trained", cache=True)
+    first = measures.moment_norms(wordystore.open(world.store), "trained", cache=True)
     (entry,) = (world.store / "analysis").glob("*.json")
     edit(entry, lambda d: d.update(result=result))
-    again = analysis.moment_norms(wordystore.open(world.store), "trained", cache=True)
+    again = measures.moment_norms(wordystore.open(world.store), "trained", cache=True)
     assert first.keys() == again.keys() and all(np.array_equal(first[k], again[k]) for k in first)
     assert json.loads(entry.read_text())["result"] != result  # replaced by the recomputed one
 

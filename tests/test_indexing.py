@@ -1,6 +1,6 @@
 """Index expressions, positional and by training step (``.loc``), against plain numpy.
 
-The planner (``wordystore.indexing``) is pure, so most expressions run against it with numpy doing
+The planner (``wordystore.read.indexing``) is pure, so most expressions run against it with numpy doing
 the orthogonal read that zarr does for a store: 10,000 random expressions in a few seconds. A few
 hundred more go through a real store on disk, and ``.loc`` is checked against a reference written
 from its definition (pandas' ``.loc`` on a sorted integer index): the rows whose step lies in
@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wordystore
-from wordystore import Kind, indexing, trajectory
-from wordystore.kinds import numpy_to_torch
+from wordystore import Kind, trajectory
+from wordystore.format.kinds import numpy_to_torch
+from wordystore.read import indexing
 
 AXES = ("step", "token", "dim")
 
@@ -41,8 +42,7 @@ def loc_reference(steps: np.ndarray, label):
     if isinstance(label, slice):
         k = 1 if label.step is None else label.step
         low, high = (label.start, label.stop) if k > 0 else (label.stop, label.start)
-        rows = [r for r, s in enumerate(steps.tolist())
-                if (low is None or s >= low) and (high is None or s <= high)]
+        rows = [r for r, s in enumerate(steps.tolist()) if (low is None or s >= low) and (high is None or s <= high)]
         return rows[::k]
     if isinstance(label, np.ndarray) and label.dtype == bool:
         return label
@@ -83,21 +83,37 @@ def plan_and_read(ref: np.ndarray, index, sets: dict[str, np.ndarray]) -> np.nda
 
 def axis_index(r: random.Random, length: int, axis: str):
     """One axis' index, in every form a user may write it."""
-    form = r.choice(["int", "numpy int", "torch int", "slice", "list", "array", "torch array", "mask", "torch mask",
-                     "name" if axis == "token" else "slice"])
+    form = r.choice(
+        [
+            "int",
+            "numpy int",
+            "torch int",
+            "slice",
+            "list",
+            "array",
+            "torch array",
+            "mask",
+            "torch mask",
+            "name" if axis == "token" else "slice",
+        ]
+    )
     if form == "name":
         return r.choice(["even", "tail"])
     if form.endswith("int"):
         i = r.randint(-length, length - 1) if length else 0
         return {"int": i, "numpy int": np.int64(i), "torch int": torch.tensor(i)}[form]
     if form == "slice":
-        return slice(*(r.choice([None, r.randint(-length - 2, length + 2)]) for _ in range(2)),
-                     r.choice([None, r.choice([-4, -3, -2, -1, 1, 2, 3, 4])]))
+        return slice(
+            *(r.choice([None, r.randint(-length - 2, length + 2)]) for _ in range(2)),
+            r.choice([None, r.choice([-4, -3, -2, -1, 1, 2, 3, 4])]),
+        )
     if form.endswith("mask"):
         mask = np.array([r.random() < 0.5 for _ in range(length)], dtype=bool)
         return torch.from_numpy(mask) if form == "torch mask" else mask
     ids = [r.randint(-length, length - 1) for _ in range(r.randint(0, 5))] if length else []
-    return {"list": ids, "array": np.array(ids, dtype=np.int64), "torch array": torch.tensor(ids, dtype=torch.long)}[form]
+    return {"list": ids, "array": np.array(ids, dtype=np.int64), "torch array": torch.tensor(ids, dtype=torch.long)}[
+        form
+    ]
 
 
 def positional_index(r: random.Random, shape: tuple[int, ...]) -> tuple:
@@ -177,8 +193,10 @@ def test_ten_thousand_index_expressions_match_numpy(r):
         else:
             label = step_label(r, steps)
             rest = named(axis_index(r, n, axis) for n, axis in zip(ref.shape[1:], AXES[1:]))
-            check(lambda: loc_expected(ref, steps, label, rest),
-                  lambda: plan_and_read(ref, (indexing.step_rows(steps, label), *rest), sets))
+            check(
+                lambda: loc_expected(ref, steps, label, rest),
+                lambda: plan_and_read(ref, (indexing.step_rows(steps, label), *rest), sets),
+            )
 
 
 # -- the same through a real store ---------------------------------------------------------------------
@@ -209,10 +227,10 @@ def test_store_reads_match_numpy_positionally_and_by_step(store, r):
 
     for _ in range(5):
         index = positional_index(r, ref.shape)
-        check(lambda: ref[named(index)], lambda: (t.emb[index]))
+        check(lambda: ref[named(index)], lambda: t.emb[index])
         label = step_label(r, steps)
         rest = tuple(axis_index(r, n, axis) for n, axis in zip(ref.shape[1:], AXES[1:]))
-        check(lambda: loc_expected(ref, steps, label, named(rest)), lambda: (t.emb.loc[(label, *rest)]))
+        check(lambda: loc_expected(ref, steps, label, named(rest)), lambda: t.emb.loc[(label, *rest)])
 
 
 # -- .loc edge cases (issue 10, item 10) ----------------------------------------------------------------
@@ -239,20 +257,27 @@ def test_loc_refuses_or_handles_what_positional_indexing_does(store):
     assert same(t.emb.loc[torch.tensor([50, 0])], ref[[10, 0]])
 
 
-@pytest.mark.parametrize("label, error, message", [
-    (slice("a", "b"), TypeError, r"loc slice start must be an int or None, got str 'a'"),
-    (slice(1.5, 3), TypeError, "got float 1.5"),
-    ("a", TypeError, "loc takes training step numbers"),
-    (5.0, TypeError, "got float 5.0"),
-    (True, TypeError, "got bool True"),
-    ([0, "a"], TypeError, "loc takes training step numbers"),
-    (10**30, KeyError, r"training step\(s\) \[1000000000000000000000000000000\] not recorded; "
-                       r"this trajectory records 11 steps, 0\.\.50"),
-    ([0, 2**63], KeyError, r"\[9223372036854775808\] not recorded"),
-    (3, KeyError, r"training step\(s\) \[3\] not recorded"),
-    ([0, 3, 4], KeyError, r"\[3, 4\] not recorded"),
-    (-1, KeyError, r"\[-1\] not recorded"),  # a label, not a position from the end
-])
+@pytest.mark.parametrize(
+    "label, error, message",
+    [
+        (slice("a", "b"), TypeError, r"loc slice start must be an int or None, got str 'a'"),
+        (slice(1.5, 3), TypeError, "got float 1.5"),
+        ("a", TypeError, "loc takes training step numbers"),
+        (5.0, TypeError, "got float 5.0"),
+        (True, TypeError, "got bool True"),
+        ([0, "a"], TypeError, "loc takes training step numbers"),
+        (
+            10**30,
+            KeyError,
+            r"training step\(s\) \[1000000000000000000000000000000\] not recorded; "
+            r"this trajectory records 11 steps, 0\.\.50",
+        ),
+        ([0, 2**63], KeyError, r"\[9223372036854775808\] not recorded"),
+        (3, KeyError, r"training step\(s\) \[3\] not recorded"),
+        ([0, 3, 4], KeyError, r"\[3, 4\] not recorded"),
+        (-1, KeyError, r"\[-1\] not recorded"),  # a label, not a position from the end
+    ],
+)
 def test_loc_refuses_bad_labels_clearly(store, label, error, message):
     t, _, _ = store
     with pytest.raises(error, match=message):
@@ -261,7 +286,7 @@ def test_loc_refuses_bad_labels_clearly(store, label, error, message):
 
 def test_loc_slices_with_huge_bounds_select_by_value(store):
     t, ref, _ = store
-    assert same(t.emb.loc[-10**30 : 10**30], ref)
+    assert same(t.emb.loc[-(10**30) : 10**30], ref)
     assert same(t.emb.loc[10**30 :], ref[:0])
 
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from wordystore.extras import install_hint
+from wordystore.optional import install_hint
 
 # sys.modules[name] = None makes ``import name`` raise ImportError, as if it were not installed
 BLOCK_TRAIN_EXTRA = textwrap.dedent("""
@@ -19,20 +19,25 @@ LIBRARY_WORK = textwrap.dedent("""
     from safetensors.torch import load_file, save_file
     import wordystore
     from wordystore.cli import main
-    from wordystore.seedfile import export, import_seed_file
+    from wordystore.tools.safetensors_layout import export, import_seed_file
 
     tmp = pathlib.Path(sys.argv[1])
     g = torch.Generator().manual_seed(0)
     S, V, D = 5, 40, 4
-    seed = {name: torch.randn(S, V, D, generator=g).bfloat16() for name in ("embeddings", "grads", "momentum", "variance")}
+    kinds = ("embeddings", "grads", "momentum", "variance")
+    seed = {name: torch.randn(S, V, D, generator=g).bfloat16() for name in kinds}
     seed.update(logits=torch.randn(S, V, generator=g).bfloat16(), losses=torch.randn(S, generator=g).bfloat16(),
                 recorded_steps=torch.arange(S) * 2)
-    seed.update({n: torch.tensor(0.5) for n in ("init_scale", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2")})
+    scalars = ("init_scale", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2")
+    seed.update({n: torch.tensor(0.5) for n in scalars})
     seed.update(n_trained=torch.tensor(10), n_untrained=torch.tensor(30))
     save_file(seed, str(tmp / "seed.safetensors"))
-    save_file({"trained_indices": torch.arange(10), "untrained_indices": torch.arange(10, 40)}, str(tmp / "masks.safetensors"))
+    masks = {"trained_indices": torch.arange(10), "untrained_indices": torch.arange(10, 40)}
+    save_file(masks, str(tmp / "masks.safetensors"))
 
-    t = import_seed_file(tmp / "seed.safetensors", tmp / "a.zarr", token_masks=tmp / "masks.safetensors", progress=False)
+    t = import_seed_file(
+        tmp / "seed.safetensors", tmp / "a.zarr", token_masks=tmp / "masks.safetensors", progress=False
+    )
     assert torch.equal(t.embeddings[:, "untrained"], seed["embeddings"][:, 10:])
     export(tmp / "a.zarr", tmp / "back.safetensors", progress=False)
     back = load_file(str(tmp / "back.safetensors"))
@@ -56,8 +61,12 @@ LIBRARY_WORK = textwrap.dedent("""
 
 
 def test_store_work_needs_no_training_stack(tmp_path):
-    result = subprocess.run([sys.executable, "-c", BLOCK_TRAIN_EXTRA + LIBRARY_WORK, str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_TRAIN_EXTRA + LIBRARY_WORK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     # ``wordystore train`` without the extra: one line saying how to get it, and nothing created
     assert result.stdout.strip() == (

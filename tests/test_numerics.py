@@ -21,8 +21,10 @@ from trainer.config import RunConfig
 from trainer.data import TokenDataset
 from trainer.model import build_model
 from trainer.run import SeedTrainer, checkpoint_directory, extend, resume, train, training_arguments
-from wordystore import display, report, trajectory
+from wordystore import trajectory
+from wordystore.analysis import report
 from wordystore.cli import main as cli_main
+from wordystore.read import display
 
 BF16 = torch.bfloat16
 TINY = dict(vocab_size=300, hidden_dim=8, batch_size=4, max_seq_len=16)
@@ -48,7 +50,8 @@ CASES = {
     "bmm": (torch.bmm, lambda: (bf16(3, 9, 64, seed=1), bf16(3, 64, 5, seed=2))),
     "scaled_dot_product_attention, causal": (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        lambda: (bf16(2, 2, 16, 32, seed=1), bf16(2, 2, 16, 32, seed=2), bf16(2, 2, 16, 32, seed=3))),
+        lambda: (bf16(2, 2, 16, 32, seed=1), bf16(2, 2, 16, 32, seed=2), bf16(2, 2, 16, 32, seed=3)),
+    ),
 }
 
 
@@ -111,8 +114,17 @@ class ProductDtypes(TorchDispatchMode):
 
 def tiny_gpt2(attention: str, matmul: str) -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=300, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    config = GPT2Config(
+        vocab_size=300,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
     config._attn_implementation = attention
     return numerics.install(GPT2LMHeadModel(config).to(BF16), matmul)
 
@@ -197,17 +209,27 @@ def test_auto_follows_the_cpu_and_the_environment_variable_forces_it(monkeypatch
         numerics.choose("fast", "cpu")
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (dict(amx_bf16=True, avx512_bf16=True, avx512=True, avx2=True), "amx-bf16"),
-    (dict(avx512_bf16=True, avx512=True, avx2=True), "avx512-bf16"),
-    (dict(avx512=True, avx2=True), "avx512"),
-    (dict(avx2=True), "avx2"),
-    (dict(arm_bf16=True, architecture="aarch64"), "arm-bf16"),
-    (dict(architecture="aarch64"), "arm"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (dict(amx_bf16=True, avx512_bf16=True, avx512=True, avx2=True), "amx-bf16"),
+        (dict(avx512_bf16=True, avx512=True, avx2=True), "avx512-bf16"),
+        (dict(avx512=True, avx2=True), "avx512"),
+        (dict(avx2=True), "avx2"),
+        (dict(arm_bf16=True, architecture="aarch64"), "arm-bf16"),
+        (dict(architecture="aarch64"), "arm"),
+    ],
+)
 def test_cpu_classes_from_what_pytorch_reports(flags, expected):
-    info = {"amx_bf16": False, "avx512_bf16": False, "arm_bf16": False, "avx512": False, "avx2": False,
-            "architecture": "x86_64", **flags}
+    info = {
+        "amx_bf16": False,
+        "avx512_bf16": False,
+        "arm_bf16": False,
+        "avx512": False,
+        "avx2": False,
+        "architecture": "x86_64",
+        **flags,
+    }
     assert numerics.cpu_class(info) == expected
 
 
@@ -306,8 +328,13 @@ def test_the_float32_path_goes_on_bit_for_bit_from_a_saved_state(tmp_path):
 
         args = training_arguments(cfg, str(out / "o"), "cpu")
         checkpoint = None if resume_state is None else checkpoint_directory(out / "resume", resume_state[1])
-        trainer = SeedTrainer(model=model, args=args, train_dataset=TokenDataset(torch.tensor(ids), 16),
-                              callbacks=[Rows()], resume_state=resume_state)
+        trainer = SeedTrainer(
+            model=model,
+            args=args,
+            train_dataset=TokenDataset(torch.tensor(ids), 16),
+            callbacks=[Rows()],
+            resume_state=resume_state,
+        )
         trainer.train(resume_from_checkpoint=checkpoint)
         return rows, states
 

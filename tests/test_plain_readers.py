@@ -23,8 +23,10 @@ ROWS = 11
 def reference() -> dict[str, np.ndarray]:
     """Random rows, the first all zeros as a trainer's initial row (zeros must not read as missing)."""
     rng = np.random.default_rng(0)
-    data = {name: rng.standard_normal((ROWS, *kind.shape)).astype(np.float32).astype(kind.numpy_dtype)
-            for name, kind in KINDS.items()}
+    data = {
+        name: rng.standard_normal((ROWS, *kind.shape)).astype(np.float32).astype(kind.numpy_dtype)
+        for name, kind in KINDS.items()
+    }
     for name in ("grads", "momentum", "variance", "logits"):
         data[name][0] = 0
     return data
@@ -34,9 +36,14 @@ def reference() -> dict[str, np.ndarray]:
 def store(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "t.zarr"
     data = reference()
-    with wordystore.create(path, KINDS, profile=request.param, block_rows=2, chunk_rows=4,
-                           predictions=wordystore.adam_predictions(0.9, 0.999, 1.0)
-                           if request.param == "compact" else None) as w:
+    with wordystore.create(
+        path,
+        KINDS,
+        profile=request.param,
+        block_rows=2,
+        chunk_rows=4,
+        predictions=wordystore.adam_predictions(0.9, 0.999, 1.0) if request.param == "compact" else None,
+    ) as w:
         for r in range(ROWS):
             w.append(r, **{name: values[r] for name, values in data.items()})
     return request.param, path, data
@@ -101,9 +108,11 @@ print(json.dumps(seen))
 def test_without_wordystore_a_plain_reader_fails_loudly_rather_than_read_bits(store):
     profile, path, data = store
     names = sorted(set(KINDS) - {"momentum", "variance"}) + (
-        ["momentum.residuals", "variance.residuals"] if profile == "compact" else ["momentum", "variance"])
-    proc = subprocess.run([sys.executable, "-c", PLAIN, str(path), json.dumps(names)], capture_output=True, text=True,
-                          timeout=120)
+        ["momentum.residuals", "variance.residuals"] if profile == "compact" else ["momentum", "variance"]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(path), json.dumps(names)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen["wordystore imported"] is False
@@ -124,5 +133,7 @@ def test_compact_bfloat16_arrays_name_the_codec_that_hands_their_bits_to_pcodec(
     doc = json.loads((path / "embeddings" / "zarr.json").read_text())
     inner = [c["name"] for c in doc["codecs"][0]["configuration"]["codecs"]]
     assert doc["data_type"] == "bfloat16" and inner == (
-        ["transpose", "wordystore.bf16_bits", "numcodecs.pcodec", "crc32c"] if profile == "compact"
-        else ["transpose", "bytes", "blosc", "crc32c"])
+        ["transpose", "wordystore.bf16_bits", "numcodecs.pcodec", "crc32c"]
+        if profile == "compact"
+        else ["transpose", "bytes", "blosc", "crc32c"]
+    )

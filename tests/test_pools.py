@@ -9,15 +9,17 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import faults_writer as fw
+import pytest
+from test_faults import assert_rows
+
 import wordystore
-from wordystore import BackpressureWarning, WriterPools, compaction, storage
+from wordystore import BackpressureWarning, WriterPools
 from wordystore.cli import main
 from wordystore.errors import StoreLockedError
 from wordystore.pools import IdlePool
-from test_faults import assert_rows
+from wordystore.store import storage
+from wordystore.write import compaction
 
 HERE = Path(__file__).parent
 
@@ -35,11 +37,18 @@ def test_pools_are_sized_for_training_first(monkeypatch):
     assert WriterPools.from_dict(chosen.to_dict()) == chosen
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("WORDYSTORE_WRITE_THREADS", "0", r"WORDYSTORE_WRITE_THREADS='0': expected a whole number of threads \(1 or more\)"),
-    ("WORDYSTORE_COMPACTION_THREADS", "two", r"expected a whole number of threads \(0 or more\)"),
-    ("WORDYSTORE_WRITER_PROCESS", "yes", r"WORDYSTORE_WRITER_PROCESS='yes': expected 0 .* or 1"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        (
+            "WORDYSTORE_WRITE_THREADS",
+            "0",
+            r"WORDYSTORE_WRITE_THREADS='0': expected a whole number of threads \(1 or more\)",
+        ),
+        ("WORDYSTORE_COMPACTION_THREADS", "two", r"expected a whole number of threads \(0 or more\)"),
+        ("WORDYSTORE_WRITER_PROCESS", "yes", r"WORDYSTORE_WRITER_PROCESS='yes': expected 0 .* or 1"),
+    ],
+)
 def test_a_bad_pool_setting_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
@@ -96,7 +105,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def test_a_killed_parent_leaves_its_child_to_finish_the_blocks_given_then_the_store_resumes(tmp_path):
     path = tmp_path / "t.zarr"
-    done = subprocess.run([sys.executable, "-c", KILLED, str(path)], cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED, str(path)], cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}
+    )
     assert done.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 60
     while True:  # the child holds the lock with its parent until it has stopped

@@ -14,10 +14,10 @@ import zarr
 
 import wordystore
 from wordystore import AdamPrediction, AdamStepPrediction, Kind
-from wordystore.convert import convert
-from wordystore.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
 from wordystore.errors import FormatError
-from wordystore.prediction import estimate_clip
+from wordystore.format.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
+from wordystore.format.prediction import estimate_clip
+from wordystore.tools.convert import convert
 
 torch.set_default_device("cpu")  # compared against torch's CPU kernels
 VOCAB, DIM, ROWS = 96, 8, 23
@@ -98,9 +98,18 @@ def kinds() -> dict[str, Kind]:
 def write_run(path, run, profile, predictions, rows=None, **args):
     with wordystore.create(path, kinds(), profile=profile, predictions=predictions, **args) as w:
         for r in range(len(run["embeddings"])) if rows is None else rows:
-            w.append(r, embeddings=run["embeddings"][r], grads=run["grads"][r], momentum=run["momentum"][r],
-                     variance=run["variance"][r], logits=np.zeros(VOCAB, np.float32).astype(run["grads"].dtype),
-                     losses=0.0, learning_rate=run["learning_rate"][r], grad_norm=0.0, grad_norm_clipped=0.0)
+            w.append(
+                r,
+                embeddings=run["embeddings"][r],
+                grads=run["grads"][r],
+                momentum=run["momentum"][r],
+                variance=run["variance"][r],
+                logits=np.zeros(VOCAB, np.float32).astype(run["grads"].dtype),
+                losses=0.0,
+                learning_rate=run["learning_rate"][r],
+                grad_norm=0.0,
+                grad_norm_clipped=0.0,
+            )
     return wordystore.open(path)
 
 
@@ -113,14 +122,17 @@ def test_the_archive_profile_writes_compacts_and_converts_bit_for_bit(tmp_path):
     assert t.profile == "archive" and isinstance(t.predictions["embeddings"], AdamStepPrediction)
     for name in ("embeddings", "grads", "momentum", "variance"):
         assert np.array_equal(bits(t[name].numpy()), bits(run[name])), name
-    assert np.array_equal(bits(t.embeddings.numpy((slice(9, 20), [3, 50]), orthogonal=True)),
-                          bits(run["embeddings"][9:20, [3, 50]]))
+    assert np.array_equal(
+        bits(t.embeddings.numpy((slice(9, 20), [3, 50]), orthogonal=True)), bits(run["embeddings"][9:20, [3, 50]])
+    )
     # what a plain reader sees: the residuals under their own name, rows first, one pcodec page a row
     group = zarr.open_group(tmp_path / "a.zarr", mode="r")
     assert "embeddings" not in group
     residuals = group["embeddings.residuals"]
-    assert residuals.attrs["wordystore"] == {"residuals_of": "embeddings",
-                                             "prediction": t.predictions["embeddings"].to_json()}
+    assert residuals.attrs["wordystore"] == {
+        "residuals_of": "embeddings",
+        "prediction": t.predictions["embeddings"].to_json(),
+    }
     assert np.array_equal(residuals[0], bits(run["embeddings"][0]).view(np.int16))
     assert np.count_nonzero(residuals[1:8]) <= residuals[1:8].size // 1000
     # convert: to compact and back to archive, bit for bit, smaller than compact
@@ -134,8 +146,9 @@ def test_the_archive_profile_writes_compacts_and_converts_bit_for_bit(tmp_path):
     # stitch: a run and its continuation, both archived, joined in the archive profile
     write_run(tmp_path / "first.zarr", run, "archive", archive, rows=range(15), chunk_rows=8, block_rows=4)
     write_run(tmp_path / "then.zarr", run, "archive", archive, rows=range(10, ROWS), chunk_rows=8, block_rows=4)
-    joined = wordystore.stitch.stitch([tmp_path / "first.zarr", tmp_path / "then.zarr"], tmp_path / "j.zarr",
-                                      progress=False)
+    joined = wordystore.tools.stitch.stitch(
+        [tmp_path / "first.zarr", tmp_path / "then.zarr"], tmp_path / "j.zarr", progress=False
+    )
     assert joined.profile == "archive"
     assert np.array_equal(bits(joined.embeddings.numpy()), bits(run["embeddings"]))
 
@@ -147,8 +160,10 @@ def test_predictions_are_checked(tmp_path):
         wordystore.create(tmp_path / "a.zarr", kinds(), predictions=archive)
     with pytest.raises(ValueError, match="archive profile predicts a parameter"):
         wordystore.create(tmp_path / "b.zarr", kinds(), profile="archive", predictions=moments)
-    cycle = {"momentum": AdamPrediction("exp_avg", "variance", None, 0.9),
-             "variance": AdamPrediction("exp_avg_sq", "momentum", None, 0.999)}
+    cycle = {
+        "momentum": AdamPrediction("exp_avg", "variance", None, 0.9),
+        "variance": AdamPrediction("exp_avg_sq", "momentum", None, 0.999),
+    }
     with pytest.raises(ValueError, match="cycle: momentum -> variance -> momentum"):
         wordystore.create(tmp_path / "c.zarr", kinds(), predictions=cycle)
     with pytest.raises(ValueError, match="clip coefficients or from gradient norms, not both"):

@@ -14,7 +14,9 @@ import pytest
 import wordystore
 from trainer import run
 from trainer.config import RunConfig
-from wordystore import display, report, trajectory
+from wordystore import trajectory
+from wordystore.analysis import report
+from wordystore.read import display
 
 STEPS = 120
 SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=4, max_seq_len=16)
@@ -22,13 +24,18 @@ FLAGS = ["--vocab-size", "300", "--hidden-dim", "8", "--batch-size", "4", "--max
 
 
 def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "wordystore.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "wordystore.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "wordystore.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def committed_rows(path) -> int:
@@ -109,7 +116,7 @@ def test_resume_refuses_a_state_whose_embeddings_are_not_the_last_row(tmp_path):
 
     import torch
 
-    from wordystore.resume_state import ResumeState
+    from wordystore.store.resume_state import ResumeState
 
     path = tmp_path / "s.zarr"
     run.train(path, RunConfig(steps=3, **SMALL), progress=False)
@@ -123,8 +130,11 @@ def test_resume_refuses_a_state_whose_embeddings_are_not_the_last_row(tmp_path):
     record["states"][-1] = state.entry(data)
     (path / "commit.json").write_text(json.dumps(record))
     assert torch.equal(wordystore.load_state(path)[0][run.EMBEDDING_STATE], tensors[run.EMBEDDING_STATE])
-    with pytest.raises(ValueError, match=r"the saved state's embedding parameters are not the store's last embeddings "
-                                         r"row \(step 3\) bit for bit"):
+    with pytest.raises(
+        ValueError,
+        match=r"the saved state's embedding parameters are not the store's last embeddings "
+        r"row \(step 3\) bit for bit",
+    ):
         run.extend(path, 5, "hold", progress=False)
 
 

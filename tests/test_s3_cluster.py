@@ -13,10 +13,12 @@ import pytest
 pytest.importorskip("obstore")
 distributed = pytest.importorskip("distributed")
 
-import wordystore  # noqa: E402
 from s3_rows import Rows  # noqa: E402
 from s3_servers import SECRET_KEY, moto_server  # noqa: E402,F401
-from wordystore import analysis, trajectory  # noqa: E402
+
+import wordystore  # noqa: E402
+from wordystore import trajectory  # noqa: E402
+from wordystore.analysis import measures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,9 @@ def bucket_and_cluster(moto_server, tmp_path_factory):
         rows = Rows()
         with wordystore.create(f"{bucket.url}/run.zarr", rows.kinds(), token_sets={"untrained": rows.untrained}) as w:
             rows.append(w, 0, 40)
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
             yield bucket, cluster
     finally:
         os.environ.clear()
@@ -40,12 +44,17 @@ def bucket_and_cluster(moto_server, tmp_path_factory):
 def test_a_cluster_reads_and_analyses_an_s3_store_as_this_process_does(bucket_and_cluster):
     bucket, cluster = bucket_and_cluster
     server = bucket.server
-    options = {"endpoint": server.endpoint, "region": server.region, "access_key_id": server.access_key_id,
-               "secret_access_key": server.secret_access_key, "client_options": {"allow_http": True}}
+    options = {
+        "endpoint": server.endpoint,
+        "region": server.region,
+        "access_key_id": server.access_key_id,
+        "secret_access_key": server.secret_access_key,
+        "client_options": {"allow_http": True},
+    }
     t = trajectory.open(f"{bucket.url}/run.zarr", storage_options=options)
     expected = t.momentum.numpy((slice(None), slice(0, 100)))
-    stats = analysis.embedding_stats(t, "untrained")  # in this process: no client yet
-    norms = analysis.moment_norms(t, "untrained")
+    stats = measures.embedding_stats(t, "untrained")  # in this process: no client yet
+    norms = measures.moment_norms(t, "untrained")
 
     momentum = t.momentum.to_dask()[:, :100]
     assert SECRET_KEY.encode() not in pickle.dumps(dict(momentum.__dask_graph__()))
@@ -54,9 +63,9 @@ def test_a_cluster_reads_and_analyses_an_s3_store_as_this_process_does(bucket_an
         dataset = t.to_xarray(chunks={})
         assert np.array_equal(dataset.momentum[:, :100].values.view(np.uint16), expected.view(np.uint16))
 
-        on_cluster = analysis.embedding_stats(t, "untrained", client=client)
+        on_cluster = measures.embedding_stats(t, "untrained", client=client)
         with distributed.get_task_stream(client) as tasks:
-            current = analysis.moment_norms(t, "untrained")  # the current client, without being told
+            current = measures.moment_norms(t, "untrained")  # the current client, without being told
         assert any(task["key"].startswith("_squares-") for task in tasks.data)
     for name, column in stats.table.items():
         assert column.tobytes() == on_cluster.table[name].tobytes(), name

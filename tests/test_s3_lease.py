@@ -16,12 +16,13 @@ import pytest
 
 pytest.importorskip("obstore")
 
-import wordystore  # noqa: E402
 from s3_rows import Rows  # noqa: E402
 from s3_servers import CountingProxy, moto_server, s3_bucket, s3_server, seaweedfs_server  # noqa: E402,F401
-from wordystore import lease  # noqa: E402
+
+import wordystore  # noqa: E402
 from wordystore.cli import main  # noqa: E402
 from wordystore.errors import LeaseWaitWarning, StaleWriterError, StoreLockedError, WriterFailedError  # noqa: E402
+from wordystore.store import lease  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +83,13 @@ def test_a_stale_writer_can_neither_commit_nor_overwrite_what_the_new_holder_wro
 def test_kill_9_mid_write_then_resume_loses_nothing_committed(s3_bucket, short_lease):
     url, rows = f"{s3_bucket.url}/killed.zarr", Rows()
     env = {**__import__("os").environ, "WORDYSTORE_LEASE_SECONDS": str(short_lease)}
-    child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "s3_rows.py"), url, str(rows.vocab), "56"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "s3_rows.py"), url, str(rows.vocab), "56"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     reported = 0
     for line in child.stdout:
         reported = int(line.split()[1]) if line.startswith("committed") else reported

@@ -8,7 +8,6 @@ pytest.importorskip("obstore")
 
 import obstore  # noqa: E402
 from obstore.exceptions import AlreadyExistsError, PreconditionError  # noqa: E402
-
 from s3_servers import CountingProxy, moto_server, s3_bucket, s3_server, seaweedfs_server  # noqa: E402,F401
 
 

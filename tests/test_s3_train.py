@@ -13,6 +13,7 @@ pytest.importorskip("obstore")
 
 from s3_servers import moto_server  # noqa: E402,F401
 from test_resume import FLAGS, SMALL, assert_same_bits, interrupt  # noqa: E402
+
 from trainer import run  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 

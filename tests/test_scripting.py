@@ -20,21 +20,25 @@ from safetensors.torch import load_file
 import wordystore
 from wordystore.cli import build_parser, main
 from wordystore.errors import RoundTripWarning
-from wordystore.extras import install_hint
-from wordystore.seedfile import COUNT_SCALARS, FLOAT_SCALARS, STEP_KINDS, export, import_seed_file
+from wordystore.optional import install_hint
+from wordystore.tools.safetensors_layout import COUNT_SCALARS, FLOAT_SCALARS, STEP_KINDS, export, import_seed_file
 
 VOCAB, DIM = 12, 2
 NOTEBOOK_TENSORS = {"recorded_steps", *STEP_KINDS, *FLOAT_SCALARS, *COUNT_SCALARS}
-SCALARS = dict(init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-               n_trained=5, n_untrained=7)
+SCALARS = dict(
+    init_scale=0.02, learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, n_trained=5, n_untrained=7
+)
 
 
 def record(path, steps, extra_kinds=()):
     """A seed-layout store with the trainer's scalar kinds (row 0's NaN, as the trainer records) and
     ``extra_kinds``, 2-d kinds the notebook's layout has no place for."""
     kinds = wordystore.seed_kinds(VOCAB, DIM)
-    kinds.update(learning_rate=wordystore.Kind((), "float32", ()), grad_norm=wordystore.Kind((), "float32", ()),
-                 grad_norm_clipped=wordystore.Kind((), "float32", ()))
+    kinds.update(
+        learning_rate=wordystore.Kind((), "float32", ()),
+        grad_norm=wordystore.Kind((), "float32", ()),
+        grad_norm_clipped=wordystore.Kind((), "float32", ()),
+    )
     kinds.update({name: wordystore.Kind((3, 3), "float32", None) for name in extra_kinds})
     kinds = {k: v for k, v in kinds.items() if k in STEP_KINDS or v.shape == () or k in extra_kinds}
     sets = {"trained": np.arange(5), "untrained": np.arange(5, VOCAB)}
@@ -42,11 +46,20 @@ def record(path, steps, extra_kinds=()):
     rng = np.random.default_rng(0)
     with wordystore.create(path, kinds, token_sets=sets, config=config, block_rows=2, chunk_rows=4) as w:
         for i, step in enumerate(steps):
-            values = {name: torch.from_numpy(rng.standard_normal(kind.shape).astype(np.float32)).to(kind.torch_dtype)
-                      for name, kind in kinds.items() if kind.shape}
+            values = {
+                name: torch.from_numpy(rng.standard_normal(kind.shape).astype(np.float32)).to(kind.torch_dtype)
+                for name, kind in kinds.items()
+                if kind.shape
+            }
             nan = float("nan") if i == 0 else None
-            w.append(step, **values, losses=torch.tensor(nan or 10.0 - i).bfloat16(),
-                     learning_rate=nan or 1e-3 * (1 - i / 10), grad_norm=nan or 0.5 + i, grad_norm_clipped=nan or 0.5)
+            w.append(
+                step,
+                **values,
+                losses=torch.tensor(nan or 10.0 - i).bfloat16(),
+                learning_rate=nan or 1e-3 * (1 - i / 10),
+                grad_norm=nan or 0.5 + i,
+                grad_norm_clipped=nan or 0.5,
+            )
     return path
 
 
@@ -56,14 +69,22 @@ def store(tmp_path_factory):
 
 
 def run_cli(*args, env=None, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wordystore.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **popen)
+    return subprocess.run(
+        [sys.executable, "-m", "wordystore.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **popen,
+    )
 
 
 # -- help: quick, and saying something ------------------------------------------------------------------
 
-LOADED = "import sys; from wordystore.cli import main; code = main(sys.argv[1:]); print(sorted(m for m in {} if m in sys.modules))"
-HEAVY = ("torch", "transformers", "wordystore.format", "wordystore.trajectory", "matplotlib")
+LOADED = (
+    "import sys; from wordystore.cli import main; code = main(sys.argv[1:]); "
+    "print(sorted(m for m in {} if m in sys.modules))"
+)
+HEAVY = ("torch", "transformers", "wordystore.format.layout", "wordystore.read.trajectory", "matplotlib")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["--version"]])
@@ -75,15 +96,20 @@ def test_help_and_version_import_nothing_heavy(args):
 
 
 def test_importing_the_package_registers_bfloat16_without_torch():
-    code = ("import sys, wordystore; from zarr.core.dtype import data_type_registry; "
-            "print('bfloat16' in data_type_registry.contents, 'torch' in sys.modules); "
-            "wordystore.open; print('torch' in sys.modules, callable(wordystore.verify))")
+    code = (
+        "import sys, wordystore; from zarr.core.dtype import data_type_registry; "
+        "print('bfloat16' in data_type_registry.contents, 'torch' in sys.modules); "
+        "wordystore.open; print('torch' in sys.modules, callable(wordystore.verify))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["True", "False", "True", "True"], proc.stderr
 
 
 def test_the_verify_function_keeps_its_name_when_its_module_is_imported_first():
-    code = "import wordystore.verify, wordystore; print(wordystore.verify.__name__, type(wordystore.verify).__name__)"
+    code = (
+        "import wordystore.check.verification, wordystore; "
+        "print(wordystore.verify.__name__, type(wordystore.verify).__name__)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.split() == ["verify", "function"], proc.stderr
 
@@ -121,8 +147,9 @@ def test_info_json_says_what_info_does(store, capsys):
     emb = doc["kinds"]["embeddings"]
     assert emb["shape"] == [5, VOCAB, DIM] and emb["dims"] == ["step", "token", "dim"]
     assert emb["raw_bytes"] == 5 * VOCAB * DIM * 2
-    assert emb["bytes_on_disk"] == sum(f.stat().st_size for tier in (store, store / "hot")
-                                       for f in (tier / "embeddings").rglob("*") if f.is_file())
+    assert emb["bytes_on_disk"] == sum(
+        f.stat().st_size for tier in (store, store / "hot") for f in (tier / "embeddings").rglob("*") if f.is_file()
+    )
 
 
 def test_verify_json_lists_the_problems(store, tmp_path, capsys):
@@ -161,8 +188,9 @@ def on_a_terminal(*args) -> str:
     """Run the command with its stderr on a pseudo-terminal; what it drew there."""
     main_fd, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 160 columns wide (0 x 0 if unset)
-    proc = subprocess.Popen([sys.executable, "-m", "wordystore.cli", *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=terminal)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wordystore.cli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=terminal
+    )
     os.close(terminal)
     drawn = b""
     while True:
@@ -188,8 +216,9 @@ def test_progress_bars_only_on_a_terminal_and_never_with_quiet(store, tmp_path):
     assert "5/5" in drawn and "row/s" in drawn and "B/s" not in drawn  # the import bar counts rows
 
 
-@pytest.mark.parametrize("command", ["export", "import", "stitch", "convert", "report", "compare", "verify",
-                                     "train", "export-scalars"])
+@pytest.mark.parametrize(
+    "command", ["export", "import", "stitch", "convert", "report", "compare", "verify", "train", "export-scalars"]
+)
 def test_every_command_that_draws_a_bar_takes_quiet(command):
     choices = build_parser()._subparsers._group_actions[0].choices
     assert "--quiet" in choices[command]._option_string_actions
@@ -210,7 +239,8 @@ def test_completion_without_shtab_says_how_to_get_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "completion", "zsh"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"wordystore completion: error: shell completion: shtab is not installed; {install_hint('completion')}"]
+        f"wordystore completion: error: shell completion: shtab is not installed; {install_hint('completion')}"
+    ]
 
 
 # -- export-scalars ----------------------------------------------------------------------------------------
@@ -228,7 +258,9 @@ def read_events(log_dir) -> dict[str, list[tuple[int, float]]]:
 def test_export_scalars_writes_what_tensorboard_reads_back(store, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     assert main(["export-scalars", str(store), "--tensorboard", str(tmp_path / "tb")]) == 0
-    assert capsys.readouterr().out.startswith(f"wrote 16 scalars (losses 4, learning_rate 4, grad_norm 4, grad_norm_clipped 4)")
+    assert capsys.readouterr().out.startswith(
+        "wrote 16 scalars (losses 4, learning_rate 4, grad_norm 4, grad_norm_clipped 4)"
+    )
     events = read_events(tmp_path / "tb")
     t = wordystore.open(store)
     assert sorted(events) == ["grad_norm", "grad_norm_clipped", "learning_rate", "losses"]
@@ -239,13 +271,19 @@ def test_export_scalars_writes_what_tensorboard_reads_back(store, tmp_path, caps
 
 
 def test_export_scalars_without_tensorboard_says_how_to_get_it(store, tmp_path):
-    code = ("import sys; sys.modules['tensorboard'] = None\n"
-            "from wordystore.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "export-scalars", str(store), "--tensorboard", str(tmp_path / "tb")],
-                          capture_output=True, text=True)
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\nfrom wordystore.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "export-scalars", str(store), "--tensorboard", str(tmp_path / "tb")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and not (tmp_path / "tb").exists()
-    assert proc.stderr.splitlines() == [f"wordystore export-scalars: error: TensorBoard event files: tensorboard is not "
-                                        f"installed; {install_hint('tensorboard')}"]
+    assert proc.stderr.splitlines() == [
+        f"wordystore export-scalars: error: TensorBoard event files: tensorboard is not "
+        f"installed; {install_hint('tensorboard')}"
+    ]
 
 
 # -- the round trip ----------------------------------------------------------------------------------------
@@ -260,7 +298,9 @@ def test_export_import_keeps_token_sets_config_and_scalar_kinds(tmp_path):
     t = wordystore.open(source)
     assert back.token_sets.keys() == t.token_sets.keys()
     assert all(np.array_equal(back.token_sets[k], t.token_sets[k]) for k in t.token_sets)
-    assert back.config["run"] == {"note": "a config that travels"} and back.config["seed_scalars"] == pytest.approx(SCALARS)
+    assert back.config["run"] == {"note": "a config that travels"} and back.config["seed_scalars"] == pytest.approx(
+        SCALARS
+    )
     for kind in ("learning_rate", "grad_norm", "grad_norm_clipped", "losses", "embeddings"):
         assert back[kind].numpy().tobytes() == t[kind].numpy().tobytes(), kind  # bit for bit, NaN included
     assert "wpe" not in back.kinds
@@ -276,14 +316,25 @@ def test_a_token_subset_travels_with_its_vocabulary_ids(store, tmp_path):
     assert back.learning_rate.numpy().tobytes() == wordystore.open(store).learning_rate.numpy([1, 2, 3]).tobytes()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("wordystore.token_sets", '{"trained": [0, 99]}', r"token set 'trained' is not a list of token positions in \[0, 12\)"),
-    ("wordystore.token_sets", "[1, 2]", "'wordystore.token_sets' is not a JSON object of token sets"),
-    ("wordystore.config", "not json", "'wordystore.config' is not a JSON object"),
-    ("wordystore.scalars", '{"grad_norm": {"dtype": "float32", "data": "AAAA"}}', "does not hold 5 float32 values"),
-    ("wordystore.scalars", '{"embeddings": {"dtype": "float32", "data": ""}}', "is not a 0-d kind of a known dtype"),
-    ("wordystore.scalars", '{"x": {"dtype": "object", "data": ""}}', "is not a 0-d kind of a known dtype"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "wordystore.token_sets",
+            '{"trained": [0, 99]}',
+            r"token set 'trained' is not a list of token positions in \[0, 12\)",
+        ),
+        ("wordystore.token_sets", "[1, 2]", "'wordystore.token_sets' is not a JSON object of token sets"),
+        ("wordystore.config", "not json", "'wordystore.config' is not a JSON object"),
+        ("wordystore.scalars", '{"grad_norm": {"dtype": "float32", "data": "AAAA"}}', "does not hold 5 float32 values"),
+        (
+            "wordystore.scalars",
+            '{"embeddings": {"dtype": "float32", "data": ""}}',
+            "is not a 0-d kind of a known dtype",
+        ),
+        ("wordystore.scalars", '{"x": {"dtype": "object", "data": ""}}', "is not a 0-d kind of a known dtype"),
+    ],
+)
 def test_metadata_read_from_a_file_is_checked(store, tmp_path, key, value, message):
     from safetensors.torch import save_file
 
@@ -298,5 +349,6 @@ def test_import_of_a_directory_says_so(store, tmp_path, capsys):
     assert main(["import", str(store), str(tmp_path / "x.zarr")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"wordystore import: error: {store} is a directory; expected a .safetensors file in the notebook's layout "
-        "(wordystore import FILE STORE: the file comes first)"]
+        "(wordystore import FILE STORE: the file comes first)"
+    ]
     assert not (tmp_path / "x.zarr").exists()

@@ -13,9 +13,11 @@ from trainer.config import RunConfig
 from trainer.data import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore.cli import main as cli
-from wordystore.seedfile import export, import_seed_file
+from wordystore.tools.safetensors_layout import export, import_seed_file
 
-SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16, bf16_matmul="native")  # as the notebook
+SMALL = dict(
+    vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16, bf16_matmul="native"
+)  # as the notebook
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,10 @@ def test_import_predicts_the_moments_by_measure_and_no_predict_stores_them_plain
     assert coefficients[0] == 1 and np.all((coefficients > 0) & (coefficients <= 1))
     if choice["chosen"] == "estimated":
         assert t.predictions["momentum"].clip == "clip_coef" and (tmp_path / "p.zarr" / "momentum.residuals").is_dir()
-    assert cli(["import", str(runs / "notebook.safetensors"), str(tmp_path / "plain.zarr"), "--no-predict", "--quiet"]) == 0
+    assert (
+        cli(["import", str(runs / "notebook.safetensors"), str(tmp_path / "plain.zarr"), "--no-predict", "--quiet"])
+        == 0
+    )
     plain = wordystore.open(tmp_path / "plain.zarr")
     assert plain.predictions == {} and "clip_coef" not in plain.kinds and "import_prediction" not in plain.config
     export(tmp_path / "plain.zarr", tmp_path / "again.safetensors", progress=False)
@@ -83,21 +88,50 @@ def test_import_predicts_the_moments_by_measure_and_no_predict_stores_them_plain
 def test_import_attaches_a_mask_file_as_token_sets(runs, tmp_path):
     mask = torch.zeros(SMALL["vocab_size"], dtype=torch.bool)
     mask[::3] = True
-    save_file({"trained_mask": mask, "untrained_mask": ~mask, "trained_indices": torch.nonzero(mask)[:, 0],
-               "untrained_indices": torch.nonzero(~mask)[:, 0]}, str(tmp_path / "masks.safetensors"))
-    t = import_seed_file(runs / "notebook.safetensors", tmp_path / "m.zarr",
-                         token_masks=tmp_path / "masks.safetensors", progress=False)
+    save_file(
+        {
+            "trained_mask": mask,
+            "untrained_mask": ~mask,
+            "trained_indices": torch.nonzero(mask)[:, 0],
+            "untrained_indices": torch.nonzero(~mask)[:, 0],
+        },
+        str(tmp_path / "masks.safetensors"),
+    )
+    t = import_seed_file(
+        runs / "notebook.safetensors", tmp_path / "m.zarr", token_masks=tmp_path / "masks.safetensors", progress=False
+    )
     np.testing.assert_array_equal(t.token_sets["trained"], np.arange(0, SMALL["vocab_size"], 3))
 
 
 def test_export_options_select_steps_tokens_and_kinds(runs, tmp_path):
-    cli(["export", str(runs / "run.zarr"), str(tmp_path / "part.safetensors"), "--rows", "1:4",
-         "--tokens", "untrained", "--kinds", "embeddings,losses"])
+    cli(
+        [
+            "export",
+            str(runs / "run.zarr"),
+            str(tmp_path / "part.safetensors"),
+            "--rows",
+            "1:4",
+            "--tokens",
+            "untrained",
+            "--kinds",
+            "embeddings,losses",
+        ]
+    )
     part = load_file(str(tmp_path / "part.safetensors"))
     full = load_file(str(runs / "notebook.safetensors"))
     untrained = wordystore.open(runs / "run.zarr").token_sets["untrained"]
-    assert set(part) == {"recorded_steps", "embeddings", "losses", "init_scale", "learning_rate", "weight_decay",
-                         "adam_beta1", "adam_beta2", "n_trained", "n_untrained"}
+    assert set(part) == {
+        "recorded_steps",
+        "embeddings",
+        "losses",
+        "init_scale",
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "n_trained",
+        "n_untrained",
+    }
     assert torch.equal(part["recorded_steps"], full["recorded_steps"][1:4])
     assert torch.equal(part["embeddings"].view(torch.int16), full["embeddings"][1:4][:, untrained].view(torch.int16))
 
@@ -120,7 +154,9 @@ def test_bad_inputs_get_clear_errors_and_leave_no_output(runs, tmp_path):
         export(runs / "run.zarr", tmp_path / "exists.safetensors", progress=False)
     assert (tmp_path / "exists.safetensors").read_bytes() == b"keep me"
     assert cli(["export", str(runs / "run.zarr"), str(tmp_path / "exists.safetensors")]) == 2
-    header = struct.unpack("<Q", export(runs / "run.zarr", tmp_path / "x.safetensors", progress=False).read_bytes()[:8])[0]
+    header = struct.unpack(
+        "<Q", export(runs / "run.zarr", tmp_path / "x.safetensors", progress=False).read_bytes()[:8]
+    )[0]
     assert header % 8 == 0
     assert not list(tmp_path.glob(".*.partial"))
 
@@ -142,4 +178,6 @@ def test_stitch_joins_runs_and_shows_the_seams(runs, tmp_path):
     other = wordystore.create(tmp_path / "o.zarr", {"x": wordystore.Kind((2,), "float32")})
     other.close()
     with pytest.raises(ValueError, match="kinds differ"):
-        wordystore.stitch.stitch([tmp_path / "a.zarr", tmp_path / "o.zarr"], tmp_path / "bad.zarr", progress=False)
+        wordystore.tools.stitch.stitch(
+            [tmp_path / "a.zarr", tmp_path / "o.zarr"], tmp_path / "bad.zarr", progress=False
+        )

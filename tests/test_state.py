@@ -13,12 +13,13 @@ from transformers import TrainerCallback
 from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import TokenDataset
-from trainer.model import build_model
 from trainer.experiment import SeedTrainer, checkpoint_directory, training_arguments
+from trainer.model import build_model
 
 # 64 windows of 17 tokens, batch 4: an epoch is 16 steps, so 24 steps cross an epoch boundary
-CFG = RunConfig(vocab_size=300, hidden_dim=8, batch_size=4, steps=24, max_seq_len=16,
-                training_args={"neftune_noise_alpha": 5.0})  # NEFTune draws noise each step: the RNGs matter
+CFG = RunConfig(
+    vocab_size=300, hidden_dim=8, batch_size=4, steps=24, max_seq_len=16, training_args={"neftune_noise_alpha": 5.0}
+)  # NEFTune draws noise each step: the RNGs matter
 IDS = np.random.default_rng(0).integers(0, 300, 80)
 
 
@@ -54,8 +55,14 @@ def run(tmp_path, max_steps, *, capture_at=(), resume=None, extension=None):
     watch = Watch(capture_at)
     args = training_arguments(CFG, str(tmp_path / "out"), "cpu", max_steps=max_steps)
     checkpoint = None if resume is None else checkpoint_directory(tmp_path / "resume", resume[1])
-    trainer = SeedTrainer(model=model, args=args, train_dataset=TokenDataset(torch.tensor(IDS), 16),
-                          callbacks=[watch], resume_state=resume, extension=extension)
+    trainer = SeedTrainer(
+        model=model,
+        args=args,
+        train_dataset=TokenDataset(torch.tensor(IDS), 16),
+        callbacks=[watch],
+        resume_state=resume,
+        extension=extension,
+    )
     watch.trainer = trainer
     trainer.train(resume_from_checkpoint=checkpoint)
     return watch
@@ -78,7 +85,9 @@ def test_a_restored_run_goes_on_bit_for_bit(uninterrupted, tmp_path, at):
 def test_the_state_holds_what_it_promises(uninterrupted):
     tensors, info = uninterrupted.states[19]
     assert info["global_step"] == 19 and info["data"] == {"epoch": 1, "samples_seen": 76}
-    assert {"rng.torch_cpu", "model.transformer.wte.weight", "optimizer.0.exp_avg_sq", "optimizer.0.step"} <= set(tensors)
+    assert {"rng.torch_cpu", "model.transformer.wte.weight", "optimizer.0.exp_avg_sq", "optimizer.0.step"} <= set(
+        tensors
+    )
     assert "model.lm_head.weight" not in tensors  # tied to wte: stored once
     assert tensors["optimizer.0.step"].item() == 19
     assert info["lr_scheduler"]["last_epoch"] == 19 and info["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]
@@ -94,8 +103,10 @@ def test_rng_state_round_trip():
 def test_a_state_for_another_model_is_refused(uninterrupted):
     tensors, _ = uninterrupted.states[5]
     with pytest.raises(ValueError, match="missing .*unexpected"):
-        run_state.restore_model(build_model(RunConfig(vocab_size=300, hidden_dim=8, n_layer=1), 300, "cpu"),
-                                {k.replace("h.1.", "h.9."): v for k, v in tensors.items()})
+        run_state.restore_model(
+            build_model(RunConfig(vocab_size=300, hidden_dim=8, n_layer=1), 300, "cpu"),
+            {k.replace("h.1.", "h.9."): v for k, v in tensors.items()},
+        )
 
 
 @pytest.mark.parametrize("policy", ["hold", "decay", "restart"])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import wordystore
 from wordystore import Kind, trajectory
-from wordystore.kinds import numpy_to_torch
+from wordystore.format.kinds import numpy_to_torch
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -26,15 +26,28 @@ def write(path, n_steps, vocab, dim, steps_per_chunk=3, rng=None, step_numbers=N
         "logits": Kind((vocab,), "bfloat16", ("token",)),
         "losses": Kind((), "float32", ()),
     }
-    ref = {"embeddings": random_bf16(rng, (n_steps, vocab, dim)), "logits": random_bf16(rng, (n_steps, vocab)),
-           "losses": rng.standard_normal(n_steps).astype(np.float32)}
+    ref = {
+        "embeddings": random_bf16(rng, (n_steps, vocab, dim)),
+        "logits": random_bf16(rng, (n_steps, vocab)),
+        "losses": rng.standard_normal(n_steps).astype(np.float32),
+    }
     steps = step_numbers if step_numbers is not None else np.arange(n_steps) * 5
     sets = {"even": np.arange(0, vocab, 2), "odd": np.arange(1, vocab, 2)}
-    with wordystore.create(path, kinds, token_sets=sets, config={"vocab": vocab},
-                           block_rows=steps_per_chunk, chunk_rows=2 * steps_per_chunk) as w:
+    with wordystore.create(
+        path,
+        kinds,
+        token_sets=sets,
+        config={"vocab": vocab},
+        block_rows=steps_per_chunk,
+        chunk_rows=2 * steps_per_chunk,
+    ) as w:
         for i in range(n_steps):
-            w.append(int(steps[i]), embeddings=numpy_to_torch(ref["embeddings"][i]), logits=ref["logits"][i],
-                     losses=float(ref["losses"][i]))
+            w.append(
+                int(steps[i]),
+                embeddings=numpy_to_torch(ref["embeddings"][i]),
+                logits=ref["logits"][i],
+                losses=float(ref["losses"][i]),
+            )
     return ref, steps, sets
 
 
@@ -60,8 +73,13 @@ def axis_index(draw, length):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), n_steps=st.integers(1, 9), vocab=st.integers(1, 20), dim=st.integers(1, 5),
-       steps_per_chunk=st.integers(1, 4))
+@given(
+    data=st.data(),
+    n_steps=st.integers(1, 9),
+    vocab=st.integers(1, 20),
+    dim=st.integers(1, 5),
+    steps_per_chunk=st.integers(1, 4),
+)
 def test_random_index_expressions_match_numpy(tmp_path_factory, data, n_steps, vocab, dim, steps_per_chunk):
     path = tmp_path_factory.mktemp("h") / "t.zarr"
     ref, steps, _ = write(path, n_steps, vocab, dim, steps_per_chunk, np.random.default_rng(n_steps * vocab))

@@ -4,9 +4,9 @@ through the Trainer's own `report_to`, and a resume of a run that stopped before
 import re
 
 import numpy as np
+from test_scripting import read_events
 
 import wordystore
-from test_scripting import read_events
 from trainer import run
 from trainer.config import RunConfig
 from trainer.recording import kinds_for
@@ -38,4 +38,5 @@ def test_resume_of_a_run_stopped_before_its_first_commit_says_so_and_builds_noth
     assert capsys.readouterr().err.splitlines() == [
         f"wordystore train: error: {path}: the run stopped before its first commit (the writer commits a block of "
         "steps, with the run's state, every few steps), so nothing of it was kept to go on from; start it again: "
-        f"wordystore train {path} --overwrite, with the same flags"]
+        f"wordystore train {path} --overwrite, with the same flags"
+    ]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from notebook_reference import run_notebook
 
+from trainer.cli import _run_overrides
 from trainer.config import RunConfig
 from trainer.data import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore import trajectory
-from trainer.cli import _run_overrides
 from wordystore.cli import build_parser
 from wordystore.cli import main as cli_main
 
@@ -92,8 +92,19 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
     runs = {}
     for name, extra in (("default", []), ("low_memory", ["--low-memory"])):
         out = tmp_path / f"{name}.zarr"
-        cmd = [sys.executable, "-m", "wordystore.cli", "train", str(out), "--steps", "2", "--batch-size", "4",
-               "--quiet", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wordystore.cli",
+            "train",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--quiet",
+            *extra,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         assert "recorded 3 rows" in result.stdout
@@ -104,8 +115,9 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
     untrained = t.embeddings[0:3, "untrained"]
     assert untrained.shape == (3, 45087, 64) and untrained.dtype == torch.bfloat16
     assert t.config["model"]["vocab_size"] == 50257
-    info = subprocess.run([sys.executable, "-m", "wordystore.cli", "info", str(tmp_path / "default.zarr")],
-                          capture_output=True, text=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "wordystore.cli", "info", str(tmp_path / "default.zarr")], capture_output=True, text=True
+    )
     assert "untrained (45087)" in info.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["default.zarr", "low_memory.zarr"]  # nothing else
 
@@ -127,23 +139,27 @@ print(sum(faults[1:]))
 def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
     faults = {}
     for setting in ("default", "keep"):
-        result = subprocess.run([sys.executable, "-c", STEP_LIKE_ALLOCATIONS, setting],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", STEP_LIKE_ALLOCATIONS, setting], capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, result.stderr
         faults[setting] = int(result.stdout)
     # default: every repetition maps its 160 MB afresh (about 41,000 faults); kept: a few heap extensions
     assert faults["keep"] < faults["default"] / 4, faults
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--steps", "0"], "steps must be >= 1, got 0"),
-    (["--steps", "-1"], "steps must be >= 1, got -1"),
-    (["--record-every", "0"], "record_every must be >= 1, got 0"),
-    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
-    (["--hidden-dim", "63"], "hidden_dim (63) must be a multiple of n_head (2)"),
-    (["--resume", "--overwrite"], "--overwrite starts a new run"),
-    (["--extend-to", "300"], "--extend-to N and --lr-policy (hold, decay, restart) go together"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "steps must be >= 1, got 0"),
+        (["--steps", "-1"], "steps must be >= 1, got -1"),
+        (["--record-every", "0"], "record_every must be >= 1, got 0"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--hidden-dim", "63"], "hidden_dim (63) must be a multiple of n_head (2)"),
+        (["--resume", "--overwrite"], "--overwrite starts a new run"),
+        (["--extend-to", "300"], "--extend-to N and --lr-policy (hold, decay, restart) go together"),
+    ],
+)
 def test_bad_train_flags_are_refused_up_front_and_leave_nothing(tmp_path, capsys, flags, message):
     assert cli_main(["train", str(tmp_path / "x.zarr"), *flags]) == 2
     err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """xarray (``engine="wordystore"``), dask and pickling, on real stores against the arrays written.
 
 The reference for values is the numpy arrays each store was written from; for the displacement,
-numpy on those arrays and ``analysis.embedding_stats``. Decoded chunks are counted at the chunk
+numpy on those arrays and ``measures.embedding_stats``. Decoded chunks are counted at the chunk
 cache, every lookup of which is one chunk a read needs; fetched shards at the store's API.
 """
 
@@ -20,18 +20,27 @@ import xarray as xr
 from zarr.storage import LocalStore, WrapperStore
 
 import wordystore
-from wordystore import Kind, analysis, reading
+from wordystore import Kind
+from wordystore.analysis import measures
 from wordystore.errors import MissingExtraError
-from wordystore.extras import install_hint
-from wordystore.kinds import numpy_to_torch
+from wordystore.format.kinds import numpy_to_torch
+from wordystore.optional import install_hint
+from wordystore.read import reading
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 MATRIX = ("embeddings", "grads", "momentum", "variance")
 VOCAB, DIM, ROWS = 300, 8, 13
-SETS = {"trained": np.arange(0, VOCAB, 3), "untrained": np.setdiff1d(np.arange(VOCAB), np.arange(0, VOCAB, 3)),
-        "grads": np.array([5, 7])}  # a set named like a kind: its coordinate is token_set_grads
-CONFIG = {"device": "cpu", "flag": True, "run": {"steps": 24, "learning_rate": 1e-3, "seed": 42, "note": None},
-          "nested": {"a": [1, 2]}}
+SETS = {
+    "trained": np.arange(0, VOCAB, 3),
+    "untrained": np.setdiff1d(np.arange(VOCAB), np.arange(0, VOCAB, 3)),
+    "grads": np.array([5, 7]),
+}  # a set named like a kind: its coordinate is token_set_grads
+CONFIG = {
+    "device": "cpu",
+    "flag": True,
+    "run": {"steps": 24, "learning_rate": 1e-3, "seed": 42, "note": None},
+    "nested": {"a": [1, 2]},
+}
 
 
 def seed_like_store(path):
@@ -41,8 +50,15 @@ def seed_like_store(path):
     v = torch.zeros(VOCAB, DIM, dtype=torch.bfloat16)
     e = (torch.randn(VOCAB, DIM, generator=gen) * 0.02).bfloat16()
     ref = {name: [] for name in (*MATRIX, "logits", "losses", "learning_rate", "grad_norm", "grad_norm_clipped")}
-    with wordystore.create(path, wordystore.seed_kinds(VOCAB, DIM), token_sets=SETS, config=CONFIG,
-                           predictions=wordystore.adam_predictions(0.9, 0.999, 1.0), block_rows=2, chunk_rows=4) as w:
+    with wordystore.create(
+        path,
+        wordystore.seed_kinds(VOCAB, DIM),
+        token_sets=SETS,
+        config=CONFIG,
+        predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
+        block_rows=2,
+        chunk_rows=4,
+    ) as w:
         for r in range(ROWS):
             g = (torch.randn(VOCAB, DIM, generator=gen) * 0.1).bfloat16()
             g[SETS["untrained"][r % 7 :: 5]] = 0  # some untrained tokens get no gradient at some steps
@@ -51,16 +67,25 @@ def seed_like_store(path):
             m.lerp_(clipped, 0.1)
             v.mul_(0.999).addcmul_(clipped, clipped, value=0.001)
             e = (e.float() - 1e-3 * m.float() / (v.float().sqrt() + 1e-8)).bfloat16()
-            row = {"embeddings": e, "grads": g, "momentum": m, "variance": v,
-                   "logits": torch.randn(VOCAB, generator=gen).bfloat16(), "losses": torch.tensor(10.0 - r).bfloat16(),
-                   "learning_rate": torch.tensor(1e-3 * (1 - r / ROWS)), "grad_norm": norm,
-                   "grad_norm_clipped": torch.clamp(norm, max=1.0)}
+            row = {
+                "embeddings": e,
+                "grads": g,
+                "momentum": m,
+                "variance": v,
+                "logits": torch.randn(VOCAB, generator=gen).bfloat16(),
+                "losses": torch.tensor(10.0 - r).bfloat16(),
+                "learning_rate": torch.tensor(1e-3 * (1 - r / ROWS)),
+                "grad_norm": norm,
+                "grad_norm_clipped": torch.clamp(norm, max=1.0),
+            }
             w.append(2 * r, **row)
             for name, value in row.items():
                 ref[name].append(value.clone())
     ref = {name: torch.stack(values) for name, values in ref.items()}
-    return {name: value.view(torch.uint16).numpy().view(BF16) if value.dtype == torch.bfloat16 else value.numpy()
-            for name, value in ref.items()}
+    return {
+        name: value.view(torch.uint16).numpy().view(BF16) if value.dtype == torch.bfloat16 else value.numpy()
+        for name, value in ref.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +129,29 @@ def test_open_dataset_has_every_kind_with_true_values_and_the_store_as_coordinat
     untrained = SETS["untrained"]
     np.testing.assert_array_equal(bits(ds.sel(untrained=True).embeddings), bits(ref["embeddings"][:, untrained]))
     np.testing.assert_array_equal(bits(ds.embeddings.isel(token=ds.untrained)), bits(ref["embeddings"][:, untrained]))
-    np.testing.assert_array_equal(bits(ds.momentum.sel(step=[4, 20], token=[9, 2])), bits(ref["momentum"][[2, 10]][:, [9, 2]]))
+    np.testing.assert_array_equal(
+        bits(ds.momentum.sel(step=[4, 20], token=[9, 2])), bits(ref["momentum"][[2, 10]][:, [9, 2]])
+    )
 
     assert json.loads(ds.attrs["config"]) == CONFIG
     assert {k: v for k, v in ds.attrs.items() if k.startswith("config.")} == {
-        "config.device": "cpu", "config.flag": 1, "config.run.steps": 24, "config.run.learning_rate": 1e-3,
-        "config.run.seed": 42}
+        "config.device": "cpu",
+        "config.flag": 1,
+        "config.run.steps": 24,
+        "config.run.learning_rate": 1e-3,
+        "config.run.seed": 42,
+    }
     assert ds.attrs["profile"] == "compact" and ds.attrs["format_version"] == t.metadata["format_version"]
     xr.testing.assert_identical(as_bits(t.to_xarray()), as_bits(ds))  # one implementation
     assert list(xr.open_dataset(path, engine="wordystore", drop_variables=["grads", "logits"]).data_vars) == [
-        name for name in t.kinds if name not in ("grads", "logits")]
+        name for name in t.kinds if name not in ("grads", "logits")
+    ]
 
 
 def test_the_untrained_displacement_from_xarray_and_dask_equals_the_analysis(store):
     path, ref = store
     expected = displacement(ref["embeddings"][:, SETS["untrained"]])
-    stats = analysis.embedding_stats(wordystore.open(path), "untrained").table["displacement_max"]
+    stats = measures.embedding_stats(wordystore.open(path), "untrained").table["displacement_max"]
     np.testing.assert_allclose(stats, expected, rtol=1e-6)
     for chunks in (None, {}):  # lazy arrays, then dask arrays of the store's chunking
         w = xr.open_dataset(path, engine="wordystore", chunks=chunks).embeddings.sel(untrained=True).astype("float32")
@@ -162,8 +194,9 @@ def test_a_selection_decodes_only_the_chunks_it_touches(tmp_path, decoded):
     rng = np.random.default_rng(1)
     ref = rng.integers(0, 2**16, (8, 1000, 512), dtype=np.uint16).view(BF16)
     kinds = {"embeddings": Kind((1000, 512), "bfloat16", ("token", "dim"))}
-    with wordystore.create(tmp_path / "big.zarr", kinds, token_sets={"few": np.array([3, 200, 900])},
-                           block_rows=2, chunk_rows=4) as w:
+    with wordystore.create(
+        tmp_path / "big.zarr", kinds, token_sets={"few": np.array([3, 200, 900])}, block_rows=2, chunk_rows=4
+    ) as w:
         for r in range(8):
             w.append(r * 10, embeddings=numpy_to_torch(ref[r]))
     store = CountingStore(LocalStore(tmp_path / "big.zarr", read_only=True))
@@ -177,7 +210,9 @@ def test_a_selection_decodes_only_the_chunks_it_touches(tmp_path, decoded):
     ]
     for select, rows, tokens in cases:
         touched = {(r // 4, t // 32, 0) for r in rows for t in tokens}
-        in_dask_chunks = {(r // 4, c, 0) for r in rows for t in tokens for c in range(t // 512 * 16, min(t // 512 * 16 + 16, 32))}
+        in_dask_chunks = {
+            (r // 4, c, 0) for r in rows for t in tokens for c in range(t // 512 * 16, min(t // 512 * 16 + 16, 32))
+        }
         for chunks, most in ((None, touched), ({}, in_dask_chunks)):
             ds = xr.open_dataset(store, engine="wordystore", chunks=chunks, cache_bytes=0)
             in_memory = xr.Dataset({"embeddings": (("step", "token", "dim"), ref)}, coords=ds.coords)
@@ -196,9 +231,14 @@ def test_trajectories_and_views_pickle_as_where_to_reopen_them(store, tmp_path, 
     monkeypatch.chdir(path.parent)
     t = wordystore.open(path.name)  # a relative path: pickled as an absolute one
     t.embeddings[:]  # fills the chunk cache, which must not travel
-    payloads = {"trajectory": t, "view": t.momentum, "uncached": t.uncached().variance,
-                "dask": t.embeddings.to_dask()[:, SETS["untrained"]], "xarray": t.to_xarray(chunks={}).momentum[:, 5:9],
-                "store object": wordystore.open(LocalStore(path, read_only=True)).logits}
+    payloads = {
+        "trajectory": t,
+        "view": t.momentum,
+        "uncached": t.uncached().variance,
+        "dask": t.embeddings.to_dask()[:, SETS["untrained"]],
+        "xarray": t.to_xarray(chunks={}).momentum[:, 5:9],
+        "store object": wordystore.open(LocalStore(path, read_only=True)).logits,
+    }
     sizes = {name: len(pickle.dumps(value)) for name, value in payloads.items()}
     assert max(sizes.values()) < 12_000, sizes  # locations and options (and a dask graph), no data
     assert pickle.loads(pickle.dumps(t.uncached()))._cache_bytes == 0
@@ -209,9 +249,11 @@ def test_trajectories_and_views_pickle_as_where_to_reopen_them(store, tmp_path, 
         from zarr.core.dtype import data_type_registry
         assert "bfloat16" in data_type_registry.contents  # registered by unpickling alone
         t = payloads["trajectory"]
-        out = {"rows": len(t), "steps": t.steps, "view": payloads["view"].numpy(), "uncached": payloads["uncached"].numpy(),
-               "dask": payloads["dask"].compute(scheduler="sync"), "xarray": payloads["xarray"].values,
-               "store object": payloads["store object"].numpy(), "store": type(payloads["store object"].trajectory.store).__name__}
+        store_object = payloads["store object"]
+        out = {"rows": len(t), "steps": t.steps, "view": payloads["view"].numpy(),
+               "uncached": payloads["uncached"].numpy(), "dask": payloads["dask"].compute(scheduler="sync"),
+               "xarray": payloads["xarray"].values, "store object": store_object.numpy(),
+               "store": type(store_object.trajectory.store).__name__}
         pickle.dump(out, sys.stdout.buffer)
     """)
     other = tmp_path / "elsewhere"
@@ -219,10 +261,17 @@ def test_trajectories_and_views_pickle_as_where_to_reopen_them(store, tmp_path, 
     proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(payloads), capture_output=True, cwd=other)
     assert proc.returncode == 0, proc.stderr.decode()
     got = pickle.loads(proc.stdout)
-    assert got["rows"] == ROWS and got["store"] == "GuardedLocalStore"  # a given LocalStore is guarded (docs/security.md)
+    assert (
+        got["rows"] == ROWS and got["store"] == "GuardedLocalStore"
+    )  # a given LocalStore is guarded (docs/security.md)
     np.testing.assert_array_equal(got["steps"], t.steps)
-    for name, expected in (("view", ref["momentum"]), ("uncached", ref["variance"]), ("store object", ref["logits"]),
-                           ("dask", ref["embeddings"][:, SETS["untrained"]]), ("xarray", ref["momentum"][:, 5:9])):
+    for name, expected in (
+        ("view", ref["momentum"]),
+        ("uncached", ref["variance"]),
+        ("store object", ref["logits"]),
+        ("dask", ref["embeddings"][:, SETS["untrained"]]),
+        ("xarray", ref["momentum"][:, 5:9]),
+    ):
         np.testing.assert_array_equal(bits(got[name]), bits(expected), err_msg=name)
 
 
@@ -252,8 +301,10 @@ def test_dask_processes_and_a_local_cluster_compute_what_one_process_does(store)
     by_processes, by_processes_xr = dask.compute(disp, disp_xr, scheduler="processes", num_workers=2)
     np.testing.assert_array_equal(by_processes, in_process)
     np.testing.assert_array_equal(by_processes_xr.values, in_process)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         on_cluster, on_cluster_xr = client.compute([disp, disp_xr], sync=True)
         workers = client.run(lambda: __import__("os").getpid())
     assert len(set(workers.values())) == 2
@@ -266,18 +317,25 @@ def test_attributes_and_token_sets_survive_netcdf_and_zarr(store, tmp_path):
     ds = xr.open_dataset(path, engine="wordystore")
     ds.to_zarr(tmp_path / "copy.zarr", consolidated=False)  # bfloat16 as zarr's "bfloat16" (wordystore registers it)
     small = ds.drop_vars([name for name, v in ds.data_vars.items() if v.dtype == BF16]).assign(
-        embeddings=ds.embeddings.astype("float32"))  # netCDF has no bfloat16: every bfloat16 is a float32
+        embeddings=ds.embeddings.astype("float32")
+    )  # netCDF has no bfloat16: every bfloat16 is a float32
     small.to_netcdf(tmp_path / "copy.nc", engine="h5netcdf")
-    for back in (xr.open_zarr(tmp_path / "copy.zarr", consolidated=False), xr.open_dataset(tmp_path / "copy.nc", engine="h5netcdf")):
+    for back in (
+        xr.open_zarr(tmp_path / "copy.zarr", consolidated=False),
+        xr.open_dataset(tmp_path / "copy.nc", engine="h5netcdf"),
+    ):
         assert back.attrs == ds.attrs
         back = back.set_xindex("untrained")  # indexes are not stored: set it again
-        np.testing.assert_array_equal(back.sel(untrained=True).embeddings.values.astype(np.float32),
-                                      ref["embeddings"][:, SETS["untrained"]].astype(np.float32))
+        np.testing.assert_array_equal(
+            back.sel(untrained=True).embeddings.values.astype(np.float32),
+            ref["embeddings"][:, SETS["untrained"]].astype(np.float32),
+        )
         assert back.token_set_grads.attrs["token_set"] == "grads"
 
 
-@pytest.mark.parametrize("blocked, call, extra", [("xarray", "t.to_xarray()", "xarray"),
-                                                  ("dask", "t.embeddings.to_dask()", "dask")])
+@pytest.mark.parametrize(
+    "blocked, call, extra", [("xarray", "t.to_xarray()", "xarray"), ("dask", "t.embeddings.to_dask()", "dask")]
+)
 def test_without_xarray_or_dask_one_line_names_the_extra(store, blocked, call, extra):
     path, _ = store
     code = textwrap.dedent(f"""
@@ -294,5 +352,6 @@ def test_without_xarray_or_dask_one_line_names_the_extra(store, blocked, call, e
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines() == [
         f"{call.removeprefix('t.').removeprefix('embeddings.')} needs {extra}, which is not installed; "
-        f"{install_hint('analysis')}"]
+        f"{install_hint('analysis')}"
+    ]
     assert issubclass(MissingExtraError, ImportError)

@@ -1,7 +1,8 @@
 """The Wordybird experiment of the seed notebook, recorded step by step into a wordystore trajectory.
 
 - :mod:`trainer.config`: the notebook's parameters as one dataclass.
-- :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows (token sets: :mod:`wordystore.tokensets`).
+- :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows
+  (token sets: :mod:`wordystore.tools.token_sets`).
 - :mod:`trainer.model`: the 2-layer GPT-2 and its bfloat16 initialisation.
 - :mod:`trainer.recording`: a Hugging Face ``TrainerCallback`` and a plain-PyTorch recorder.
 - :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).

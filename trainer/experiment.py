@@ -21,7 +21,7 @@ from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
 from trainer.model import pick_device
-from wordystore.tokensets import token_sets_from_ids, token_sets_from_mask_file
+from wordystore.tools.token_sets import token_sets_from_ids, token_sets_from_mask_file
 
 
 @dataclasses.dataclass

@@ -47,11 +47,27 @@ ENV = "WORDYSTORE_CPU_BF16"  # "1": treat this CPU as having bf16 units, "0": as
 
 # The matrix products the float32 path takes over (functions and Tensor methods, as torch function
 # modes see them). ``x @ y`` arrives as Tensor.matmul or Tensor.__matmul__.
-PRODUCTS = frozenset({
-    F.linear, torch.addmm, torch.Tensor.addmm, torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul,
-    torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
-    torch.Tensor.baddbmm, torch.addbmm, torch.Tensor.addbmm, torch.einsum, F.scaled_dot_product_attention,
-})
+PRODUCTS = frozenset(
+    {
+        F.linear,
+        torch.addmm,
+        torch.Tensor.addmm,
+        torch.mm,
+        torch.Tensor.mm,
+        torch.matmul,
+        torch.Tensor.matmul,
+        torch.Tensor.__matmul__,
+        torch.Tensor.__rmatmul__,
+        torch.bmm,
+        torch.Tensor.bmm,
+        torch.baddbmm,
+        torch.Tensor.baddbmm,
+        torch.addbmm,
+        torch.Tensor.addbmm,
+        torch.einsum,
+        F.scaled_dot_product_attention,
+    }
+)
 
 
 # -- the CPU ------------------------------------------------------------------------------------------
@@ -134,7 +150,9 @@ def describe_cpu(info: dict) -> str:
         units = f"{'' if info['arm_bf16'] else 'no '}BF16"
     else:
         vector = "AVX-512" if info["avx512"] else "AVX2" if info["avx2"] else "no AVX2"
-        units = f"{vector}, {'' if info['avx512_bf16'] else 'no '}AVX512-BF16, {'' if info['amx_bf16'] else 'no '}AMX-BF16"
+        units = (
+            f"{vector}, {'' if info['avx512_bf16'] else 'no '}AVX512-BF16, {'' if info['amx_bf16'] else 'no '}AMX-BF16"
+        )
     text = f"{info['class']} ({units}, {info['cores']} cores)"
     if info.get("forced"):
         text += f", treated as {'having bf16 units' if info['bf16_units'] else 'having none'} ({info['forced']})"
@@ -157,9 +175,15 @@ class Choice:
 
     def record(self) -> dict:
         """The store's ``config["numerics"]``."""
-        return {"bf16_matmul": self.bf16_matmul, "requested": self.requested, "reason": self.reason,
-                "means": BF16_MATMUL[self.bf16_matmul], "device": self.device, "cpu": self.cpu,
-                "torch": torch.__version__}
+        return {
+            "bf16_matmul": self.bf16_matmul,
+            "requested": self.requested,
+            "reason": self.reason,
+            "means": BF16_MATMUL[self.bf16_matmul],
+            "device": self.device,
+            "cpu": self.cpu,
+            "torch": torch.__version__,
+        }
 
 
 def choose(requested: str, device: str) -> Choice:
@@ -175,8 +199,13 @@ def choose(requested: str, device: str) -> Choice:
     said = f"{info['forced']} says " if info["forced"] else ""
     if info["bf16_units"]:
         return Choice("native", "auto", f"auto: {said}this CPU has bf16 units", device, info)
-    return Choice("float32", "auto", f"auto: {said}this CPU has no bf16 units, where PyTorch's own bf16 GEMM "
-                  "is a slow scalar loop", device, info)
+    return Choice(
+        "float32",
+        "auto",
+        f"auto: {said}this CPU has no bf16 units, where PyTorch's own bf16 GEMM is a slow scalar loop",
+        device,
+        info,
+    )
 
 
 def stored(config: dict) -> str:
@@ -188,16 +217,21 @@ def stored(config: dict) -> str:
 def check_given(config: dict, given: str | None) -> None:
     """On resume or extension: a ``--bf16-matmul`` given again must be ``auto`` or the run's own."""
     if given not in (None, "auto", stored(config)):
-        raise ValueError(f"the run was recorded with --bf16-matmul {stored(config)} (given {given}); a run keeps "
-                         "its matmul numerics: leave the flag out, or start a new run")
+        raise ValueError(
+            f"the run was recorded with --bf16-matmul {stored(config)} (given {given}); a run keeps "
+            "its matmul numerics: leave the flag out, or start a new run"
+        )
 
 
 def of_stored_run(config: dict, device: str) -> Choice:
     """A resumed or extended run's choice: the stored one, whatever ``auto`` would pick here now."""
     record, info = config.get("numerics"), cpu()
     chosen = stored(config)
-    reason = (f"kept from the run, which recorded: {record['reason']}" if record
-              else "kept from the run, recorded before the choice existed, when native was all there was")
+    reason = (
+        f"kept from the run, which recorded: {record['reason']}"
+        if record
+        else "kept from the run, recorded before the choice existed, when native was all there was"
+    )
     if device.split(":")[0] == "cpu" and chosen == "native" and not info["bf16_units"]:
         reason += "; this CPU has no bf16 units, so native runs slowly here"
     return Choice(chosen, "stored", reason, device, info)
@@ -218,8 +252,10 @@ class _RoundOnce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if torch.is_autocast_enabled(ctx.device_type):
-            raise RuntimeError("the float32 matmul path's backward ran inside autocast, which would compute its "
-                               "GEMMs in bf16; call backward outside the autocast region (as the Trainer does)")
+            raise RuntimeError(
+                "the float32 matmul path's backward ran inside autocast, which would compute its "
+                "GEMMs in bf16; call backward outside the autocast region (as the Trainer does)"
+            )
         return grad.to(torch.float32)
 
 
@@ -290,8 +326,15 @@ def install(model: torch.nn.Module, choice: Choice | str) -> torch.nn.Module:
 # -- what to expect ----------------------------------------------------------------------------------
 
 
-def estimate_step_seconds(model: torch.nn.Module, matmul: str, batch: int, seq_len: int, device: str,
-                          autocast: bool = True, budget: float = 1.0) -> float:
+def estimate_step_seconds(
+    model: torch.nn.Module,
+    matmul: str,
+    batch: int,
+    seq_len: int,
+    device: str,
+    autocast: bool = True,
+    budget: float = 1.0,
+) -> float:
     """A rough time per training step of ``model`` with ``batch`` sequences of ``seq_len`` tokens:
     forward and backward of a copy of the model on 1 and 4 sequences (each size once to warm up,
     then the best of two), extrapolated linearly to ``batch``; only 1 sequence, times ``batch``,
@@ -333,8 +376,10 @@ def first_line(choice: Choice, seconds: float | None) -> str:
     """The run's first printed line: the numerics, why, the CPU, and the time per step to expect."""
     line = f"bf16 matmul: {choice.bf16_matmul} ({choice.reason}); CPU {choice.cpu['description']}"
     if seconds is not None:
-        line += (f". Expect about {seconds:.2g} s per step (rough: this model's forward and backward on 1 and 4 "
-                 "sequences, timed just now and scaled to the batch; without the optimizer and recording)")
+        line += (
+            f". Expect about {seconds:.2g} s per step (rough: this model's forward and backward on 1 and 4 "
+            "sequences, timed just now and scaled to the batch; without the optimizer and recording)"
+        )
     return line
 
 
@@ -343,7 +388,8 @@ def setup(model: torch.nn.Module, choice: Choice, args, seq_len: int, *, announc
     an estimate of the step time for ``args``' batch of ``seq_len``-token sequences, then install it."""
     if announce:
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        seconds = estimate_step_seconds(model, choice.bf16_matmul, batch, seq_len, choice.device,
-                                        autocast=bool(args.bf16))
+        seconds = estimate_step_seconds(
+            model, choice.bf16_matmul, batch, seq_len, choice.device, autocast=bool(args.bf16)
+        )
         print(first_line(choice, seconds), flush=True)
     install(model, choice)

@@ -24,14 +24,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
-from wordystore import storage
 from trainer import numerics
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
 from trainer.model import build_model
 from trainer.recording import TrajectoryCallback, kinds_for
-
+from wordystore.store import storage
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
@@ -50,8 +49,9 @@ class ProgressBar(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
             self.size_mb = store_size(self.store_path) / 1e6
-        self.bar.set_postfix_str(f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} "
-                                 f"store {self.size_mb:.0f} MB")
+        self.bar.set_postfix_str(
+            f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
+        )
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -75,7 +75,7 @@ class StopOnSignal(TrainerCallback):
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -97,12 +97,19 @@ class StopOnSignal(TrainerCallback):
 
 def store_size(path: str | Path) -> int:
     """Bytes stored (a directory's or a bucket's), counted while the writer writes and compacts (see
-    wordystore.storage.size)."""
+    wordystore.store.storage.size)."""
     return storage.size(storage.as_store(path, read_only=True))
 
 
-def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
-          record: bool = True, announce: bool | None = None) -> dict:
+def train(
+    out: str | Path,
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    record: bool = True,
+    announce: bool | None = None,
+) -> dict:
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
     ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
     ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
@@ -123,26 +130,30 @@ def train(out: str | Path, cfg: RunConfig, *, overwrite: bool = False, progress:
             trainer.train()
             return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
         arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
-        config = run_state.jsonable({
-            "run": cfg.to_dict(),
-            "training_arguments": arguments,
-            "model": model.config.to_dict(),
-            "data": inputs.data,
-            "device": inputs.device,
-            "numerics": choice.record(),
-        })
+        config = run_state.jsonable(
+            {
+                "run": cfg.to_dict(),
+                "training_arguments": arguments,
+                "model": model.config.to_dict(),
+                "data": inputs.data,
+                "device": inputs.device,
+                "numerics": choice.record(),
+            }
+        )
         kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
         # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
         predictions = None
         if cfg.record_every == 1 and args.optim.startswith("adamw"):
             predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-        writer = wordystore.create(out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite,
-                                   predictions=predictions)
+        writer = wordystore.create(
+            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+        )
         return _train_recording(writer, out, model, args, cfg, inputs, progress=progress)
 
 
-def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = True,
-           announce: bool | None = None) -> dict:
+def resume(
+    out: str | Path, *, overrides: dict | None = None, progress: bool = True, announce: bool | None = None
+) -> dict:
     """Go on with the interrupted run at ``out`` to its planned last step, bit for bit.
 
     ``overrides`` are run parameters given again (e.g. by command-line flags); any that differ
@@ -156,7 +167,12 @@ def resume(out: str | Path, *, overrides: dict | None = None, progress: bool = T
 
 
 def extend(
-    out: str | Path, to_step: int, lr_policy: str, *, overrides: dict | None = None, progress: bool = True,
+    out: str | Path,
+    to_step: int,
+    lr_policy: str,
+    *,
+    overrides: dict | None = None,
+    progress: bool = True,
     announce: bool | None = None,
 ) -> dict:
     """Go on with the finished run at ``out`` up to step ``to_step`` under a named LR policy.
@@ -179,10 +195,11 @@ def extend(
         "lr_policy": lr_policy,
         "lr_policy_means": LR_POLICIES[lr_policy],
         "seam_lr": info["last_lr"],
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    return _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, new_extension=True,
-                  announce=announce)
+    return _go_on(
+        out, cfg, inputs, tensors, info, step, to_step, extension, progress, new_extension=True, announce=announce
+    )
 
 
 def planned_steps(config: dict) -> tuple[int, dict | None]:
@@ -206,8 +223,10 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
     given = RunConfig.from_dict({**stored.to_dict(), **overrides}).to_dict()
     differences = [f"{k}: stored {v!r}, given {given[k]!r}" for k, v in stored.to_dict().items() if given[k] != v]
     if differences:
-        raise ValueError(f"{out} was recorded with other parameters ({'; '.join(differences)}); "
-                         "leave them out to go on with the stored ones")
+        raise ValueError(
+            f"{out} was recorded with other parameters ({'; '.join(differences)}); "
+            "leave them out to go on with the stored ones"
+        )
     inputs = prepare_inputs(stored)
     then = {**t.config["data"], "device": t.config.get("device")}
     now = {**inputs.data, "device": inputs.device}
@@ -221,30 +240,44 @@ def _saved_state(out, t: wordystore.Trajectory) -> tuple[dict, dict, int]:
     """The newest state the store at ``out`` keeps, checked against its last row; else why there is none."""
     saved = wordystore.load_state(out)
     if saved is None and len(t) == 0:
-        raise ValueError(f"{out}: the run stopped before its first commit (the writer commits a block of steps, with "
-                         "the run's state, every few steps), so nothing of it was kept to go on from; start it "
-                         f"again: wordystore train {out} --overwrite, with the same flags")
+        raise ValueError(
+            f"{out}: the run stopped before its first commit (the writer commits a block of steps, with "
+            "the run's state, every few steps), so nothing of it was kept to go on from; start it "
+            f"again: wordystore train {out} --overwrite, with the same flags"
+        )
     if saved is None and "imported_from" in t.config:
-        raise ValueError(f"{out} was imported from {t.config['imported_from']}: a run's saved training state does not "
-                         "travel through the notebook's layout, so it cannot go on; train it again to extend it")
+        raise ValueError(
+            f"{out} was imported from {t.config['imported_from']}: a run's saved training state does not "
+            "travel through the notebook's layout, so it cannot go on; train it again to extend it"
+        )
     if saved is None:
-        raise ValueError(f"{out} holds no saved training state (written by stitch, converted from a store whose "
-                         "newest state was not its last row's, or by a wordystore from before resume states); "
-                         "cannot go on")
+        raise ValueError(
+            f"{out} holds no saved training state (written by stitch, converted from a store whose "
+            "newest state was not its last row's, or by a wordystore from before resume states); "
+            "cannot go on"
+        )
     if saved[2] != int(t.steps[-1]):
-        raise ValueError(f"{out}: the saved state is for step {saved[2]}, the last committed row for step "
-                         f"{int(t.steps[-1])}")
+        raise ValueError(
+            f"{out}: the saved state is for step {saved[2]}, the last committed row for step {int(t.steps[-1])}"
+        )
     restored, recorded = saved[0].get(EMBEDDING_STATE), t.embeddings[len(t) - 1]
-    if restored is None or restored.shape != recorded.shape or restored.dtype != recorded.dtype \
-            or not torch.equal(restored.view(torch.int16), recorded.view(torch.int16)):
-        raise ValueError(f"{out}: the saved state's embedding parameters are not the store's last embeddings row "
-                         f"(step {saved[2]}) bit for bit: the state is not this run's; `wordystore verify {out}` "
-                         "checks the store")
+    if (
+        restored is None
+        or restored.shape != recorded.shape
+        or restored.dtype != recorded.dtype
+        or not torch.equal(restored.view(torch.int16), recorded.view(torch.int16))
+    ):
+        raise ValueError(
+            f"{out}: the saved state's embedding parameters are not the store's last embeddings row "
+            f"(step {saved[2]}) bit for bit: the state is not this run's; `wordystore verify {out}` "
+            "checks the store"
+        )
     return saved
 
 
-def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False,
-           announce=None) -> dict:
+def _go_on(
+    out, cfg, inputs, tensors, info, step, to_step, extension, progress, *, new_extension=False, announce=None
+) -> dict:
     """Rebuild the run, restore ``(tensors, info)`` at ``step``, and train on to ``to_step``."""
     model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
     choice = numerics.of_stored_run(wordystore.open(out).config, inputs.device)
@@ -256,19 +289,48 @@ def _go_on(out, cfg, inputs, tensors, info, step, to_step, extension, progress, 
         if new_extension:
             stored = wordystore.open(out).config
             writer.update_config(extensions=[*(stored.get("extensions") or []), extension])
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress,
-                    resume_state=(tensors, info), checkpoint=checkpoint, extension=extension, start=step)
+        return _train_recording(
+            writer,
+            out,
+            model,
+            args,
+            cfg,
+            inputs,
+            progress=progress,
+            resume_state=(tensors, info),
+            checkpoint=checkpoint,
+            extension=extension,
+            start=step,
+        )
 
 
-def _train_recording(writer, out: str | Path, model, args, cfg, inputs, *, progress: bool, resume_state=None,
-                     checkpoint=None, extension=None, start: int = 0) -> dict:
+def _train_recording(
+    writer,
+    out: str | Path,
+    model,
+    args,
+    cfg,
+    inputs,
+    *,
+    progress: bool,
+    resume_state=None,
+    checkpoint=None,
+    extension=None,
+    start: int = 0,
+) -> dict:
     """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
     embedding = model.transformer.wte.weight
     with writer:
         recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
         with StopOnSignal(recording) as stop:
-            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=[recording, stop],
-                                  resume_state=resume_state, extension=extension)
+            trainer = SeedTrainer(
+                model=model,
+                args=args,
+                train_dataset=inputs.dataset,
+                callbacks=[recording, stop],
+                resume_state=resume_state,
+                extension=extension,
+            )
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
             if progress:
@@ -279,11 +341,13 @@ def _train_recording(writer, out: str | Path, model, args, cfg, inputs, *, progr
             elapsed = time.perf_counter() - began
         previous = wordystore.open(out).config.get("summary", {})
         steps = trainer.state.global_step
-        writer.update_config(summary={
-            "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
-            "steps": steps,
-            "planned_steps": args.max_steps,
-        })
+        writer.update_config(
+            summary={
+                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+                "steps": steps,
+                "planned_steps": args.max_steps,
+            }
+        )
     return {
         "store": str(out),
         "start": start,
@@ -319,6 +383,8 @@ def main_summary(summary: dict) -> str:
         f"token sets: {summary['n_trained']} trained, {summary['n_untrained']} untrained"
     )
     if summary["steps"] < summary["planned_steps"]:
-        line += (f"\nstopped at step {summary['steps']} of {summary['planned_steps']}; "
-                 f"go on with: wordystore train {summary['store']} --resume")
+        line += (
+            f"\nstopped at step {summary['steps']} of {summary['planned_steps']}; "
+            f"go on with: wordystore train {summary['store']} --resume"
+        )
     return line

@@ -42,22 +42,27 @@ def capture(trainer) -> tuple[dict[str, torch.Tensor], dict]:
     rng_tensors, rng_info = rng_state()
     tensors.update(rng_tensors)
     state = trainer.state
-    info = jsonable({
-        "format_version": FORMAT_VERSION,
-        "global_step": state.global_step,
-        "optimizer": {"param_groups": optimizer["param_groups"]},
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "rng": rng_info,
-        "data": {"epoch": math.floor(state.epoch), "samples_seen": state.global_step * trainer.args.train_batch_size},
-        "trainer_state": dataclasses.asdict(state),
-    })
+    info = jsonable(
+        {
+            "format_version": FORMAT_VERSION,
+            "global_step": state.global_step,
+            "optimizer": {"param_groups": optimizer["param_groups"]},
+            "lr_scheduler": trainer.lr_scheduler.state_dict(),
+            "rng": rng_info,
+            "data": {
+                "epoch": math.floor(state.epoch),
+                "samples_seen": state.global_step * trainer.args.train_batch_size,
+            },
+            "trainer_state": dataclasses.asdict(state),
+        }
+    )
     return tensors, info
 
 
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy the captured parameters into ``model`` (same architecture), in place."""
     params = dict(model.named_parameters())
-    stored = {name[len("model."):] for name in tensors if name.startswith("model.")}
+    stored = {name[len("model.") :] for name in tensors if name.startswith("model.")}
     if stored != set(params):
         raise ValueError(
             f"the saved state's parameters do not match the model: missing {sorted(set(params) - stored)}, "
@@ -96,7 +101,12 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"rng.cuda.{device}"] = value
     info = {
         "python": {"version": version, "keys": list(keys), "gauss": gauss},
-        "numpy": {"keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "keys": np_keys.tolist(),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
     return tensors, info
@@ -111,7 +121,10 @@ def restore_rng(tensors: dict[str, torch.Tensor], info: dict) -> None:
     devices = info["rng"]["cuda_devices"]
     if devices:
         if torch.cuda.device_count() != devices:
-            raise ValueError(f"the saved state has RNG states for {devices} CUDA devices; this machine has {torch.cuda.device_count()}")
+            raise ValueError(
+                f"the saved state has RNG states for {devices} CUDA devices; "
+                f"this machine has {torch.cuda.device_count()}"
+            )
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{d}"] for d in range(devices)])
 
 

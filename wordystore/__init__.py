@@ -11,6 +11,8 @@ Read::
     t = trajectory.open("run.zarr")
     t.embeddings[0:200, "untrained"]
 
+The package is a few folders, each a layer that imports only the ones below it (docs/architecture.md):
+``tools`` and ``analysis`` over ``check``, over ``write``, over ``read``, over ``store``, over ``format``.
 Importing the package registers zarr's ``"bfloat16"`` data type (zarr and numpy, no torch) and
 nothing else: the names below are imported on first use (PEP 562), so ``wordystore --help`` and a
 process that only unpickles a view do not pay for torch until they need it.
@@ -18,36 +20,58 @@ process that only unpickles a view do not pay for torch until they need it.
 
 import importlib
 import importlib.util
-import sys
-import types
 
-from wordystore import bfloat16 as _bfloat16  # noqa: F401 - registers zarr's "bfloat16" data type
-from wordystore.version import __version__
+from wordystore.format import bfloat16 as _bfloat16  # noqa: F401 - registers zarr's "bfloat16" data type
+from wordystore.version import __version__ as __version__
 
 # The public API: name -> the module that defines it, imported the first time the name is used.
 _API = {
-    "AppendError": "errors", "CorruptChunkError": "errors", "FormatError": "errors", "ReadOnlyError": "errors",
-    "StoreLockedError": "errors", "WordystoreError": "errors", "WriterFailedError": "errors",
-    "StaleWriterError": "errors", "StorageError": "errors", "LeaseWaitWarning": "errors",
-    "BackpressureWarning": "errors",
-    "Kind": "kinds", "seed_kinds": "kinds",
-    "create": "lifecycle", "resume": "lifecycle",
-    "AdamPrediction": "prediction", "AdamStepPrediction": "prediction", "adam_predictions": "prediction",
-    "archive_predictions": "prediction",
+    **dict.fromkeys(
+        [
+            "AppendError",
+            "CorruptChunkError",
+            "FormatError",
+            "ReadOnlyError",
+            "StoreLockedError",
+            "WordystoreError",
+            "WriterFailedError",
+            "StaleWriterError",
+            "StorageError",
+            "LeaseWaitWarning",
+            "BackpressureWarning",
+        ],
+        "errors",
+    ),
+    "Kind": "format.kinds",
+    "seed_kinds": "format.kinds",
+    "AdamPrediction": "format.prediction",
+    "AdamStepPrediction": "format.prediction",
+    "adam_predictions": "format.prediction",
+    "archive_predictions": "format.prediction",
+    "load_state": "store.resume_state",
+    "Trajectory": "read.trajectory",
+    "open": "read.trajectory",
     "WriterPools": "pools",
-    "load_state": "resume_state",
-    "Trajectory": "trajectory", "open": "trajectory",
-    "VerifyReport": "verify", "verify": "verify",
-    "TrajectoryWriter": "writer",
+    "TrajectoryWriter": "write.writer",
+    "create": "write.start",
+    "resume": "write.start",
+    "VerifyReport": "check.verification",
+    "verify": "check.verification",
 }
-__all__ = sorted([*_API, "trajectory"])
+# Modules named at the top for short imports: ``from wordystore import trajectory``.
+_MODULES = {"trajectory": "read.trajectory"}
+__all__ = sorted([*_API, *_MODULES, "__version__"])
 
 
 def __getattr__(name: str):
     if name in _API:
         value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
-    elif name.isidentifier() and not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f"{__name__}.{name}")  # a module: wordystore.analysis, wordystore.stitch...
+    elif name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    elif (
+        name.isidentifier() and not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None
+    ):
+        value = importlib.import_module(f"{__name__}.{name}")  # a folder or module: wordystore.analysis, wordystore.cli
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -56,15 +80,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """The package, whose API's ``verify`` (a function) shares its name with the module ``wordystore.verify``:
-    importing that module must not rebind ``wordystore.verify`` to it, as importing a submodule does."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if not (isinstance(value, types.ModuleType) and _API.get(name) == name):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

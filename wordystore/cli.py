@@ -108,14 +108,16 @@ def selection(text: str) -> int | slice | list[int]:
 
 def token_selection(text: str) -> str | list[int]:
     """``--tokens``: a token-set name, or comma-separated token ids."""
-    from wordystore.format import NAME_PATTERN
+    from wordystore.format.keys import NAME_PATTERN
 
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
         if NAME_PATTERN.match(text):
             return text
-    raise argparse.ArgumentTypeError(f"expected a token-set name (e.g. untrained) or comma-separated token ids; got {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"expected a token-set name (e.g. untrained) or comma-separated token ids; got {text!r}"
+    )
 
 
 def input_file(what: str, path: str, expected: str) -> Path:
@@ -136,15 +138,16 @@ def check_mask_file(what: str, path: str) -> None:
         with safe_open(str(file), framework="np"):
             pass
     except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
-        raise ValueError(f"{what} {path} is not a readable safetensors file ({exc}); "
-                         "expected the notebook's token-mask file") from None
+        raise ValueError(
+            f"{what} {path} is not a readable safetensors file ({exc}); expected the notebook's token-mask file"
+        ) from None
 
 
 # -- commands ---------------------------------------------------------------------------------------
 
 
 def cmd_info(ns) -> None:
-    from wordystore import display, trajectory
+    from wordystore.read import display, trajectory
 
     t = trajectory.open(ns.store)
     if ns.json:
@@ -156,7 +159,7 @@ def cmd_info(ns) -> None:
 
 
 def cmd_verify(ns) -> int:
-    from wordystore.verify import verify
+    from wordystore.check.verification import verify
 
     report = verify(ns.store, repair=ns.repair, progress=progress(ns))
     if ns.json:
@@ -168,7 +171,7 @@ def cmd_verify(ns) -> int:
 
 def _plots_drawn(ns, written: str) -> bool:
     """Whether plots could be drawn; if not, a warning naming the file written without them, and why."""
-    from wordystore.report import plots_missing
+    from wordystore.analysis.report import plots_missing
 
     why = plots_missing()
     if why:
@@ -177,14 +180,14 @@ def _plots_drawn(ns, written: str) -> bool:
 
 
 def cmd_report(ns) -> None:
-    from wordystore.report import write_report
+    from wordystore.analysis.report import write_report
 
     path = write_report(ns.store, ns.out, progress=progress(ns))
     print(f"wrote {path}" + " and its plots" * _plots_drawn(ns, str(path)))
 
 
 def cmd_compare(ns) -> None:
-    from wordystore.report import write_comparison
+    from wordystore.analysis.report import write_comparison
 
     comparison = write_comparison(ns.a, ns.b, ns.out, progress=progress(ns))
     written = Path(comparison.out) / "compare.md"
@@ -196,51 +199,64 @@ def cmd_compare(ns) -> None:
 
 
 def cmd_export(ns) -> None:
-    from wordystore.seedfile import export
+    from wordystore.tools.safetensors_layout import export
 
     kinds = ns.kinds.split(",") if ns.kinds else None
-    path = export(ns.store, ns.out, rows=ns.rows, steps=ns.steps, tokens=ns.tokens, kinds=kinds,
-                  overwrite=ns.overwrite, progress=progress(ns))
+    path = export(
+        ns.store,
+        ns.out,
+        rows=ns.rows,
+        steps=ns.steps,
+        tokens=ns.tokens,
+        kinds=kinds,
+        overwrite=ns.overwrite,
+        progress=progress(ns),
+    )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def cmd_import(ns) -> None:
-    from wordystore.seedfile import import_seed_file
+    from wordystore.tools.safetensors_layout import import_seed_file
 
     if ns.token_masks is not None:
         check_mask_file("--token-masks", ns.token_masks)
-    t = import_seed_file(ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns),
-                         predict=ns.predict)
+    t = import_seed_file(
+        ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns), predict=ns.predict
+    )
     print(t)
 
 
 def cmd_stitch(ns) -> None:
-    from wordystore.stitch import stitch
+    from wordystore.tools.stitch import stitch
 
     t = stitch(ns.sources, ns.out, overwrite=ns.overwrite, progress=progress(ns))
     print(t)
     for seg in t.segments:
-        print(f"  segment rows {seg['rows'][0]}..{seg['rows'][1] - 1} steps {seg['steps'][0]}..{seg['steps'][1]} "
-              f"from {seg['source']} (dropped {seg['dropped_repeated_steps']} repeated steps)")
+        print(
+            f"  segment rows {seg['rows'][0]}..{seg['rows'][1] - 1} steps {seg['steps'][0]}..{seg['steps'][1]} "
+            f"from {seg['source']} (dropped {seg['dropped_repeated_steps']} repeated steps)"
+        )
 
 
 def cmd_convert(ns) -> None:
-    from wordystore.convert import convert
+    from wordystore.tools.convert import convert
 
     t = convert(ns.store, ns.out, profile=ns.profile, overwrite=ns.overwrite, progress=progress(ns))
     print(t)
 
 
 def cmd_export_scalars(ns) -> None:
-    from wordystore.scalars import export_scalars
+    from wordystore.tools.scalars import export_scalars
 
     written = export_scalars(ns.store, ns.tensorboard, progress=progress(ns))
-    print(f"wrote {sum(written.values())} scalars ({', '.join(f'{tag} {n}' for tag, n in written.items())}) "
-          f"into {ns.tensorboard}")
+    print(
+        f"wrote {sum(written.values())} scalars ({', '.join(f'{tag} {n}' for tag, n in written.items())}) "
+        f"into {ns.tensorboard}"
+    )
 
 
 def cmd_completion(ns) -> None:
-    from wordystore.extras import require
+    from wordystore.optional import require
 
     require("shtab", "completion", "shell completion")
     import shtab
@@ -275,38 +291,62 @@ def build_parser() -> argparse.ArgumentParser:
     for command in entry_points(group=COMMANDS):  # first: `train` heads the list of commands
         command.load()(sub)
 
-    p = sub.add_parser("info", help="describe a trajectory: kinds, shapes, steps, sizes, token sets, config",
-                       epilog=examples("wordystore info runs/wb1b.zarr",
-                                       "wordystore info runs/wb1b.zarr --config      # also the whole stored config",
-                                       "wordystore info runs/wb1b.zarr --json | jq .kinds.embeddings"))
+    p = sub.add_parser(
+        "info",
+        help="describe a trajectory: kinds, shapes, steps, sizes, token sets, config",
+        epilog=examples(
+            "wordystore info runs/wb1b.zarr",
+            "wordystore info runs/wb1b.zarr --config      # also the whole stored config",
+            "wordystore info runs/wb1b.zarr --json | jq .kinds.embeddings",
+        ),
+    )
     _store(p)
     p.add_argument("--config", action="store_true", help="also print the stored run config (JSON)")
     _json(p, "the description, config included,")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("verify", help="check every chunk of a trajectory's committed rows; --repair rebuilds its "
-                                      "commit record from the rows that verify (exit status 1: damage found)",
-                       epilog=examples("wordystore verify runs/wb1b.zarr", "wordystore verify runs/wb1b.zarr --repair",
-                                       "wordystore verify runs/wb1b.zarr --json --quiet > verify.json"))
+    p = sub.add_parser(
+        "verify",
+        help="check every chunk of a trajectory's committed rows; --repair rebuilds its "
+        "commit record from the rows that verify (exit status 1: damage found)",
+        epilog=examples(
+            "wordystore verify runs/wb1b.zarr",
+            "wordystore verify runs/wb1b.zarr --repair",
+            "wordystore verify runs/wb1b.zarr --json --quiet > verify.json",
+        ),
+    )
     _store(p, "the trajectory to check")
-    p.add_argument("--repair", action="store_true",
-                   help="rebuild the commit record (and documents the metadata determines) from what verifies; "
-                        "deletes nothing, keeps the old record as commit.json.<time>.bak")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild the commit record (and documents the metadata determines) from what verifies; "
+        "deletes nothing, keeps the old record as commit.json.<time>.bak",
+    )
     _json(p, "the outcome (problems, repair) instead of the summary")
     _quiet(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("report", help="report.md and PNG plots of a trajectory (the plots need the analysis extra)",
-                       epilog=examples("wordystore report runs/wb1b.zarr                # into ./wb1b-report",
-                                       "wordystore report runs/wb1b.zarr --out reports/wb1b"))
+    p = sub.add_parser(
+        "report",
+        help="report.md and PNG plots of a trajectory (the plots need the analysis extra)",
+        epilog=examples(
+            "wordystore report runs/wb1b.zarr                # into ./wb1b-report",
+            "wordystore report runs/wb1b.zarr --out reports/wb1b",
+        ),
+    )
     _store(p, "the trajectory to analyse")
     p.add_argument("--out", help="directory to write into (default: ./<store name>-report)")
     _quiet(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="two trajectories' config and learning-rate differences, and their plots overlaid",
-                       epilog=examples("wordystore compare runs/a.zarr runs/b.zarr      # into ./a-vs-b",
-                                       "wordystore compare runs/a.zarr runs/b.zarr --json | jq .config_differences"))
+    p = sub.add_parser(
+        "compare",
+        help="two trajectories' config and learning-rate differences, and their plots overlaid",
+        epilog=examples(
+            "wordystore compare runs/a.zarr runs/b.zarr      # into ./a-vs-b",
+            "wordystore compare runs/a.zarr runs/b.zarr --json | jq .config_differences",
+        ),
+    )
     p.add_argument("a", help="the first trajectory (A)")
     p.add_argument("b", help="the second trajectory (B)")
     p.add_argument("--out", help="directory to write compare.md and the plots into (default: ./<a>-vs-<b>)")
@@ -314,73 +354,127 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("export", help="write a trajectory in the seed notebook's single-safetensors layout",
-                       epilog=examples("wordystore export runs/wb1b.zarr wb1b.safetensors",
-                                       "wordystore export runs/wb1b.zarr last.safetensors --steps 190: --tokens untrained",
-                                       "wordystore export runs/wb1b.zarr emb.safetensors --rows 0:101 --kinds embeddings,losses"))
+    p = sub.add_parser(
+        "export",
+        help="write a trajectory in the seed notebook's single-safetensors layout",
+        epilog=examples(
+            "wordystore export runs/wb1b.zarr wb1b.safetensors",
+            "wordystore export runs/wb1b.zarr last.safetensors --steps 190: --tokens untrained",
+            "wordystore export runs/wb1b.zarr emb.safetensors --rows 0:101 --kinds embeddings,losses",
+        ),
+    )
     _store(p, "the trajectory to export")
     p.add_argument("out", help="the .safetensors file to write (written aside, renamed into place at the end)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--steps", type=selection, metavar="SELECTION",
-                       help="training steps, as .loc: 100:200 is steps 100 to 200 inclusive, 150 one step, "
-                            "0:200:10 every 10th row, 0,50,100 a list (default: all)")
-    which.add_argument("--rows", type=selection, metavar="SELECTION",
-                       help="rows, as a python slice: 0:101 is the first 101 rows, --rows=-10: the last 10 (default: all)")
-    p.add_argument("--tokens", type=token_selection,
-                   help="a token-set name (untrained) or comma-separated token ids (default: every token)")
+    which.add_argument(
+        "--steps",
+        type=selection,
+        metavar="SELECTION",
+        help="training steps, as .loc: 100:200 is steps 100 to 200 inclusive, 150 one step, "
+        "0:200:10 every 10th row, 0,50,100 a list (default: all)",
+    )
+    which.add_argument(
+        "--rows",
+        type=selection,
+        metavar="SELECTION",
+        help="rows, as a python slice: 0:101 is the first 101 rows, --rows=-10: the last 10 (default: all)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=token_selection,
+        help="a token-set name (untrained) or comma-separated token ids (default: every token)",
+    )
     p.add_argument("--kinds", help="comma-separated kinds (default: all six of the notebook)")
     _overwrite(p, "file at OUT")
     _quiet(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="convert a seed-layout safetensors file into a trajectory",
-                       epilog=examples("wordystore import 1.12f_wordybird_1b.safetensors runs/wb1b.zarr",
-                                       "wordystore import wb1b.safetensors runs/wb1b.zarr --token-masks fineweb_token_masks.safetensors"))
-    p.add_argument("file", help="the .safetensors file, in the notebook's layout (as written by the notebook or export)")
+    p = sub.add_parser(
+        "import",
+        help="convert a seed-layout safetensors file into a trajectory",
+        epilog=examples(
+            "wordystore import 1.12f_wordybird_1b.safetensors runs/wb1b.zarr",
+            "wordystore import wb1b.safetensors runs/wb1b.zarr --token-masks fineweb_token_masks.safetensors",
+        ),
+    )
+    p.add_argument(
+        "file", help="the .safetensors file, in the notebook's layout (as written by the notebook or export)"
+    )
     p.add_argument("store", help="the trajectory to create")
-    p.add_argument("--token-masks", help="the notebook's token-mask safetensors file, stored as token sets "
-                                         "(default: those the file's metadata carries, if any)")
-    p.add_argument("--no-predict", dest="predict", action="store_false",
-                   help="store Adam's moments as they are, not as residuals of a replayed update (default: the "
-                        "smaller of the options measured on a sample, about 1.7x smaller in all on the seed run)")
+    p.add_argument(
+        "--token-masks",
+        help="the notebook's token-mask safetensors file, stored as token sets "
+        "(default: those the file's metadata carries, if any)",
+    )
+    p.add_argument(
+        "--no-predict",
+        dest="predict",
+        action="store_false",
+        help="store Adam's moments as they are, not as residuals of a replayed update (default: the "
+        "smaller of the options measured on a sample, about 1.7x smaller in all on the seed run)",
+    )
     _overwrite(p, "trajectory at STORE")
     _quiet(p)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("stitch", help="join a run and its continuations along the step axis (in step order)",
-                       epilog=examples("wordystore stitch runs/wb1.zarr runs/wb3.zarr runs/wb1+3.zarr"))
+    p = sub.add_parser(
+        "stitch",
+        help="join a run and its continuations along the step axis (in step order)",
+        epilog=examples("wordystore stitch runs/wb1.zarr runs/wb3.zarr runs/wb1+3.zarr"),
+    )
     p.add_argument("sources", nargs="+", help="two or more trajectories (joined in the order of their first step)")
     p.add_argument("out", help="the trajectory to create")
     _overwrite(p, "trajectory at OUT")
     _quiet(p)
     p.set_defaults(func=cmd_stitch)
 
-    p = sub.add_parser("convert", help="rewrite a trajectory in another profile, or a format-1 or -2 store in today's format",
-                       epilog=examples("wordystore convert runs/wb1b.zarr runs/wb1b-portable.zarr --profile portable",
-                                       "wordystore convert runs/wb1b.zarr runs/wb1b-archive.zarr --profile archive"))
+    p = sub.add_parser(
+        "convert",
+        help="rewrite a trajectory in another profile, or a format-1 or -2 store in today's format",
+        epilog=examples(
+            "wordystore convert runs/wb1b.zarr runs/wb1b-portable.zarr --profile portable",
+            "wordystore convert runs/wb1b.zarr runs/wb1b-archive.zarr --profile archive",
+        ),
+    )
     _store(p, "the trajectory to rewrite")
     p.add_argument("out", help="the trajectory to create")
-    p.add_argument("--profile", choices=Later("wordystore.format", "PROFILES"), default="compact", metavar="PROFILE",
-                   help="compact: pcodec, small and fast (default); portable: standard zarr codecs, read by tensorstore; "
-                        "archive: compact with the embeddings replayed from their moments too, the smallest, reading them "
-                        "several times slower")
+    p.add_argument(
+        "--profile",
+        choices=Later("wordystore.format.layout", "PROFILES"),
+        default="compact",
+        metavar="PROFILE",
+        help="compact: pcodec, small and fast (default); portable: standard zarr codecs, read by tensorstore; "
+        "archive: compact with the embeddings replayed from their moments too, the smallest, reading them "
+        "several times slower",
+    )
     _overwrite(p, "trajectory at OUT")
     _quiet(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("export-scalars", help="write a trajectory's scalar kinds (loss, learning rate, gradient norms) "
-                                              "as TensorBoard event files (needs the tensorboard extra)",
-                       epilog=examples("wordystore export-scalars runs/wb1b.zarr --tensorboard tb/wb1b",
-                                       "tensorboard --logdir tb"))
+    p = sub.add_parser(
+        "export-scalars",
+        help="write a trajectory's scalar kinds (loss, learning rate, gradient norms) "
+        "as TensorBoard event files (needs the tensorboard extra)",
+        epilog=examples("wordystore export-scalars runs/wb1b.zarr --tensorboard tb/wb1b", "tensorboard --logdir tb"),
+    )
     _store(p, "the trajectory whose scalars to export")
-    p.add_argument("--tensorboard", required=True, metavar="DIR",
-                   help="the TensorBoard log directory to write an event file into (created if need be)")
+    p.add_argument(
+        "--tensorboard",
+        required=True,
+        metavar="DIR",
+        help="the TensorBoard log directory to write an event file into (created if need be)",
+    )
     _quiet(p)
     p.set_defaults(func=cmd_export_scalars)
 
-    p = sub.add_parser("completion", help="print a shell completion script (needs the completion extra: shtab)",
-                       epilog=examples("wordystore completion bash > ~/.local/share/bash-completion/completions/wordystore",
-                                       "wordystore completion zsh > ~/.zfunc/_wordystore"))
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (needs the completion extra: shtab)",
+        epilog=examples(
+            "wordystore completion bash > ~/.local/share/bash-completion/completions/wordystore",
+            "wordystore completion zsh > ~/.zfunc/_wordystore",
+        ),
+    )
     p.add_argument("shell", choices=("bash", "zsh", "tcsh"), help="the shell to complete in")
     p.set_defaults(func=cmd_completion)
 
@@ -429,9 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: say so in one line, traceback on request
         if debug:
             traceback.print_exc()
-        print(f"{prefix} internal error, {type(exc).__name__}: {error_line(exc)} "
-              "(a bug in wordystore: please report it with the traceback that WORDYSTORE_DEBUG=1 shows)",
-              file=sys.stderr)
+        print(
+            f"{prefix} internal error, {type(exc).__name__}: {error_line(exc)} "
+            "(a bug in wordystore: please report it with the traceback that WORDYSTORE_DEBUG=1 shows)",
+            file=sys.stderr,
+        )
         return EXIT_BUG
     return status
 

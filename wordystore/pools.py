@@ -11,7 +11,7 @@ when a core would otherwise idle), so training never waits for them. When they f
 machine has too little idle time), the thread that must wait for them, an append or ``close()``,
 runs their queued tasks itself at its own priority: backpressure turns into the training thread
 doing the writer's work, counted in ``writer.stats()``. With a GPU they run in a child process
-instead (:mod:`wordystore.remote`), at nice 10, away from the training loop's GIL.
+instead (:mod:`wordystore.write.child_process`), at nice 10, away from the training loop's GIL.
 
 :meth:`WriterPools.for_machine` sizes them from the CPUs this process may run on
 (``os.sched_getaffinity``), the threads training keeps busy (``torch.get_num_threads()`` when
@@ -45,7 +45,9 @@ class WriterPools:
     compaction_threads: int  # 0: compact only at close
     ring_blocks: int  # the ring holds ``ring_blocks`` blocks and one row more
     sized_for: str  # the machine as the sizing saw it, for ``info``
-    process: bool = False  # the pools run in a child process (wordystore.remote), not beside training's Python
+    process: bool = (
+        False  # the pools run in a child process (wordystore.write.child_process), not beside training's Python
+    )
 
     def __post_init__(self):
         for name in ("write_threads", "ring_blocks"):
@@ -57,8 +59,13 @@ class WriterPools:
             raise ValueError(f"compaction_threads must be an int >= 0 (0: compact at close only), got {value!r}")
 
     @classmethod
-    def for_machine(cls, write_threads: int | None = None, compaction_threads: int | None = None,
-                    process: bool | None = None, gpu: bool | None = None) -> "WriterPools":
+    def for_machine(
+        cls,
+        write_threads: int | None = None,
+        compaction_threads: int | None = None,
+        process: bool | None = None,
+        gpu: bool | None = None,
+    ) -> WriterPools:
         """Pools for this machine: training's threads first, then the writer's. ``gpu`` (default:
         whether CUDA is available) says whether a GPU trains, leaving the CPU's cores but one free
         and the training loop Python-bound: then the pools run in a child ``process`` by default
@@ -79,25 +86,42 @@ class WriterPools:
     def close_threads(self) -> int:
         """Threads compacting what is left at close, or writing a whole store: every core (training
         is over, and the ring's memory is freed first)."""
-        return max(self.compaction_threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else (os.cpu_count() or 1))
+        return max(
+            self.compaction_threads,
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        )
 
     def describe(self) -> str:
         def n(count: int, what: str) -> str:
             return f"{count} {what}{'' if count == 1 else 's'}"
-        compaction = n(self.compaction_threads, "compaction thread") if self.compaction_threads else "compaction at close"
+
+        compaction = (
+            n(self.compaction_threads, "compaction thread") if self.compaction_threads else "compaction at close"
+        )
         where = "in a child process" if self.process else "beside training"
-        return (f"{n(self.write_threads, 'write thread')}, {compaction} {where}, a ring of "
-                f"{n(self.ring_blocks, 'block')} ({self.sized_for})")
+        return (
+            f"{n(self.write_threads, 'write thread')}, {compaction} {where}, a ring of "
+            f"{n(self.ring_blocks, 'block')} ({self.sized_for})"
+        )
 
     def to_dict(self) -> dict:
-        return {"write_threads": self.write_threads, "compaction_threads": self.compaction_threads,
-                "ring_blocks": self.ring_blocks, "sized_for": self.sized_for, "process": self.process}
+        return {
+            "write_threads": self.write_threads,
+            "compaction_threads": self.compaction_threads,
+            "ring_blocks": self.ring_blocks,
+            "sized_for": self.sized_for,
+            "process": self.process,
+        }
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "WriterPools":
-        return cls(int(doc["write_threads"]), int(doc["compaction_threads"]), int(doc["ring_blocks"]),
-                   str(doc.get("sized_for", "")), bool(doc.get("process", False)))
+    def from_dict(cls, doc: dict) -> WriterPools:
+        return cls(
+            int(doc["write_threads"]),
+            int(doc["compaction_threads"]),
+            int(doc["ring_blocks"]),
+            str(doc.get("sized_for", "")),
+            bool(doc.get("process", False)),
+        )
 
 
 def _threads(given: int | None, env: str, default: int, allow_zero: bool = False) -> int:
@@ -108,8 +132,9 @@ def _threads(given: int | None, env: str, default: int, allow_zero: bool = False
     if not text:
         return default
     if not text.isdecimal() or (int(text) == 0 and not allow_zero):
-        raise ValueError(f"{env}={text!r}: expected a whole number of threads"
-                         f" ({'0 or more' if allow_zero else '1 or more'})")
+        raise ValueError(
+            f"{env}={text!r}: expected a whole number of threads ({'0 or more' if allow_zero else '1 or more'})"
+        )
     return int(text)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 import wordystore
-from wordystore import AdamPrediction, Kind
+from wordystore import AdamPrediction
+from wordystore import Kind
 
 KINDS = {
     "emb": Kind((6, 2), "bfloat16", ("token", "dim")),
