@@ -48,6 +48,19 @@ LIBRARY_WORK = textwrap.dedent("""
             w.append(step, emb=seed["embeddings"][step])
     assert torch.equal(wordystore.open(tmp / "b.zarr").emb[:], seed["embeddings"][:3])
 
+    from wordystore.recording import ParameterRecorder, kinds_for
+
+    linear = torch.nn.Linear(D, 3)
+    with wordystore.create(tmp / "r.zarr", kinds_for({"w": linear.weight})) as w:
+        ParameterRecorder(w, linear, {"w": linear.weight}).record_initial()
+    assert torch.equal(wordystore.open(tmp / "r.zarr").w[0], linear.weight.detach())
+    try:
+        from wordystore.recording import TrajectoryCallback  # noqa: F401
+    except wordystore.errors.MissingExtraError as exc:
+        assert "'train' extra" in str(exc), exc
+    else:
+        raise AssertionError("TrajectoryCallback imported without transformers")
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         assert main(["info", str(tmp / "a.zarr")]) == 0

@@ -9,8 +9,8 @@ from test_scripting import read_events
 import wordystore
 from trainer import run
 from trainer.config import RunConfig
-from trainer.recording import kinds_for
 from wordystore.cli import main
+from wordystore.recording import kinds_for
 
 SMALL = dict(vocab_size=300, hidden_dim=8, batch_size=2, max_seq_len=16, bf16_matmul="native")
 

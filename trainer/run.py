@@ -29,7 +29,7 @@ from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
 from trainer.model import build_model
-from trainer.recording import TrajectoryCallback, kinds_for
+from wordystore.recording import TrajectoryCallback, kinds_for
 from wordystore.store import storage
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
@@ -140,7 +140,9 @@ def train(
                 "numerics": choice.record(),
             }
         )
-        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
+        # the notebook keeps its logits sample and loss in bfloat16
+        embeddings = {"embeddings": model.transformer.wte.weight}
+        kinds = kinds_for(embeddings, inputs.vocab_size, logits_dtype="bfloat16", loss_dtype="bfloat16")
         # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
         predictions = None
         if cfg.record_every == 1 and args.optim.startswith("adamw"):
