@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ddp_loop import STEPS
@@ -15,14 +16,20 @@ from safetensors.torch import load_file
 from test_recording import RECORDED, same_bits
 
 import wordystore
+from wordystore.cli import main
 
 HERE = Path(__file__).resolve().parent
+WORDYSTORE = str(Path(sys.executable).parent / "wordystore")  # the console script, as torchrun --no-python runs it
+TINY = ["--steps", "10", "--vocab-size", "300", "--hidden-dim", "8", "--max-seq-len", "16", "--bf16-matmul", "native"]
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args])
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +72,42 @@ def test_two_ranks_record_what_one_process_does_on_the_same_global_batch(loops):
         scale = b[finite].abs().max().item()
         torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=1e-4 * scale, msg=kind)
     assert not math.isnan(two.grad_norm[1].item())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``wordystore train`` on 2 ranks of 2 sequences each, and in one process on batches of 4."""
+    tmp = tmp_path_factory.mktemp("train")
+    done = torchrun(2, "--no-python", WORDYSTORE, "train", str(tmp / "ddp.zarr"), "--batch-size", "2", *TINY)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = run([WORDYSTORE, "train", str(tmp / "one.zarr"), "--batch-size", "4", *TINY])
+    assert one.returncode == 0, one.stderr[-4000:]
+    return tmp, done
+
+
+def test_torchrun_wordystore_train_records_one_store_as_one_process_would(trained):
+    tmp, done = trained
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("recorded ")]
+    assert len(summaries) == 1 and summaries[0].startswith(f"recorded 11 rows (10 steps) into {tmp / 'ddp.zarr'} ")
+    assert main(["verify", str(tmp / "ddp.zarr")]) == 0
+    two, one = wordystore.open(tmp / "ddp.zarr"), wordystore.open(tmp / "one.zarr")
+    assert two.config["ranks"] == 2 and "ranks" not in one.config
+    assert two.steps.tolist() == one.steps.tolist() == list(range(11))
+    for kind in one.kinds:
+        a, b = two[kind][:].double(), one[kind][:].double()
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), kind
+        # bfloat16 sums in another order (the all-reduce's): a few ulps of the kind's scale
+        scale = b[finite].abs().max().item()
+        torch.testing.assert_close(a[finite], b[finite], rtol=0, atol=0.02 * scale, msg=kind)
+
+
+def test_the_momentum_of_two_ranks_is_predicted_exactly_from_the_recorded_gradient(trained):
+    """The replay of AdamW from the recorded gradients and norms gives the recorded moments: the
+    gradient recorded is the one the optimizer stepped with (after the all-reduce), as in one process."""
+    tmp, _ = trained
+    t = wordystore.open(tmp / "ddp.zarr")
+    prediction = t.predictions["momentum"]
+    residuals = prediction.residuals(t.momentum.numpy(), [t.grads.numpy(), t.grad_norm.numpy()])
+    exact = 1 - np.count_nonzero(residuals[1:]) / residuals[1:].size
+    assert exact >= 0.95, exact

@@ -207,5 +207,6 @@ def cmd_train(ns) -> int:
         )
     else:
         summary = run.train(ns.out, cfg, overwrite=ns.overwrite, progress=progress(ns), announce=True)
-    print(run.main_summary(summary))
+    if summary["rows"] is not None:  # the rank that wrote the store (trainer.ranks)
+        print(run.main_summary(summary))
     return 128 + summary["stopped_by_signal"] if summary["stopped_by_signal"] else 0

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
+from trainer import ranks
 from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
@@ -158,6 +159,8 @@ def training_arguments(cfg: RunConfig, output_dir: str, device: str, max_steps: 
         disable_tqdm=True,
         use_cpu=device == "cpu",
     )
+    if ranks.world()[1] > 1:
+        args["ddp_find_unused_parameters"] = False  # the model uses every parameter: no search each step
     args.update(cfg.training_args)
     return TrainingArguments(**args)
 

@@ -10,6 +10,7 @@ under a named learning-rate policy. Progress, Ctrl-C and the summary line are he
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import wordystore
-from trainer import numerics
+from trainer import numerics, ranks
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
@@ -91,7 +92,8 @@ class StopOnSignal(TrainerCallback):
         self.signal = signum
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal is not None and self.recording.writer.last_step == state.global_step:
+        # every rank stops at the same step: the first recorded one after a signal to any of them
+        if ranks.any_rank(self.signal is not None) and self.recording.recorder.records(state.global_step):
             control.should_training_stop = True
 
 
@@ -113,15 +115,19 @@ def train(
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
     ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
     ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
+    Under torchrun, each rank trains on its batch of ``cfg.batch_size`` sequences and rank 0 records
+    (:mod:`trainer.ranks`).
 
         >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
     """
     inputs = prepare_inputs(cfg)
     model = build_model(cfg, inputs.vocab_size, inputs.device)
     choice = numerics.choose(cfg.bf16_matmul, inputs.device)
+    rank, size = ranks.world()
+    announce = (progress if announce is None else announce) and rank == 0
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
-        args = training_arguments(cfg, scratch, inputs.device)
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
+        args = training_arguments(cfg, scratch, inputs.device)  # under torchrun, joins the process group
+        numerics.setup(model, choice, args, cfg.max_seq_len, announce=announce)
         if not record:
             trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
             trainer.remove_callback(PrinterCallback)
@@ -138,6 +144,7 @@ def train(
                 "data": inputs.data,
                 "device": inputs.device,
                 "numerics": choice.record(),
+                **({"ranks": size} if size > 1 else {}),
             }
         )
         # the notebook keeps its logits sample and loss in bfloat16
@@ -147,10 +154,12 @@ def train(
         predictions = None
         if cfg.record_every == 1 and args.optim.startswith("adamw"):
             predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-        writer = wordystore.create(
-            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+        writer = ranks.on_rank_0(
+            lambda: wordystore.create(
+                out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+            )
         )
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress)
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress and rank == 0)
 
 
 def resume(
@@ -230,6 +239,12 @@ def _reopen(out, overrides: dict | None) -> tuple[RunConfig, Inputs, dict, tuple
             "leave them out to go on with the stored ones"
         )
     inputs = prepare_inputs(stored)
+    stored_ranks, size = t.config.get("ranks", 1), ranks.world()[1]
+    if stored_ranks != size:
+        raise ValueError(
+            f"{out} was recorded on {stored_ranks!r} rank(s) and this run has {size}: each step's batch would "
+            f"differ; go on with torchrun --nproc-per-node {stored_ranks!r}"
+        )
     then = {**t.config["data"], "device": t.config.get("device")}
     now = {**inputs.data, "device": inputs.device}
     changed = [f"{k}: stored {v!r}, now {now.get(k)!r}" for k, v in then.items() if now.get(k) != v]
@@ -283,14 +298,14 @@ def _go_on(
     """Rebuild the run, restore ``(tensors, info)`` at ``step``, and train on to ``to_step``."""
     model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
     choice = numerics.of_stored_run(wordystore.open(out).config, inputs.device)
+    rank = ranks.world()[0]
+    progress = progress and rank == 0
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
-        args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
+        args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)  # joins the process group
+        announce = (progress if announce is None else announce) and rank == 0
+        numerics.setup(model, choice, args, cfg.max_seq_len, announce=announce)
         checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
-        writer = wordystore.resume(out)
-        if new_extension:
-            stored = wordystore.open(out).config
-            writer.update_config(extensions=[*(stored.get("extensions") or []), extension])
+        writer = ranks.on_rank_0(functools.partial(_resume_writer, out, extension if new_extension else None))
         return _train_recording(
             writer,
             out,
@@ -304,6 +319,15 @@ def _go_on(
             extension=extension,
             start=step,
         )
+
+
+def _resume_writer(out, new_extension: dict | None) -> wordystore.TrajectoryWriter:
+    """The stored run's writer, going on; with ``new_extension`` added to its config's extensions."""
+    writer = wordystore.resume(out)
+    if new_extension is not None:
+        stored = wordystore.open(out).config
+        writer.update_config(extensions=[*(stored.get("extensions") or []), new_extension])
+    return writer
 
 
 def _train_recording(
@@ -320,9 +344,10 @@ def _train_recording(
     extension=None,
     start: int = 0,
 ) -> dict:
-    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
+    ``writer`` is None on the ranks that do not write (:mod:`trainer.ranks`)."""
     embedding = model.transformer.wte.weight
-    with writer:
+    with writer if writer is not None else contextlib.nullcontext():
         recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
         with StopOnSignal(recording) as stop:
             trainer = SeedTrainer(
@@ -337,29 +362,31 @@ def _train_recording(
             trainer.remove_callback(ProgressCallback)
             if progress:
                 trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
-            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
+            if writer is not None:
+                writer.set_state_provider(functools.partial(_state_of, trainer, recording))
             began = time.perf_counter()
             trainer.train(resume_from_checkpoint=checkpoint)
             elapsed = time.perf_counter() - began
-        previous = wordystore.open(out).config.get("summary", {})
         steps = trainer.state.global_step
-        writer.update_config(
-            summary={
-                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
-                "steps": steps,
-                "planned_steps": args.max_steps,
-            }
-        )
+        if writer is not None:
+            previous = wordystore.open(out).config.get("summary", {})
+            writer.update_config(
+                summary={
+                    "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+                    "steps": steps,
+                    "planned_steps": args.max_steps,
+                }
+            )
     return {
         "store": str(out),
         "start": start,
         "steps": steps,
         "planned_steps": args.max_steps,
         "stopped_by_signal": stop.signal,
-        "rows": writer.committed,
+        "rows": writer.committed if writer is not None else None,
         "seconds": elapsed,
         "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
-        "store_bytes": store_size(out),
+        "store_bytes": store_size(out) if writer is not None else None,
         "n_trained": len(inputs.token_sets["trained"]),
         "n_untrained": len(inputs.token_sets["untrained"]),
     }

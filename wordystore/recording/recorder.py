@@ -247,7 +247,7 @@ class ParameterRecorder:
         calls it at every step."""
         if self._loss is not None:
             self.last_loss = _mean_over_ranks(self._loss)
-        if self.writer is None or (step % self.record_every and not last):
+        if self.writer is None or not self.records(step, last=last):
             return self._reset()
         if self._loss is None:
             raise RuntimeError("no loss seen: the model's forward output carried no .loss during training")
@@ -268,6 +268,10 @@ class ParameterRecorder:
         tensors["grad_norm_clipped"] = float(grad_norm_clipped)
         self.writer.append(step, **tensors)
         self._reset()
+
+    def records(self, step: int, *, last: bool = False) -> bool:
+        """Whether step ``step`` gets a row (every ``record_every`` steps, and a run's ``last`` one)."""
+        return step % self.record_every == 0 or last
 
     def _reset(self) -> None:
         self._seen.clear()
