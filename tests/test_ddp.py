@@ -6,14 +6,17 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from ddp_loop import STEPS
 from safetensors.torch import load_file
 from test_recording import RECORDED, same_bits
+from test_resume import assert_same_bits, committed_rows
 
 import wordystore
 from wordystore.cli import main
@@ -28,8 +31,12 @@ def run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args])
+    return run(torchrun_command(nproc, *args))
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +118,34 @@ def test_the_momentum_of_two_ranks_is_predicted_exactly_from_the_recorded_gradie
     residuals = prediction.residuals(t.momentum.numpy(), [t.grads.numpy(), t.grad_norm.numpy()])
     exact = 1 - np.count_nonzero(residuals[1:]) / residuals[1:].size
     assert exact >= 0.95, exact
+
+
+def test_a_rank_killed_fails_the_run_with_one_line_and_resume_goes_on_bit_for_bit(tmp_path):
+    steps = ["--steps", "80", *TINY[2:], "--batch-size", "2", "--quiet"]
+    full, part = tmp_path / "full.zarr", tmp_path / "part.zarr"
+    done = torchrun(2, "--no-python", WORDYSTORE, "train", str(full), *steps)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    command = torchrun_command(2, "--no-python", WORDYSTORE, "train", str(part), *steps)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while committed_rows(part) < 8:
+        assert proc.poll() is None, f"the run ended before 8 rows: {proc.communicate()}"
+        time.sleep(0.01)
+    (rank_1,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    rank_1.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert [line for line in err.splitlines() if line.startswith("wordystore train:")] == [
+        "wordystore train: error: rank 0: another rank of the run stopped (the connection to it broke); the store "
+        "keeps its committed steps: go on with torchrun --nproc-per-node 2 --no-python wordystore train "
+        f"{part} --resume"
+    ]
+    assert committed_rows(part) < 81
+
+    resumed = torchrun(2, "--no-python", WORDYSTORE, "train", str(part), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_bits(full, part)
+    one_rank = run([WORDYSTORE, "train", str(part), "--extend-to", "90", "--lr-policy", "hold"])
+    assert one_rank.returncode == 2
+    assert "was recorded on 2 rank(s) and this run has 1" in one_rank.stderr

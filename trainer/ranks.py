@@ -52,3 +52,13 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([int(flag)], dtype=torch.int32)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def lost_a_rank(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a collective, says that another rank went away (killed, or failed:
+    its connection closed or reset)."""
+    text = str(exc)
+    return world()[1] > 1 and (
+        isinstance(exc, dist.DistError)
+        or (isinstance(exc, RuntimeError) and "Connection" in text and ("gloo" in text or "NCCL" in text))
+    )

@@ -365,7 +365,17 @@ def _train_recording(
             if writer is not None:
                 writer.set_state_provider(functools.partial(_state_of, trainer, recording))
             began = time.perf_counter()
-            trainer.train(resume_from_checkpoint=checkpoint)
+            try:
+                trainer.train(resume_from_checkpoint=checkpoint)
+            except RuntimeError as exc:
+                if not ranks.lost_a_rank(exc):
+                    raise
+                rank, size = ranks.world()
+                raise ValueError(
+                    f"rank {rank}: another rank of the run stopped (the connection to it broke); the store keeps "
+                    f"its committed steps: go on with torchrun --nproc-per-node {size} --no-python wordystore "
+                    f"train {out} --resume"
+                ) from None
             elapsed = time.perf_counter() - began
         steps = trainer.state.global_step
         if writer is not None:
