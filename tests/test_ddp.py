@@ -4,6 +4,7 @@ and the run matches one process trained on the same global batches."""
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -142,6 +143,26 @@ def test_a_rank_killed_fails_the_run_with_one_line_and_resume_goes_on_bit_for_bi
         f"{part} --resume"
     ]
     assert committed_rows(part) < 81
+
+    # Ctrl-C to one rank: every rank stops at the same step, which rank 0 commits with the run's state
+    proc = subprocess.Popen(
+        torchrun_command(2, "--no-python", WORDYSTORE, "train", str(part), "--resume", "--quiet"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rows = committed_rows(part)
+    while committed_rows(part) <= rows:
+        assert proc.poll() is None, f"the run ended before a new commit: {proc.communicate()}"
+        time.sleep(0.01)
+    (rank_1,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    rank_1.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    stopped_at = int(wordystore.open(part).steps[-1])
+    assert stopped_at < 80, err[-4000:]
+    assert wordystore.load_state(part)[2] == stopped_at
+    assert f"go on with: torchrun --nproc-per-node 2 --no-python wordystore train {part} --resume" in out
 
     resumed = torchrun(2, "--no-python", WORDYSTORE, "train", str(part), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -422,8 +422,10 @@ def main_summary(summary: dict) -> str:
         f"token sets: {summary['n_trained']} trained, {summary['n_untrained']} untrained"
     )
     if summary["steps"] < summary["planned_steps"]:
+        size = ranks.world()[1]
+        launch = f"torchrun --nproc-per-node {size} --no-python " if size > 1 else ""
         line += (
             f"\nstopped at step {summary['steps']} of {summary['planned_steps']}; "
-            f"go on with: wordystore train {summary['store']} --resume"
+            f"go on with: {launch}wordystore train {summary['store']} --resume"
         )
     return line
