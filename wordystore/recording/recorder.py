@@ -42,9 +42,19 @@ def named_parameters(
 ) -> dict[str, torch.Tensor]:
     """The parameters to record, by kind name.
 
-    ``parameters`` maps kind names to parameters, given by object or by their name in ``model``
-    (as ``model.named_parameters()`` spells it); or it lists parameters, by object or by name, each
-    recorded under its name in ``model``.
+    Parameters
+    ----------
+    parameters : mapping or sequence
+        Kind names to parameters, each given by object or by its name in ``model`` (as
+        ``model.named_parameters()`` spells it); or a list of parameters, by object or by name,
+        each recorded under its name in ``model``.
+    model : torch.nn.Module, optional
+        The model the names are looked up in (needed for names, and for a list of objects).
+
+    Returns
+    -------
+    dict
+        Kind name -> parameter. A name the model does not have raises ValueError.
 
     >>> named_parameters(["lm_head.weight"], model)  # doctest: +SKIP
     {'lm_head.weight': Parameter(...)}
@@ -82,14 +92,26 @@ def kinds_for(
 ) -> dict[str, Kind]:
     """The kinds a :class:`ParameterRecorder` of these parameters writes.
 
-    Each parameter (see :func:`named_parameters`) gets four kinds in its own dtype: ``<name>``,
-    ``<name>.grad``, ``<name>.exp_avg`` and ``<name>.exp_avg_sq`` (one named ``embeddings``
-    gets the seed's ``embeddings``, ``grads``, ``momentum`` and ``variance``). A parameter whose
-    first axis has ``vocab_size`` rows is indexed by token (dims ``token, dim``), so that token
-    sets select its rows. With ``vocab_size``, ``logits`` (a row of the vocabulary) in
-    ``logits_dtype``; always the scalars ``losses`` (in ``loss_dtype``), ``learning_rate``,
-    ``grad_norm`` and ``grad_norm_clipped`` (float32). The model's outputs are converted to the
-    dtypes declared for them (float32 holds a bfloat16 or float16 output exactly).
+    Parameters
+    ----------
+    parameters : mapping or sequence
+        What to record, by object or by name in ``model`` (:func:`named_parameters`).
+    vocab_size : int, optional
+        The vocabulary's size: a parameter whose first axis has this many rows is indexed by
+        token (dims ``token, dim``), so that token sets select its rows; and the ``logits`` kind.
+    model : torch.nn.Module, optional
+        The model that names the parameters.
+    logits_dtype, loss_dtype : str
+        The dtypes the model's outputs are recorded in (float32 holds a bfloat16 or float16
+        output exactly; the seed notebook keeps both in bfloat16).
+
+    Returns
+    -------
+    dict
+        Each parameter's four kinds in its own dtype: ``<name>``, ``<name>.grad``,
+        ``<name>.exp_avg`` and ``<name>.exp_avg_sq`` (one named ``embeddings`` gets the seed's
+        ``embeddings``, ``grads``, ``momentum`` and ``variance``); ``logits`` with ``vocab_size``;
+        the scalars ``losses``, ``learning_rate``, ``grad_norm`` and ``grad_norm_clipped``.
 
     >>> kinds_for({"embeddings": model.transformer.wte.weight}, 50257)  # doctest: +SKIP
     """
@@ -115,12 +137,24 @@ def kind_names(name: str) -> tuple[str, str, str, str]:
 def predictions_for(
     kinds: Mapping[str, Kind], beta1: float, beta2: float, max_norm: float | None
 ) -> dict[str, AdamPrediction]:
-    """Adam's moments of every recorded parameter in ``kinds`` stored as residuals of a replayed
-    AdamW update (as :func:`wordystore.adam_predictions` does for the seed's), with these betas
-    and clipping (``max_norm``, None for none), for a run recorded every step; only for the
-    parameters whose dtype the format's predictions cover. The others' moments are stored plain,
-    exactly as recorded: a prediction never rounds what it is given, and where the format has none
-    for a dtype, none is made up.
+    """Adam's moments of the recorded parameters stored as residuals of a replayed AdamW update
+    (as :func:`wordystore.adam_predictions` does for the seed's), for a run recorded every step.
+
+    Parameters
+    ----------
+    kinds : mapping
+        The store's kinds (:func:`kinds_for`).
+    beta1, beta2 : float
+        The optimizer's betas.
+    max_norm : float or None
+        The gradient clipping's maximum norm (None: no clipping).
+
+    Returns
+    -------
+    dict
+        A prediction for each moment whose dtype the format's predictions cover; the others'
+        moments are stored plain, exactly as recorded (residuals are lossless, but where the
+        format predicts nothing for a dtype, nothing is made up).
 
     >>> kinds = kinds_for(["lm_head.weight"], 1000, model=model)  # doctest: +SKIP
     >>> wordystore.create(path, kinds, predictions=predictions_for(kinds, 0.9, 0.999, 1.0))  # doctest: +SKIP
