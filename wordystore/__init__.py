@@ -12,7 +12,8 @@ Read::
     t.embeddings[0:200, "untrained"]
 
 The package is a few folders, each a layer that imports only the ones below it (docs/architecture.md):
-``tools`` and ``analysis`` over ``check``, over ``write``, over ``read``, over ``store``, over ``format``.
+``tools``, ``analysis`` and ``recording`` over ``check`` and ``write``, over ``read``, over ``store``, over
+``format``.
 Importing the package registers zarr's ``"bfloat16"`` data type (zarr and numpy, no torch) and
 nothing else: the names below are imported on first use (PEP 562), so ``wordystore --help`` and a
 process that only unpickles a view do not pay for torch until they need it.
