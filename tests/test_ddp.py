@@ -170,3 +170,17 @@ def test_a_rank_killed_fails_the_run_with_one_line_and_resume_goes_on_bit_for_bi
     one_rank = run([WORDYSTORE, "train", str(part), "--extend-to", "90", "--lr-policy", "hold"])
     assert one_rank.returncode == 2
     assert "was recorded on 2 rank(s) and this run has 1" in one_rank.stderr
+
+
+def test_a_store_rank_0_cannot_create_stops_every_rank_with_a_line_each(trained):
+    tmp, _ = trained
+    before = wordystore.open(tmp / "ddp.zarr").commit_record
+    done = torchrun(2, "--no-python", WORDYSTORE, "train", str(tmp / "ddp.zarr"), "--batch-size", "2", *TINY)
+    assert done.returncode != 0
+    lines = sorted(line for line in done.stderr.splitlines() if line.startswith("wordystore train:"))
+    assert lines == [
+        f"wordystore train: error: {tmp / 'ddp.zarr'} already holds a zarr store; pass overwrite=True (--overwrite) "
+        "to replace it",
+        "wordystore train: error: rank 1: rank 0 could not open the store (its error says why); stopping",
+    ]
+    assert wordystore.open(tmp / "ddp.zarr").commit_record == before
