@@ -27,7 +27,7 @@ def train_recorded(path, writer_process: bool):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     writer = wordystore.create(
         path,
-        kinds_for({"embeddings": embedding}, VOCAB),
+        kinds_for({"embeddings": embedding}, VOCAB, logits_dtype="bfloat16", loss_dtype="bfloat16"),  # the seed's
         predictions=wordystore.adam_predictions(0.9, 0.999, 1.0),
         writer_process=writer_process,
     )
