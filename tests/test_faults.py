@@ -349,8 +349,8 @@ CORRUPTIONS = {
     ),
     "zarr.json (root): format version edited": Corruption(
         "zarr.json",
-        edit(lambda d: d["attributes"]["wordystore"].update(format_version=4)),
-        "format version 4",
+        edit(lambda d: d["attributes"]["wordystore"].update(format_version=5)),
+        "format version 5",
         None,
         False,
     ),

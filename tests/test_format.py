@@ -125,7 +125,7 @@ def test_a_format_3_store_with_the_earlier_lz4_hot_tier_reads_and_appends_as_it_
 
 
 def test_a_hot_shard_is_bound_to_its_place(tmp_path):
-    """A raw hot shard (one chunk) carries a binding record like every format-3 shard: a block's shard
+    """A raw hot shard (one chunk) carries a binding record like every bound shard: a block's shard
     copied over another block's reads as an error, never as other rows."""
     path = tmp_path / "t.zarr"
     w, _ = fill(
@@ -134,7 +134,7 @@ def test_a_hot_shard_is_bound_to_its_place(tmp_path):
     try:
         w.flush()
         shard = (path / "hot/embeddings/c/1/0/0").read_bytes()
-        assert shard[-(40 + 20) : -20].startswith(b"WYSTBIND")  # its record (one chunk: 40 bytes), then its index
+        assert shard[-(56 + 20) : -20].startswith(b"WYSTBIND")  # its record (one chunk: 56 bytes), then its index
         (path / "hot/embeddings/c/1/0/0").write_bytes((path / "hot/embeddings/c/0/0/0").read_bytes())
         with pytest.raises(
             wordystore.CorruptChunkError, match=r"'hot/embeddings/c/1/0/0'.*binding record names another"

@@ -1,6 +1,6 @@
 """Format-2 stores (tests/data/format2, written by the last wordystore to write format 2) read bit for
 bit as before, verify says they predate binding, a writer refuses to append to them, a repair keeps
-them format 2, and ``convert`` upgrades them to format 3 with their newest resume state."""
+them format 2, and ``convert`` upgrades them to the current format with their newest resume state."""
 
 import json
 import shutil
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wordystore
+from wordystore.format.keys import FORMAT_VERSION
 from wordystore.tools.convert import convert
 
 DATA = Path(__file__).parent / "data"
@@ -86,10 +87,10 @@ def test_a_repair_keeps_a_format_2_store_format_2(tmp_path):
 @pytest.mark.parametrize("name", STORES)
 def test_convert_upgrades_a_format_2_store_with_its_resume_state(name, tmp_path):
     t = convert(DATA / "format2" / f"{name}.zarr", tmp_path / "new.zarr", progress=False)
-    assert t.metadata["format_version"] == 3 and t.commit_record.format_version == 3
+    assert t.metadata["format_version"] == FORMAT_VERSION and t.commit_record.format_version == FORMAT_VERSION
     assert_holds_the_rows(tmp_path / "new.zarr")
     report = wordystore.verify(tmp_path / "new.zarr")
     assert report.ok and "predates" not in report.summary()
-    with wordystore.resume(tmp_path / "new.zarr") as w:  # the run goes on in format 3
+    with wordystore.resume(tmp_path / "new.zarr") as w:  # the run goes on in the current format
         w.append(v2.STEPS[-1] + 3, **v2.row(v2.STEPS[-1] + 3))
     assert len(wordystore.open(tmp_path / "new.zarr")) == 14

@@ -438,7 +438,7 @@ def test_inner_chunks_edited_to_multiply_the_reads_are_refused(world, capsys):
             {"momentum": {"name": "pickle"}},
             r"predictions: prediction 'pickle' is not one of \['adam', 'adamw_step'\]",
         ),
-        ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
+        ("format_version", 5, r"has format version 5; this wordystore reads versions 2, 3 and 4"),
     ],
 )
 def test_metadata_fields_of_the_wrong_kind_are_named(world, capsys, field, value, message):

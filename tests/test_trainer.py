@@ -63,7 +63,7 @@ def test_extra_scalars_and_the_resolved_config(small_runs):
     args = t.config["training_arguments"]
     assert args["lr_scheduler_type"] == "linear" and args["max_grad_norm"] == 1.0 and args["max_steps"] == steps
     assert t.config["run"]["steps"] == steps and t.config["data"]["vocab_size"] == SMALL["vocab_size"]
-    assert "torch" in t.metadata["versions"] and t.metadata["format_version"] == 3
+    assert "torch" in t.metadata["versions"] and t.metadata["format_version"] == 4
 
 
 def test_token_sets_partition_the_vocabulary_by_corpus_occurrence(small_runs):

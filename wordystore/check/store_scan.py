@@ -49,8 +49,8 @@ from wordystore.format.keys import (
     ZARR_JSON,
     document_key,
     is_chunk_key,
-    is_token_set,
     token_set_path,
+    token_set_problem,
     vocab_size,
 )
 from wordystore.format.layout import ArrayLayout
@@ -115,7 +115,9 @@ class StoreScan:
         self.chunks = 0
         self.verified = VerifiedPrefix()
         self._scratch = threading.local()
-        self._chunks = reading.ChunkReader(store, reading.ChunkCache(0), threads=1)
+        # Stored bytes are what is checked: a predicted moment's residuals are decoded, not rebuilt
+        # (the gradient chunks it is rebuilt from are checked on their own).
+        self._chunks = reading.ChunkReader(store, reading.ChunkCache(0), threads=1, rebuild=False)
 
     def problem(self, where: str, what: str, rows: tuple[int, int] | None = None) -> None:
         self.problems.append(Problem(where, " ".join(what.split()), rows))
@@ -276,9 +278,6 @@ class StoreScan:
         return jobs
 
     def _jobs(self, tier: str, name: str, layout: ArrayLayout, lo: int, hi: int) -> list[ShardJob]:
-        # Stored bytes are what is checked: a predicted moment's residuals decode without their
-        # prediction (the gradient chunks it is rebuilt from are checked on their own).
-        layout = dataclasses.replace(layout, attributes={})
         return [ShardJob(tier, name, layout, coords, a, b) for coords, a, b in layout.shards_holding(lo, hi)]
 
     def scan(self, jobs: list[ShardJob]) -> None:
@@ -362,11 +361,15 @@ class StoreScan:
     def _origin(self, layout: ArrayLayout, key: str, tail: bytes) -> str:
         """Where the bytes of shard ``key``, bound to another place, come from: the shard of this
         store its binding record names, or another store ("" if it is bound here, or has no record)."""
+        if layout.binding is None:
+            return ""
         try:
-            record = BindingRecord.decode(tail[: -ShardIndex.nbytes(layout.n_chunks)], layout.n_chunks)
+            record = BindingRecord.decode(
+                tail[: -ShardIndex.nbytes(layout.n_chunks)], layout.n_chunks, layout.binding.decoding
+            )
         except CorruptChunkError:
             return ""
-        if layout.binding is None or record.place == layout.binding.place(key):
+        if record.place == layout.binding.place(key):
             return ""
         for other in storage.list_prefix(self.store, ""):
             if is_chunk_key(other) and layout.binding.place(other) == record.place:
@@ -450,9 +453,10 @@ class StoreScan:
                 self.damaged_sets.append(name)
                 self.problem(path, str(exc))
                 continue
-            if not is_token_set(ids, vocab):
+            problem = token_set_problem(ids, vocab)
+            if problem:
                 self.damaged_sets.append(name)
-                self.problem(path, f"token set '{name}' holds ids that are not sorted, unique and in [0, {vocab})")
+                self.problem(path, f"token set '{name}' is damaged: {problem}")
 
     def state_problem(self, entry: dict, steps: np.ndarray, rows: int) -> str | None:
         """Why a resume state (a record's ``states`` entry) is unusable with ``rows`` committed rows,

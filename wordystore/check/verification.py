@@ -30,6 +30,13 @@ from wordystore.store import json_documents, storage
 from wordystore.store.lease import writer_lock
 from wordystore.store.storage import as_store
 
+PREDATES = {  # what a store of an older format lacks, and so what verify cannot detect in it
+    2: "chunks bound to their place and resume states with checksums, so a shard copied over another, a chunk "
+    "swapped, an edit of the decoding parameters or a changed resume state is not detected",
+    3: "the binding of decoding parameters to its shards, so an edit of an array's codecs, data type, shape or "
+    "prediction that agrees with the metadata is not detected",
+}
+
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -87,10 +94,8 @@ class VerifyReport:
                 lines.append("  nothing to repair")
         if self.format_version is not None and self.format_version < FORMAT_VERSION:
             lines.append(
-                f"format {self.format_version}: this store predates chunks bound to their place and resume "
-                "states with checksums, so a shard copied over another, a chunk swapped or a changed resume "
-                f"state is not detected; `wordystore convert {self.store} NEW.zarr` writes it as format "
-                f"{FORMAT_VERSION}, bit for bit"
+                f"format {self.format_version}: this store predates {PREDATES[self.format_version]}; "
+                f"`wordystore convert {self.store} NEW.zarr` writes it as format {FORMAT_VERSION}, bit for bit"
             )
         if self.note:
             lines.append(self.note)

@@ -22,6 +22,7 @@ from wordystore.format.keys import (
     STEPS_ARRAY,
     STEPS_KIND,
     check_kind_name,
+    versions_text,
 )
 from wordystore.format.kinds import Kind
 from wordystore.format.layout import (
@@ -64,8 +65,9 @@ class Metadata:
 
     @property
     def binding(self) -> ShardBinding | None:
-        """What this store's shards are bound to; None in format 2, whose shards are not."""
-        return ShardBinding(self.store_id) if self.format_version >= 3 else None
+        """What this store's shards are bound to: its id (format 3), and the digest of what decodes
+        each (format 4); None in format 2, whose shards are not bound."""
+        return ShardBinding(self.store_id, self.format_version >= 4) if self.format_version >= 3 else None
 
     def to_json(self) -> dict:
         return {
@@ -105,8 +107,7 @@ class Metadata:
             raise FormatError(f"{where} is a format-1 trajectory; convert it with: wordystore convert {where} NEW.zarr")
         if version not in READ_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"{where} has format version {version!r}; this wordystore reads versions "
-                f"{' and '.join(map(str, READ_VERSIONS))}"
+                f"{where} has format version {version!r}; this wordystore reads versions {versions_text()}"
             )
         field_name = "kinds"
         try:
