@@ -52,6 +52,7 @@ class VerifyReport:
     note: str | None = None  # set when the outcome could not be recorded in verified.json
     known_steps: np.ndarray | None = None  # per row checked, its training step (-1 where recorded_steps is damaged)
     format_version: int | None = None  # of the metadata (None: unreadable)
+    leftovers: tuple[str, ...] = ()  # temporary files a killed writer left (no damage: nothing reads them)
 
     @property
     def ok(self) -> bool:
@@ -90,8 +91,15 @@ class VerifyReport:
             lines.extend(f"  rewrote {key}" for key in r.rewritten)
             lines.extend(f"  kept the old bytes as {key}" for key in r.backups)
             lines.extend(f"  could not save: {line}" for line in r.not_saved)
-            if not (r.rewritten or r.not_saved):
+            lines.extend(f"  removed {key}, a temporary file a killed writer left" for key in r.removed)
+            if not (r.rewritten or r.not_saved or r.removed):
                 lines.append("  nothing to repair")
+        if self.leftovers:
+            lines.append(
+                f"{len(self.leftovers)} temporary file{'s' * (len(self.leftovers) != 1)} a killed writer left "
+                f"(such as '{self.leftovers[0]}'): `wordystore verify {self.store} --repair`, or resuming the "
+                "writer, removes them"
+            )
         if self.format_version is not None and self.format_version < FORMAT_VERSION:
             lines.append(
                 f"format {self.format_version}: this store predates {PREDATES[self.format_version]}; "
@@ -122,7 +130,9 @@ class VerifyReport:
                 "rewritten": list(self.repair.rewritten),
                 "backups": list(self.repair.backups),
                 "not_saved": list(self.repair.not_saved),
+                "removed": list(self.repair.removed),
             },
+            "leftovers": list(self.leftovers),
             "note": self.note,
         }
 
@@ -159,7 +169,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
         scan = StoreScan(store, progress)
         scan.check()
         done = None
-        if repair and scan.problems:
+        if repair and (scan.problems or scan.leftovers):
             done = repair_store(store, scan, progress)
             scan = StoreScan(store, progress)
             scan.check()
@@ -173,6 +183,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
             done,
             known_steps=scan.known_steps(),
             format_version=scan.meta.format_version if scan.meta else None,
+            leftovers=tuple(scan.leftovers),
         )
         try:
             json_documents.write_json(

@@ -445,10 +445,13 @@ class ShardTail:
         return ShardIndex.nbytes(n_chunks) + record
 
     @classmethod
-    def decode(cls, tail, n_chunks: int, binding: ShardBinding | None, key: str, decoding: bytes) -> ShardTail:
-        """The tail of the shard at ``key`` (its last :meth:`nbytes` bytes), whose array decodes as
-        ``decoding`` (:func:`decoding_digest`) says; CorruptChunkError if they do not check, bind the
-        shard to another place (another key or store), or (format 4) to other decoding parameters."""
+    def decode(
+        cls, tail, n_chunks: int, binding: ShardBinding | None, key: str, decoding: bytes, shard_rows: int
+    ) -> ShardTail:
+        """The tail of the shard at ``key`` (its last :meth:`nbytes` bytes) of ``shard_rows`` rows,
+        whose array decodes as ``decoding`` (:func:`decoding_digest`) says; CorruptChunkError if they
+        do not check, bind the shard to another place (another key or store), claim more rows than
+        the shard has, or (format 4) bind other decoding parameters."""
         index_bytes = ShardIndex.nbytes(n_chunks)
         if len(tail) != cls.nbytes(n_chunks, binding):
             raise CorruptChunkError(
@@ -466,6 +469,11 @@ class ShardTail:
             raise CorruptChunkError(
                 "its binding record names another place: these are the bytes of another "
                 "shard (of another array, rows or tokens, or of another store) copied here"
+            )
+        if record.rows > shard_rows:
+            raise CorruptChunkError(
+                f"its binding record claims {record.rows} written rows, but the shard has {shard_rows}: "
+                "the record is wrong"
             )
         if binding.decoding and record.decoding != decoding:
             raise CorruptChunkError(

@@ -46,6 +46,9 @@ GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}  # a pla
 TIERS = ("main", "hot")
 STEPS_KIND = Kind((), "int64", ())
 STATE_KEY = re.compile(rf"^{STATE_PREFIX}/\d{{12,20}}\.safetensors$")  # state/<row, 12 digits>.safetensors
+# A local store writes each key as a temporary file renamed into place (zarr's LocalStore: the key with
+# its suffix replaced by .<uuid4 hex>.partial); a writer killed meanwhile leaves it behind.
+TEMPORARY_KEY = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
 def versions_text() -> str:
@@ -83,6 +86,11 @@ def state_key(row: int) -> str:
 
 def is_state_key(key) -> bool:
     return isinstance(key, str) and STATE_KEY.match(key) is not None
+
+
+def is_temporary_key(key: str) -> bool:
+    """Whether ``key`` is a temporary file a killed writer left (:data:`TEMPORARY_KEY`)."""
+    return TEMPORARY_KEY.search(key) is not None
 
 
 def check_kind_name(name: str, what: str = "kind") -> str:

@@ -194,7 +194,7 @@ class ArrayLayout:
 
     def decode_tail(self, tail, key: str) -> ShardTail:
         """The tail (last :attr:`tail_nbytes` bytes) of the shard at ``key``, checked."""
-        return ShardTail.decode(tail, self.n_chunks, self.binding, key, self.decoding)
+        return ShardTail.decode(tail, self.n_chunks, self.binding, key, self.decoding, self.shard[0])
 
     def to_zarr_json(self) -> dict:
         return {

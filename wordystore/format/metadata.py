@@ -230,6 +230,31 @@ def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
     return None
 
 
+def fields_problem(what: str, got, want: dict, values: bool = True) -> str | None:
+    """Which fields of the JSON object ``got`` (a document's ``what``) are missing or extra against
+    ``want``, the fields the metadata determines, and (with ``values``) which hold other values than
+    there (but a prediction: :func:`layout_mismatch` compares it as it reads); None if none."""
+    if not isinstance(got, dict):
+        return f"{what} is {got!r}, not an object"
+    missing = [k for k in want if k not in got]
+    extra = sorted(k for k in got if k not in want)
+    other = [k for k in want if values and k in got and k not in PREDICTION_KEYS and got[k] != want[k]]
+    parts = [f"{label} {names}" for label, names in (("lacks", missing), ("adds", extra), ("changes", other)) if names]
+    return f"{what} {' and '.join(parts)} (against what the metadata determines)" if parts else None
+
+
+PREDICTION_KEYS = ("prediction", "residual_of")  # a residual array's prediction (format 3 and later, format 2)
+
+
+def attributes_problem(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
+    """Which of the ``attributes.wordystore`` the metadata determines for an array (``expected``'s)
+    its zarr.json lacks, adds or changes; None if none. They decode nothing (a residual array's
+    ``residuals_of`` names its kind), but another zarr reader finds what an array holds there."""
+    return fields_problem(
+        f"attributes.{ATTRS_KEY}", actual.attributes.get(ATTRS_KEY, {}), expected.attributes.get(ATTRS_KEY, {})
+    )
+
+
 def array_mismatch(meta: Metadata, tier: str, name: str, actual: ArrayLayout) -> str | None:
     """How array ``name``'s zarr.json in ``tier`` disagrees with the layouts the metadata allows
     there (None if it agrees with one): the main layout, or one of :meth:`Metadata.hot_layouts`."""

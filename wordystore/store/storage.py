@@ -30,7 +30,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from wordystore.errors import FormatError, StoreLockedError
-from wordystore.format.keys import WRITER_LOCK_KEY
+from wordystore.format.keys import WRITER_LOCK_KEY, is_temporary_key
 from wordystore.store.objectstore import ObjectUrlStore, open_url
 
 MAX_READ_BYTES = 2**36  # what a read given no limit of its own may take: far more than any key of a store
@@ -337,6 +337,12 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
         return [key async for key in store.list_prefix(prefix)]
 
     return sync(collect())
+
+
+def temporary_keys(store: Store) -> list[str]:
+    """The temporary files a killed writer left in ``store`` (:func:`wordystore.format.keys.is_temporary_key`),
+    sorted; only ``resume`` and ``verify --repair``, holding the writer lock, remove them."""
+    return sorted(key for key in list_prefix(store, "") if is_temporary_key(key))
 
 
 def size(store: Store, prefix: str = "") -> int:

@@ -168,11 +168,11 @@ def resume(
 ) -> TrajectoryWriter:
     """Open an existing trajectory to append after its last committed row.
 
-    Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
-    never touched. A store whose commit record is missing or damaged is refused: see
-    ``wordystore verify --repair``. On object storage, the lease of a writer that was killed is
-    waited out (a warning says so; up to 32 s by default), and a live writer's refuses this one.
-    The pools are sized as :func:`create` sizes them.
+    Rows a writer had not committed when it died are ignored (and overwritten), and the temporary
+    files it left are removed; committed rows are never touched. A store whose commit record is
+    missing or damaged is refused: see ``wordystore verify --repair``. On object storage, the lease
+    of a writer that was killed is waited out (a warning says so; up to 32 s by default), and a live
+    writer's refuses this one. The pools are sized as :func:`create` sizes them.
     """
     pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     store = as_store(where, read_only=False, storage_options=storage_options)
@@ -182,6 +182,8 @@ def resume(
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = writer_lock(store)
     try:
+        for key in storage.temporary_keys(store):  # a killed writer's, which nothing else would remove
+            storage.delete(store, key)
         return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:
         lock.release()
