@@ -159,7 +159,7 @@ def hot_codecs(path: Path, rows: list[dict], vocab: int, dim: int) -> dict[str, 
     kinds = wordystore.seed_kinds(vocab, dim)
     store = storage.as_store(path, read_only=False)
     block = {name: [np.stack([torch_to_numpy(torch.as_tensor(r[name])) for r in rows[:8]])] for name in kinds}
-    binding = codecs.ShardBinding("0" * 32)  # bound, as every format-3 shard is
+    binding = codecs.ShardBinding("0" * 32, decoding=True)  # bound, as every format-4 shard is
     rates = {}
     for label in ("raw", "lz4"):
         began = time.perf_counter()
