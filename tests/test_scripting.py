@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -399,3 +400,11 @@ def test_float_to_and_numpy_dtype_read_converted_values_lazily(store):
     assert t.grad_norm.numpy(dtype=np.float64).dtype == np.float64
     with pytest.raises(ValueError, match=r"cannot read as 'complex64'; expected one of \["):
         t.losses.to("complex64")
+
+
+def test_import_says_what_it_wrote_in_one_line_as_export_does(store, tmp_path, capsys):
+    assert main(["export", str(store), str(tmp_path / "run.safetensors"), "--quiet"]) == 0
+    assert main(["import", str(tmp_path / "run.safetensors"), str(tmp_path / "back.zarr"), "--quiet"]) == 0
+    exported, imported = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"wrote .*run\.safetensors \([\d.]+ MB\)", exported)
+    assert re.fullmatch(r"wrote .*back\.zarr \(5 rows, steps 0\.\.8; [\d.]+ MB\)", imported)

@@ -38,6 +38,9 @@ def build_model(cfg: RunConfig, vocab_size: int, device: str) -> GPT2LMHeadModel
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(config).to(torch.bfloat16).to(device)
+    # transformers finds no loss type in the name GPT2LMHeadModel, warns on the first forward and falls
+    # back to ForCausalLM: named here, the same loss without the warning.
+    model.loss_type = "ForCausalLM"
     torch.manual_seed(cfg.seed)
     init = torch.randn(vocab_size, cfg.hidden_dim, dtype=torch.float32, device=device) * cfg.init_scale
     with torch.no_grad():
