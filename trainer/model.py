@@ -26,8 +26,11 @@ def build_model(cfg: RunConfig, vocab_size: int, device: str) -> GPT2LMHeadModel
     init consumes the generator, then the seed is set again and the embeddings are drawn in float32
     and cast to bfloat16.
     """
+    end_of_text = 50256  # GPT-2's <|endoftext|>: a smaller vocabulary has no such token (transformers warns)
     config = GPT2Config(
         vocab_size=vocab_size,
+        bos_token_id=end_of_text if vocab_size > end_of_text else None,
+        eos_token_id=end_of_text if vocab_size > end_of_text else None,
         n_positions=cfg.max_seq_len,
         n_embd=cfg.hidden_dim,
         n_layer=cfg.n_layer,
