@@ -3,6 +3,7 @@ progress bars on a terminal only, shell completion, export-scalars to TensorBoar
 export/import round trip keeps."""
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -366,6 +367,12 @@ def test_bfloat16_reads_go_to_numpy_and_matplotlib_as_float32_exactly(store):
     assert as_numpy.astype(stored.dtype).tobytes() == stored.tobytes()  # exact: every bfloat16 is a float32
     assert repr(losses).startswith("tensor(")
     assert type(losses * 2) is torch.Tensor  # what is computed from a read is a plain tensor
+    saved = io.BytesIO()
+    torch.save({"losses": losses}, saved)
+    saved.seek(0)
+    loaded = torch.load(saved)["losses"]  # weights_only: saved as the plain bfloat16 tensor it is
+    assert type(loaded) is torch.Tensor and loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.view(torch.int16), losses.view(torch.int16))
     figure, axes = plt.subplots()
     try:
         (line,) = axes.plot(t.steps, t.losses[:])  # as a researcher writes it

@@ -235,6 +235,11 @@ class BFloat16Tensor(torch.Tensor):
     def __repr__(self, **kwargs) -> str:
         return torch.Tensor.__repr__(self.as_subclass(torch.Tensor), **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        """Pickled (and ``torch.save``-d) as the plain tensor it is, which ``torch.load`` takes with
+        ``weights_only=True`` and a process without wordystore unpickles."""
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
 
 class KindView:
     """A lazy [step, ...] view of one kind; index it like a numpy array to read a torch tensor.
