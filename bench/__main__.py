@@ -5,7 +5,7 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench --quick       # every measurement on a small run (8,192-token vocabulary), for CI (about 2 minutes)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
     python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
-    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
+    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; docs/targets.md)
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
@@ -711,7 +711,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error(
                 f"--device cuda needs a CUDA GPU; this torch ({torch.__version__}) sees none "
-                "(README: 'Benchmarks on a GPU machine')"
+                "(docs/targets.md: 'Benchmarks on a GPU machine')"
             )
         from bench import gpu_bench
 

@@ -14,7 +14,7 @@ saying so, and the others still run):
 6. reads of the untrained slice by reader threads, and the serial part of a read (the GIL held)
    with the speed-up it allows at 16 threads (Amdahl).
 
-The README says how to bring the wheels a GPU machine lacks and run it there.
+docs/targets.md says how to bring the wheels a GPU machine lacks and run it there.
 """
 
 from __future__ import annotations

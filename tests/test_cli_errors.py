@@ -138,6 +138,13 @@ CASES = [
         r"--config .*device.json: 'device' 'gpu' is not a device; expected cpu",
     ),
     (["train", "{out}", "--steps", "abc"], r"argument --steps: invalid int value: 'abc'"),
+    (
+        ["train", "{a.zarr}"],
+        r"a.zarr already holds a trajectory; --overwrite replaces it, --resume goes on with an interrupted run, "
+        r"--extend-to N --lr-policy P goes on past a finished one$",
+    ),
+    (["info", "{missing}/run.zarr"], r"no trajectory at .*missing/run.zarr: no such directory$"),
+    (["info", "{adir}"], r"no trajectory at .*adir: it has no zarr.json$"),
     (["import", "{junk}", "{out}"], r"junk is not a readable safetensors file"),
     (
         ["import", "{junk}", "{out}", "--token-masks", "{junk}"],

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import re
+from pathlib import Path
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.cli import check_mask_file, examples, input_file, progress
@@ -178,6 +179,22 @@ def _run_overrides(ns: argparse.Namespace) -> dict:
     return data
 
 
+def _refuse_existing(out: str) -> None:
+    """A new run never lands on a trajectory, and says so before anything loads: for a local path, by
+    its root document (zarr v3's ``zarr.json``) on disk; for a URL, by asking the bucket."""
+    if "://" in out and not out.startswith("file://"):
+        from wordystore.store import storage
+
+        held = storage.exists(storage.as_store(out, read_only=True), "zarr.json")
+    else:
+        held = (Path(out.removeprefix("file://")) / "zarr.json").is_file()
+    if held:
+        raise ValueError(
+            f"{out} already holds a trajectory; --overwrite replaces it, --resume goes on with an "
+            "interrupted run, --extend-to N --lr-policy P goes on past a finished one"
+        )
+
+
 def cmd_train(ns) -> int:
     # Everything is checked before anything is created, and before the slow imports.
     going_on = ns.resume or ns.extend_to is not None
@@ -187,6 +204,8 @@ def cmd_train(ns) -> int:
         raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
     if (ns.extend_to is None) != (ns.lr_policy is None):
         raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
+    if not going_on and not ns.overwrite:
+        _refuse_existing(ns.out)
     absent = missing(*TRAIN_EXTRA)
     if absent:
         raise ValueError(f"training needs the 'train' extra (missing: {', '.join(absent)}); {install_hint('train')}")

@@ -26,8 +26,11 @@ def build_model(cfg: RunConfig, vocab_size: int, device: str) -> GPT2LMHeadModel
     init consumes the generator, then the seed is set again and the embeddings are drawn in float32
     and cast to bfloat16.
     """
+    end_of_text = 50256  # GPT-2's <|endoftext|>: a smaller vocabulary has no such token (transformers warns)
     config = GPT2Config(
         vocab_size=vocab_size,
+        bos_token_id=end_of_text if vocab_size > end_of_text else None,
+        eos_token_id=end_of_text if vocab_size > end_of_text else None,
         n_positions=cfg.max_seq_len,
         n_embd=cfg.hidden_dim,
         n_layer=cfg.n_layer,
@@ -38,6 +41,9 @@ def build_model(cfg: RunConfig, vocab_size: int, device: str) -> GPT2LMHeadModel
         tie_word_embeddings=True,
     )
     model = GPT2LMHeadModel(config).to(torch.bfloat16).to(device)
+    # transformers finds no loss type in the name GPT2LMHeadModel, warns on the first forward and falls
+    # back to ForCausalLM: named here, the same loss without the warning.
+    model.loss_type = "ForCausalLM"
     torch.manual_seed(cfg.seed)
     init = torch.randn(vocab_size, cfg.hidden_dim, dtype=torch.float32, device=device) * cfg.init_scale
     with torch.no_grad():

@@ -35,9 +35,37 @@ from wordystore.store import storage
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
 
+class FirstLine(TrainerCallback):
+    """The run's first line (:func:`trainer.numerics.first_line`), printed once two real steps have
+    run: the second one's time (forward, backward, optimizer, recording: the first pays for warming
+    up) is the time per step to expect. A run of fewer steps prints it, without a time, at its end."""
+
+    def __init__(self, choice: numerics.Choice, start: int):
+        self.choice, self.start = choice, start
+        self.last_end: float | None = None
+        self.printed = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if not self.printed and state.global_step == self.start + 2:
+            self._print(numerics.first_line(self.choice, now - self.last_end, args.max_steps - state.global_step))
+        self.last_end = now
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.printed:
+            self._print(numerics.first_line(self.choice, None))
+
+    def _print(self, line: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)  # above a progress bar, if one is drawn
+        self.printed = True
+
+
 class ProgressBar(TrainerCallback):
     """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
-    rate are those recorded for the step (the scheduler has moved the optimizer's on by then)."""
+    rate are those recorded for the step (the scheduler has moved the optimizer's on by then); the
+    Trainer's logged loss, a mean over the steps since its last log, is printed with its window."""
 
     def __init__(self, recording: TrajectoryCallback, store_path: str | Path, total: int, initial: int = 0):
         from tqdm.auto import tqdm
@@ -45,21 +73,32 @@ class ProgressBar(TrainerCallback):
         self.recording, self.store_path = recording, store_path
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.size_mb = 0.0
+        self.logged = initial  # the last step the Trainer's logged mean covers
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
             self.size_mb = store_size(self.store_path) / 1e6
         self.bar.set_postfix_str(
-            f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
+            f"loss {recorded_loss(self.recording):.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
         )
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # the Trainer logs the next step's learning rate: show the one used
-            self.bar.write(f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {self.recording.last_lr:.3e}")
+            window = f"steps {self.logged + 1}..{state.global_step}"
+            self.bar.write(
+                f"step {state.global_step:>5}  loss {recorded_loss(self.recording):.4f}  "
+                f"(mean of {window}: {logs['loss']:.4f})  lr {self.recording.last_lr:.3e}"
+            )
+            self.logged = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
+
+
+def recorded_loss(recording: TrajectoryCallback) -> float:
+    """The last step's loss as the store holds it (bfloat16)."""
+    return torch.tensor(recording.last_loss, dtype=torch.bfloat16).item()
 
 
 class StopOnSignal(TrainerCallback):
@@ -112,7 +151,8 @@ def train(
 ) -> dict:
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
     ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
-    ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
+    ``announce`` (default: ``progress``) prints the run's first line, the matmul numerics and the time per
+    step to expect, once two steps have run (:class:`FirstLine`).
 
         >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
     """
@@ -121,7 +161,7 @@ def train(
     choice = numerics.choose(cfg.bf16_matmul, inputs.device)
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
         args = training_arguments(cfg, scratch, inputs.device)
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
+        numerics.install(model, choice)
         if not record:
             trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
             trainer.remove_callback(PrinterCallback)
@@ -148,7 +188,8 @@ def train(
         writer = wordystore.create(
             out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
         )
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress)
+        announced = choice if (progress if announce is None else announce) else None
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress, announce=announced)
 
 
 def resume(
@@ -283,7 +324,7 @@ def _go_on(
     choice = numerics.of_stored_run(wordystore.open(out).config, inputs.device)
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
         args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
+        numerics.install(model, choice)
         checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
         writer = wordystore.resume(out)
         if new_extension:
@@ -297,6 +338,7 @@ def _go_on(
             cfg,
             inputs,
             progress=progress,
+            announce=choice if (progress if announce is None else announce) else None,
             resume_state=(tensors, info),
             checkpoint=checkpoint,
             extension=extension,
@@ -313,13 +355,16 @@ def _train_recording(
     inputs,
     *,
     progress: bool,
+    announce: numerics.Choice | None = None,
     resume_state=None,
     checkpoint=None,
     extension=None,
     start: int = 0,
 ) -> dict:
-    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
+    ``announce``: the numerics to print the run's first line about (:class:`FirstLine`), or None."""
     embedding = model.transformer.wte.weight
+    rows_before = writer.committed
     with writer:
         recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
         with StopOnSignal(recording) as stop:
@@ -333,6 +378,8 @@ def _train_recording(
             )
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
+            if announce is not None:  # after the recording: the time it times includes the step's recording
+                trainer.add_callback(FirstLine(announce, start))
             if progress:
                 trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
             writer.set_state_provider(functools.partial(_state_of, trainer, recording))
@@ -355,6 +402,7 @@ def _train_recording(
         "planned_steps": args.max_steps,
         "stopped_by_signal": stop.signal,
         "rows": writer.committed,
+        "new_rows": writer.committed - rows_before,
         "seconds": elapsed,
         "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
         "store_bytes": store_size(out),
@@ -375,9 +423,13 @@ def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict
 
 def main_summary(summary: dict) -> str:
     """The command's last line."""
-    done = f"steps {summary['start'] + 1}..{summary['steps']}" if summary["start"] else f"{summary['steps']} steps"
+    if summary["start"]:
+        steps = f"steps {summary['start'] + 1}..{summary['steps']}"
+        rows = f"{summary['new_rows']} new rows ({steps}; {summary['rows']} in all)"
+    else:
+        rows = f"{summary['rows']} rows ({summary['steps']} steps)"
     line = (
-        f"recorded {summary['rows']} rows ({done}) into {summary['store']} "
+        f"recorded {rows} into {summary['store']} "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
         f"store {summary['store_bytes'] / 1e6:.1f} MB on disk; "
         f"token sets: {summary['n_trained']} trained, {summary['n_untrained']} untrained"

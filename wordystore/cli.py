@@ -220,10 +220,13 @@ def cmd_import(ns) -> None:
 
     if ns.token_masks is not None:
         check_mask_file("--token-masks", ns.token_masks)
+    from wordystore.store.storage import size
+
     t = import_seed_file(
         ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns), predict=ns.predict
     )
-    print(t)
+    steps = f"steps {t.steps[0]}..{t.steps[-1]}" if len(t) else "no steps"
+    print(f"wrote {ns.store} ({len(t)} rows, {steps}; {size(t.store) / 1e6:.1f} MB)")  # one line, as export
 
 
 def cmd_stitch(ns) -> None:

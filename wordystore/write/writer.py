@@ -147,7 +147,7 @@ class TrajectoryWriter:
             and child_process.shared_memory_room(Ring.nbytes(self._meta.arrays(), capacity))
         ):
             warnings.warn(
-                f"wordystore: the writer of {describe(store)} keeps its pools in this process: a child "
+                f"the writer of {describe(store)} keeps its pools in this process: a child "
                 "process needs a local store (a directory, not object storage) and room in /dev/shm for "
                 "its ring",
                 RuntimeWarning,
@@ -504,7 +504,7 @@ class TrajectoryWriter:
         stats = self.stats()
         if stats.waited > max(BACKPRESSURE_REPORT_SECONDS, BACKPRESSURE_REPORT_SHARE * stats.seconds):
             warnings.warn(
-                f"wordystore: the writer of {describe(self._store)} could not keep up with appends: "
+                f"the writer of {describe(self._store)} could not keep up with appends: "
                 f"{stats.describe()} (writer.stats(); docs/architecture.md, 'Pools')",
                 BackpressureWarning,
                 stacklevel=3,
@@ -512,4 +512,4 @@ class TrajectoryWriter:
 
 
 BACKPRESSURE_REPORT_SECONDS = 1.0  # waits below this are noise, whatever the run's length
-BACKPRESSURE_REPORT_SHARE = 0.01  # a wait above 1% of the writer's life is reported
+BACKPRESSURE_REPORT_SHARE = 0.05  # a wait above 5% of the writer's life is reported: below, a normal run's cost
