@@ -1,4 +1,4 @@
-"""xarray and a dask cluster against the report on a real store (issue 17's check on the seed's
+"""xarray and a dask cluster against the report on a real store (a check on the seed's
 200-step run): the untrained displacement at every step through ``xr.open_dataset(path,
 engine="wordystore")`` equals ``measures.embedding_stats``' ``displacement_max``, and a
 LocalCluster of 2 worker processes computes it bit-equal to this process.

@@ -1,4 +1,4 @@
-"""The fault suite (issue 10): kill -9 at 20 points, 59 corruptions of every kind of key, a full
+"""The fault suite: kill -9 at 20 points, 59 corruptions of every kind of key, a full
 disk, readers polling a writer, a writer dropped without close(); and `wordystore verify`.
 
 Every store here records tests/faults_writer.py's run: six kinds (a predicted Adam moment among

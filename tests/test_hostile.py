@@ -1,4 +1,4 @@
-"""The hostile-store suite (issue 16): a store from someone else, damaged or made to harm, opened
+"""The hostile-store suite: a store from someone else, damaged or made to harm, opened
 as a user would (``info``, ``verify``, ``export``, reading, ``load_state``, ``resume``).
 
 Every case mutates a copy of a real store (written by the real writer) that lies in a small world
