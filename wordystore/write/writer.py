@@ -495,10 +495,6 @@ class TrajectoryWriter:
         self._meta = dataclasses.replace(self._meta, **changes)
         json_documents.write_metadata(self._store, self._meta, durable=self._background.durable)
 
-    def _wait_compaction(self) -> None:
-        """Wait for the compaction under way (tests: a store with both tiers in use)."""
-        self._background.wait_compaction()
-
     def _report_backpressure(self) -> None:
         """Warn once, at close, if appends waited noticeably for the writer."""
         stats = self.stats()
