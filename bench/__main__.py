@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench.recording_job import recording_runs
 from bench.table import row, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
 QUICK_RUN = ["--steps", "40", "--vocab-size", "8192", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
 
@@ -424,70 +424,6 @@ def bench_export_import(store: Path, seed: Path) -> None:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
 
 
-RECORDING = r"""
-import json, sys, time
-sys.path[:0] = [{root!r}]
-import numpy as np
-from transformers import TrainerCallback
-import trainer.experiment as experiment
-import trainer.run as run
-import wordystore.write.writer
-from trainer.config import RunConfig
-from trainer.memory import keep_freed_memory
-keep_freed_memory()  # as `wordystore train` runs, in every arm
-modes, out, args = sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3])
-times, closing = [], []
-class Clock(TrainerCallback):
-    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
-    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-init = experiment.SeedTrainer.__init__
-def with_clock(self, *a, callbacks=(), **k):
-    init(self, *a, callbacks=[*callbacks, Clock()], **k)
-experiment.SeedTrainer.__init__ = with_clock
-close = wordystore.write.writer.TrajectoryWriter.close
-def timed_close(self):
-    t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)
-wordystore.write.writer.TrajectoryWriter.close = timed_close
-results = []
-for mode in modes:  # one after the other in this process
-    times.clear(); closing.clear()
-    run.train(out + "." + mode, RunConfig(**args), progress=False, record=(mode == "recording"))
-    steady = times[2:]  # the first steps warm caches and allocators
-    results.append({{"mode": mode, "median_step_s": float(np.median(steady)), "train_s": float(np.sum(steady)),
-                    "steps_per_s": len(steady) / float(np.sum(steady)), "close_s": sum(closing)}})
-print(json.dumps(results))
-"""
-
-
-def recording_runs(modes: list[str], args: dict, tmp: Path) -> list[dict]:
-    """Train ``args`` once per mode ("none", "recording"), one after the other in one process."""
-    out = subprocess.run(
-        [sys.executable, "-c", RECORDING.format(root=str(ROOT)), ",".join(modes), str(tmp / "run"), json.dumps(args)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-WRITER = r"""
-import json, sys
-sys.path[:0] = [{root!r}]
-import psutil, torch, wordystore
-out, rows, vocab, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-step = {{name: torch.randn(kind.shape).to(kind.torch_dtype) if kind.shape else 0.5
-        for name, kind in wordystore.seed_kinds(vocab, dim).items()}}
-baseline = psutil.Process().memory_info().rss
-with wordystore.create(out, wordystore.seed_kinds(vocab, dim)) as w:
-    for row in range(rows):
-        step["embeddings"][row % vocab] += 1  # the rows differ a little, as a trajectory's do
-        w.append(row, **step)
-# VmHWM is this address space's own peak; ru_maxrss would include the parent's, inherited at fork
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({{"extra_mb": (peak - baseline) / 1e6}}))
-"""
-
-
 def bench_recording(quick: bool) -> None:
     """The seed run with and without recording, each a whole process (alternating with ``--quick``'s
     repeats): the training time after the first two steps, and the close after the last step. The
@@ -662,7 +598,7 @@ def bench_writer_memory(quick: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
     try:
         out = subprocess.run(
-            [sys.executable, "-c", WRITER.format(root=str(ROOT)), str(tmp / "w.zarr"), str(rows), str(vocab), "64"],
+            [sys.executable, "-m", "bench.writer_memory_job", str(tmp / "w.zarr"), str(rows), str(vocab), "64"],
             check=True,
             capture_output=True,
             text=True,

@@ -34,6 +34,7 @@ import torch
 
 from bench import writer_bench
 from bench.gil import read_serial_part, untrained_read
+from bench.recording_job import recording_runs
 from bench.table import row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,6 @@ def gpu_tests() -> None:
 def recording(steps: int, tmp: Path, keep: dict) -> None:
     """Recording against no recording in one process, the pools in a child process, then beside
     training; the first recorded store is kept for the sections after."""
-    from bench.__main__ import recording_runs
-
     for label, env in (("pools in a child process", "1"), ("pools beside training", "0")):
         os.environ["WORDYSTORE_WRITER_PROCESS"] = env
         try:

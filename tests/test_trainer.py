@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from notebook_reference import run_notebook
+from notebook_reference import NotebookParameters, run_notebook
 
 from trainer.cli import _run_overrides
 from trainer.config import RunConfig
@@ -19,7 +19,8 @@ from wordystore.cli import build_parser
 from wordystore.cli import main as cli_main
 
 # native: the notebook's own kernels, so that the runs can be bit-identical to it
-SMALL = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32, bf16_matmul="native")
+SHAPE = dict(vocab_size=512, hidden_dim=16, batch_size=4, steps=6, max_seq_len=32)
+SMALL = dict(**SHAPE, bf16_matmul="native")
 SEED_KINDS = ("recorded_steps", "embeddings", "grads", "momentum", "variance", "logits", "losses")
 
 
@@ -29,7 +30,7 @@ def small_runs(tmp_path_factory):
     cfg = RunConfig(**SMALL)
     train(tmp / "ours.zarr", cfg, progress=False)
     ids = tokenize_cached(load_corpus(), load_tokenizer()) % SMALL["vocab_size"]
-    reference = run_notebook(cfg, ids, SMALL["vocab_size"], str(tmp / "nb"))
+    reference = run_notebook(NotebookParameters(**SHAPE), ids, str(tmp / "nb"))
     return trajectory.open(tmp / "ours.zarr"), reference
 
 

@@ -2,7 +2,7 @@
 
 - :mod:`trainer.config`: the notebook's parameters as one dataclass.
 - :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows
-  (token sets: :mod:`wordystore.tools.token_sets`).
+  (token sets: ``wordystore.token_sets_from_ids``, ``wordystore.token_sets_from_mask_file``).
 - :mod:`trainer.model`: the 2-layer GPT-2 and its bfloat16 initialisation.
 - :mod:`trainer.recording`: a Hugging Face ``TrainerCallback`` and a plain-PyTorch recorder.
 - :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).

@@ -2,9 +2,10 @@
 ``wordystore.commands`` entry point (pyproject.toml), as xarray finds its backends.
 
 Registering the command imports only the standard library, :mod:`trainer.config` and wordystore's
-own command line, so ``wordystore --help`` does not load the training stack, and ``wordystore
-train`` without the ``train`` extra says how to install it. Every flag is checked before anything
-is created and before the slow imports; then :mod:`trainer.run` runs the experiment.
+helpers for commands (:mod:`wordystore.commands`), so ``wordystore --help`` does not load the
+training stack, and ``wordystore train`` without the ``train`` extra says how to install it. Every
+flag is checked before anything is created and before the slow imports; then :mod:`trainer.run`
+runs the experiment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import re
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
-from wordystore.cli import check_mask_file, examples, input_file, progress
+from wordystore.commands import check_mask_file, examples, input_file, progress
 from wordystore.optional import install_hint, missing
 
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")

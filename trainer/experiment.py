@@ -17,11 +17,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
+import wordystore
 from trainer import state as run_state
 from trainer.config import RunConfig
 from trainer.data import DEFAULT_CORPUS, TokenDataset, load_corpus, load_tokenizer, tokenize_cached
 from trainer.model import pick_device
-from wordystore.tools.token_sets import token_sets_from_ids, token_sets_from_mask_file
 
 
 @dataclasses.dataclass
@@ -48,9 +48,9 @@ def prepare_inputs(cfg: RunConfig) -> Inputs:
     if ids.size and ids.max() >= vocab_size:  # a vocabulary smaller than the tokenizer's (quick tests)
         ids = ids % vocab_size
     if cfg.token_masks:
-        token_sets = token_sets_from_mask_file(cfg.token_masks, vocab_size)
+        token_sets = wordystore.token_sets_from_mask_file(cfg.token_masks, vocab_size)
     else:
-        token_sets = token_sets_from_ids(ids, vocab_size)
+        token_sets = wordystore.token_sets_from_ids(ids, vocab_size)
     dataset = TokenDataset(torch.tensor(ids, dtype=torch.long, device=device), cfg.max_seq_len)
     if len(dataset) == 0:
         raise ValueError(f"corpus has {len(ids)} tokens: too few for one window of {cfg.max_seq_len + 1}")

@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +31,6 @@ from trainer.config import LR_POLICIES, RunConfig
 from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
 from trainer.model import build_model
 from trainer.recording import TrajectoryCallback, kinds_for
-from wordystore.store import storage
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
@@ -48,7 +48,7 @@ class ProgressBar(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
-            self.size_mb = store_size(self.store_path) / 1e6
+            self.size_mb = wordystore.stored_bytes(self.store_path) / 1e6
         self.bar.set_postfix_str(
             f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
         )
@@ -95,12 +95,6 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
-def store_size(path: str | Path) -> int:
-    """Bytes stored (a directory's or a bucket's), counted while the writer writes and compacts (see
-    wordystore.store.storage.size)."""
-    return storage.size(storage.as_store(path, read_only=True))
-
-
 def train(
     out: str | Path,
     cfg: RunConfig,
@@ -109,10 +103,14 @@ def train(
     progress: bool = True,
     record: bool = True,
     announce: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
     ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
     ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
+    ``callbacks`` are added to the Trainer's (``python -m bench`` times each step with one); they
+    must not change the run. Returns a summary: steps, seconds, and when recording the store, its
+    rows and bytes, and ``close_seconds`` (the writer's close after the last step).
 
         >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
     """
@@ -123,7 +121,7 @@ def train(
         args = training_arguments(cfg, scratch, inputs.device)
         numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
         if not record:
-            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=list(callbacks))
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
             began = time.perf_counter()
@@ -148,7 +146,7 @@ def train(
         writer = wordystore.create(
             out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
         )
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress)
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress, callbacks=callbacks)
 
 
 def resume(
@@ -317,6 +315,7 @@ def _train_recording(
     checkpoint=None,
     extension=None,
     start: int = 0,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
     embedding = model.transformer.wte.weight
@@ -327,7 +326,7 @@ def _train_recording(
                 model=model,
                 args=args,
                 train_dataset=inputs.dataset,
-                callbacks=[recording, stop],
+                callbacks=[recording, stop, *callbacks],
                 resume_state=resume_state,
                 extension=extension,
             )
@@ -348,6 +347,8 @@ def _train_recording(
                 "planned_steps": args.max_steps,
             }
         )
+        closing = time.perf_counter()
+    close_seconds = time.perf_counter() - closing  # the writer's close: the last rows committed and compacted
     return {
         "store": str(out),
         "start": start,
@@ -356,8 +357,9 @@ def _train_recording(
         "stopped_by_signal": stop.signal,
         "rows": writer.committed,
         "seconds": elapsed,
+        "close_seconds": close_seconds,
         "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
-        "store_bytes": store_size(out),
+        "store_bytes": wordystore.stored_bytes(out),
         "n_trained": len(inputs.token_sets["trained"]),
         "n_untrained": len(inputs.token_sets["untrained"]),
     }

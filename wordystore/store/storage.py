@@ -339,6 +339,31 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
     return sync(collect())
 
 
+def stored_bytes(where: str | os.PathLike, storage_options: dict | None = None) -> int:
+    """Bytes a store holds on disk or in its bucket now: every key under it, both tiers, documents
+    and resume states. A running writer's store may be counted while it writes and compacts.
+
+    Parameters
+    ----------
+    where : str or os.PathLike
+        A directory, or an ``s3://``, ``gs://`` or ``az://`` URL.
+    storage_options : dict, optional
+        Endpoint, region and credentials of a URL (see :func:`wordystore.store.objectstore.open_url`).
+
+    Returns
+    -------
+    int
+        The sum of the keys' sizes in bytes; a key deleted while it is counted counts 0.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> wordystore.stored_bytes("runs/quick.zarr")  # doctest: +SKIP
+    3051021
+    """
+    return size(as_store(where, read_only=True, storage_options=storage_options))
+
+
 def size(store: Store, prefix: str = "") -> int:
     """Bytes of every key under ``prefix``; a key that vanishes meanwhile (a writer compacting)
     counts 0."""
