@@ -13,7 +13,7 @@ import sys
 from notebook_reference import NotebookParameters, run_notebook
 from safetensors.torch import save_file
 
-from trainer.data import load_corpus, load_tokenizer
+from trainer.experiment import load_corpus, load_tokenizer
 
 
 def main() -> None:

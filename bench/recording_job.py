@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from trainer import run
 from trainer.config import RunConfig
-from trainer.memory import keep_freed_memory
+from trainer.experiment import keep_freed_memory
 
 
 class StepClock(TrainerCallback):

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import wordystore
 from trainer.config import RunConfig
-from trainer.data import load_corpus, load_tokenizer, tokenize_cached
+from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore.cli import main as cli
 from wordystore.tools.safetensors_layout import export, import_seed_file

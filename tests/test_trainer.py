@@ -12,7 +12,7 @@ from notebook_reference import NotebookParameters, run_notebook
 
 from trainer.cli import _run_overrides
 from trainer.config import RunConfig
-from trainer.data import load_corpus, load_tokenizer, tokenize_cached
+from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore import trajectory
 from wordystore.cli import build_parser
@@ -87,7 +87,7 @@ def test_gpt2_tokenizer_offline():
 
 
 def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_changes_no_bit(tmp_path):
-    """The command's default keeps freed memory for reuse (trainer.memory); --low-memory does not.
+    """The command's default keeps freed memory for reuse (trainer.experiment.keep_freed_memory); --low-memory does not.
     With the real vocabulary the [4, 128, 50257] float32 logits (103 MB) are big enough that glibc
     would otherwise map and unmap them each step."""
     runs = {}
@@ -125,7 +125,7 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
 
 STEP_LIKE_ALLOCATIONS = """
 import resource, sys, torch
-from trainer.memory import keep_freed_memory
+from trainer.experiment import keep_freed_memory
 assert sys.argv[1] == "default" or keep_freed_memory()
 faults = []
 for step in range(20):  # big blocks allocated and freed in the same order each time, as a training step does

@@ -195,7 +195,7 @@ def cmd_train(ns) -> int:
     source = f"--config {ns.config}" if ns.config else "flags"
     cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
     if not ns.low_memory:
-        from trainer.memory import keep_freed_memory
+        from trainer.experiment import keep_freed_memory
 
         keep_freed_memory()
     from trainer import run

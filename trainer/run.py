@@ -28,8 +28,14 @@ import wordystore
 from trainer import numerics
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
-from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
-from trainer.model import build_model
+from trainer.experiment import (
+    Inputs,
+    SeedTrainer,
+    build_model,
+    checkpoint_directory,
+    prepare_inputs,
+    training_arguments,
+)
 from trainer.recording import TrajectoryCallback, kinds_for
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
