@@ -41,6 +41,133 @@ from trainer.recording import TrajectoryCallback, kinds_for
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
 
+def train(
+    out: str | Path,
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    record: bool = True,
+    announce: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
+    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
+    ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
+    ``callbacks`` are added to the Trainer's (``python -m bench`` times each step with one); they
+    must not change the run. Returns a summary: steps, seconds, and when recording the store, its
+    rows and bytes, and ``close_seconds`` (the writer's close after the last step).
+
+        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
+    """
+    inputs = prepare_inputs(cfg)
+    model = build_model(cfg, inputs.vocab_size, inputs.device)
+    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
+    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
+        args = training_arguments(cfg, scratch, inputs.device)
+        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
+        if not record:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=list(callbacks))
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            began = time.perf_counter()
+            trainer.train()
+            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
+        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
+        config = run_state.jsonable(
+            {
+                "run": cfg.to_dict(),
+                "training_arguments": arguments,
+                "model": model.config.to_dict(),
+                "data": inputs.data,
+                "device": inputs.device,
+                "numerics": choice.record(),
+            }
+        )
+        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
+        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+        predictions = None
+        if cfg.record_every == 1 and args.optim.startswith("adamw"):
+            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+        writer = wordystore.create(
+            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+        )
+        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress, callbacks=callbacks)
+
+
+def _train_recording(
+    writer,
+    out: str | Path,
+    model,
+    args,
+    cfg,
+    inputs,
+    *,
+    progress: bool,
+    resume_state=None,
+    checkpoint=None,
+    extension=None,
+    start: int = 0,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
+    embedding = model.transformer.wte.weight
+    with writer:
+        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
+        with StopOnSignal(recording) as stop:
+            trainer = SeedTrainer(
+                model=model,
+                args=args,
+                train_dataset=inputs.dataset,
+                callbacks=[recording, stop, *callbacks],
+                resume_state=resume_state,
+                extension=extension,
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            if progress:
+                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
+            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
+            began = time.perf_counter()
+            trainer.train(resume_from_checkpoint=checkpoint)
+            elapsed = time.perf_counter() - began
+        previous = wordystore.open(out).config.get("summary", {})
+        steps = trainer.state.global_step
+        writer.update_config(
+            summary={
+                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+                "steps": steps,
+                "planned_steps": args.max_steps,
+            }
+        )
+        closing = time.perf_counter()
+    close_seconds = time.perf_counter() - closing  # the writer's close: the last rows committed and compacted
+    return {
+        "store": str(out),
+        "start": start,
+        "steps": steps,
+        "planned_steps": args.max_steps,
+        "stopped_by_signal": stop.signal,
+        "rows": writer.committed,
+        "seconds": elapsed,
+        "close_seconds": close_seconds,
+        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
+        "store_bytes": wordystore.stored_bytes(out),
+        "n_trained": len(inputs.token_sets["trained"]),
+        "n_untrained": len(inputs.token_sets["untrained"]),
+    }
+
+
+def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
+    """The writer's state provider: the run's state, right after the row of its current step."""
+    step = trainer.state.global_step
+    if not recording.between_steps or recording.writer.last_step != step:
+        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
+    tensors, info = run_state.capture(trainer)
+    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
+    return tensors, info
+
+
 class ProgressBar(TrainerCallback):
     """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
     rate are those recorded for the step (the scheduler has moved the optimizer's on by then)."""
@@ -99,60 +226,6 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.signal is not None and self.recording.writer.last_step == state.global_step:
             control.should_training_stop = True
-
-
-def train(
-    out: str | Path,
-    cfg: RunConfig,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    record: bool = True,
-    announce: bool | None = None,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> dict:
-    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
-    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
-    ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
-    ``callbacks`` are added to the Trainer's (``python -m bench`` times each step with one); they
-    must not change the run. Returns a summary: steps, seconds, and when recording the store, its
-    rows and bytes, and ``close_seconds`` (the writer's close after the last step).
-
-        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
-    """
-    inputs = prepare_inputs(cfg)
-    model = build_model(cfg, inputs.vocab_size, inputs.device)
-    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
-    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
-        args = training_arguments(cfg, scratch, inputs.device)
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=progress if announce is None else announce)
-        if not record:
-            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=list(callbacks))
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            began = time.perf_counter()
-            trainer.train()
-            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
-        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
-        config = run_state.jsonable(
-            {
-                "run": cfg.to_dict(),
-                "training_arguments": arguments,
-                "model": model.config.to_dict(),
-                "data": inputs.data,
-                "device": inputs.device,
-                "numerics": choice.record(),
-            }
-        )
-        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
-        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
-        predictions = None
-        if cfg.record_every == 1 and args.optim.startswith("adamw"):
-            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-        writer = wordystore.create(
-            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
-        )
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress, callbacks=callbacks)
 
 
 def resume(
@@ -306,79 +379,6 @@ def _go_on(
             extension=extension,
             start=step,
         )
-
-
-def _train_recording(
-    writer,
-    out: str | Path,
-    model,
-    args,
-    cfg,
-    inputs,
-    *,
-    progress: bool,
-    resume_state=None,
-    checkpoint=None,
-    extension=None,
-    start: int = 0,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> dict:
-    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary."""
-    embedding = model.transformer.wte.weight
-    with writer:
-        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
-        with StopOnSignal(recording) as stop:
-            trainer = SeedTrainer(
-                model=model,
-                args=args,
-                train_dataset=inputs.dataset,
-                callbacks=[recording, stop, *callbacks],
-                resume_state=resume_state,
-                extension=extension,
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            if progress:
-                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
-            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
-            began = time.perf_counter()
-            trainer.train(resume_from_checkpoint=checkpoint)
-            elapsed = time.perf_counter() - began
-        previous = wordystore.open(out).config.get("summary", {})
-        steps = trainer.state.global_step
-        writer.update_config(
-            summary={
-                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
-                "steps": steps,
-                "planned_steps": args.max_steps,
-            }
-        )
-        closing = time.perf_counter()
-    close_seconds = time.perf_counter() - closing  # the writer's close: the last rows committed and compacted
-    return {
-        "store": str(out),
-        "start": start,
-        "steps": steps,
-        "planned_steps": args.max_steps,
-        "stopped_by_signal": stop.signal,
-        "rows": writer.committed,
-        "seconds": elapsed,
-        "close_seconds": close_seconds,
-        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
-        "store_bytes": wordystore.stored_bytes(out),
-        "n_trained": len(inputs.token_sets["trained"]),
-        "n_untrained": len(inputs.token_sets["untrained"]),
-    }
-
-
-def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
-    """The writer's state provider: the run's state, right after the row of its current step."""
-    step = trainer.state.global_step
-    if not recording.between_steps or recording.writer.last_step != step:
-        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
-    tensors, info = run_state.capture(trainer)
-    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
-    return tensors, info
 
 
 def main_summary(summary: dict) -> str:
