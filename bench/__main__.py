@@ -6,6 +6,7 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
     python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
     python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
+    python -m bench --write-docs             # the docs' marked tables from the latest full run
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bench.recording_job import recording_runs
+from bench import docs_tables
 from bench.table import row, write_results
 
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
@@ -428,6 +429,8 @@ def bench_recording(quick: bool) -> None:
     """The seed run with and without recording, each a whole process (alternating with ``--quick``'s
     repeats): the training time after the first two steps, and the close after the last step. The
     full bench runs all 200 steps: compaction keeps pace through the whole run, or does not."""
+    from bench.recording_job import recording_runs
+
     args = {"steps": 200} if not quick else {"steps": 10, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     results = {"none": [], "recording": []}
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
@@ -523,6 +526,7 @@ def wordystore_kind(store: Path, name: str):
 def bench_numerics(quick: bool) -> None:
     """A training step of each ``--bf16-matmul`` choice, side by side (whole processes, no recording):
     native against float32, and auto (whatever it picks here) against float32."""
+    from bench.recording_job import recording_runs
     from trainer import numerics
 
     cpu = numerics.cpu()
@@ -635,7 +639,17 @@ def main() -> None:
         default="cpu",
         help="cuda: the GPU table instead (bench/gpu_bench.py; results in bench/results/gpu.md)",
     )
+    parser.add_argument(
+        "--write-docs",
+        nargs="?",
+        const=str(docs_tables.LATEST),
+        metavar="RESULTS",
+        help="measure nothing: write the tables marked in README.md and docs/ from a run's results "
+        "(default: the latest full run's, bench/results/latest.json; bench/docs_tables.py)",
+    )
     ns = parser.parse_args()
+    if ns.write_docs:
+        sys.exit(docs_tables.main([ns.write_docs]))
     if ns.scale:
         from bench import scale
 
