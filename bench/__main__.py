@@ -509,7 +509,7 @@ def bench_writer(store: Path, quick: bool) -> None:
         row(
             "writer",
             f"GIL a Python-bound loop loses per recorded row, {label}",
-            f"{step_ms:.1f} ms (a GPU step)",
+            f"{step_ms:.1f} ms (a GPU step: a constant, not measured in this run)",
             f"{lost:.2f} ms",
             f"{lost / step_ms:.0%} of a step",
             "<= 10%",

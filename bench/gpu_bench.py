@@ -164,7 +164,7 @@ def writer(store: Path, threads: list[int], tmp: Path) -> None:
         row(
             "writer",
             f"GIL a Python-bound loop loses per recorded row, {label}",
-            f"{step_ms:.1f} ms (a GPU step)",
+            f"{step_ms:.1f} ms (a GPU step: a constant, not measured in this run)",
             f"{r[key]:.2f} ms",
             f"{r[key] / step_ms:.0%} of a step",
             "<= 10%",
