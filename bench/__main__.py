@@ -261,7 +261,8 @@ def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
 
 def bench_read_threads(store: Path) -> None:
     """The serial part of the untrained read (the GIL its one thread holds) and the speed-up it
-    allows 16 threads (Amdahl), where this machine cannot run 16 (the GPU table times them)."""
+    allows 16 threads (Amdahl), where this machine cannot run 16 (the GPU table times them). A bound,
+    not a measurement, and the probe slows the read it measures: the row states no target as met."""
     from bench.gil import read_serial_part
 
     serial, seconds = read_serial_part(store)
@@ -269,11 +270,10 @@ def bench_read_threads(store: Path) -> None:
     row(
         "read scaling",
         "untrained slice on 1 reader thread: serial part (GIL held)",
-        f"{seconds * 1e3:,.0f} ms (the read)",
+        f"{seconds * 1e3:,.0f} ms (the read, slowed by the probe)",
         f"{serial:.1%} serial",
-        f"<= {bound:.1f}x at 16 threads (Amdahl)",
-        ">= 10x",
-        bound >= 10,
+        f"<= {bound:.1f}x at 16 threads (Amdahl bound, not measured)",
+        ">= 10x measured on 16 threads (python -m bench --device cuda)",
     )
 
 
