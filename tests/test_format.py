@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from compaction_wait import wait_for_compaction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_store import random_bf16
@@ -86,7 +87,7 @@ def test_convert_keeps_every_bit_and_all_metadata(tmp_path, source_profile, targ
 def test_reads_span_the_hot_and_main_tiers_while_a_writer_runs(tmp_path):
     w, ref = fill(tmp_path / "t.zarr", 29, "compact", np.random.default_rng(4), close=False, block_rows=2, chunk_rows=4)
     w.flush()
-    w._wait_compaction()
+    wait_for_compaction(w)
     t = wordystore.open(tmp_path / "t.zarr")
     record = t.commit_record
     assert record.committed_rows == 29 and 0 < record.compacted_rows < 29  # both tiers in use

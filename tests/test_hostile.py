@@ -1,5 +1,5 @@
-"""The hostile-store suite: a store from someone else, damaged or made to harm, opened as a user
-would (``info``, ``verify``, ``export``, reading, ``load_state``, ``resume``).
+"""The hostile-store suite: a store from someone else, damaged or made to harm, opened
+as a user would (``info``, ``verify``, ``export``, reading, ``load_state``, ``resume``).
 
 Every case mutates a copy of a real store (written by the real writer) that lies in a small world
 directory beside files a hostile store might reach for (``outside/``: a victim file, a token set,
@@ -29,7 +29,7 @@ import wordystore
 from wordystore import CorruptChunkError, FormatError, Kind
 from wordystore.analysis import measures
 from wordystore.cli import main
-from wordystore.format.codecs import BindingRecord, Crc32c, ShardIndex, decode_shard_index, shard_index_nbytes
+from wordystore.format.codecs import BindingRecord, Crc32c, ShardIndex
 from wordystore.format.metadata import Metadata
 from wordystore.tools.token_sets import token_sets_from_mask_file
 
@@ -304,9 +304,9 @@ def test_a_store_whose_id_was_edited_binds_none_of_its_shards(world, capsys):
 def swap_chunks(file: Path, copy: bool = False) -> None:
     """Swap the index entries of a shard's two inner chunks (or point both at the first), with a valid crc."""
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
+    index = ShardIndex.decode(data[-ShardIndex.nbytes(2) :], 2).table.copy()
     index[[0, 1]] = index[[0, 0]] if copy else index[[1, 0]]
-    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+    file.write_bytes(data[: -ShardIndex.nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["swapped", "one copied over the other"])
@@ -418,9 +418,9 @@ def test_a_shard_larger_than_its_chunks_can_be_is_not_read(world, capsys):
 def test_a_shard_index_claiming_a_huge_chunk_is_refused(world, capsys):
     file = world.store / "wide/c/1/0/0"
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
+    index = ShardIndex.decode(data[-ShardIndex.nbytes(2) :], 2).table.copy()
     index[1, 1] = 1 << 40
-    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+    file.write_bytes(data[: -ShardIndex.nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
     with pytest.raises(CorruptChunkError, match=r"lists 1099511627776 bytes for the chunk, more than such a chunk"):
         wordystore.open(world.store).wide.numpy((slice(4, 8), slice(4, 8)))
     verify_lists(capsys, world.store, "'wide")

@@ -19,8 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from trainer import numerics
 from trainer import state as run_state
 from trainer.config import RunConfig
-from trainer.data import TokenDataset
-from trainer.model import build_model
+from trainer.experiment import TokenDataset, build_model
 from trainer.run import SeedTrainer, checkpoint_directory, extend, resume, train, training_arguments
 from wordystore import trajectory
 from wordystore.analysis import report

@@ -2,9 +2,10 @@
 ``wordystore.commands`` entry point (pyproject.toml), as xarray finds its backends.
 
 Registering the command imports only the standard library, :mod:`trainer.config` and wordystore's
-own command line, so ``wordystore --help`` does not load the training stack, and ``wordystore
-train`` without the ``train`` extra says how to install it. Every flag is checked before anything
-is created and before the slow imports; then :mod:`trainer.run` runs the experiment.
+helpers for commands (:mod:`wordystore.commands`), so ``wordystore --help`` does not load the
+training stack, and ``wordystore train`` without the ``train`` extra says how to install it. Every
+flag is checked before anything is created and before the slow imports; then :mod:`trainer.run`
+runs the experiment.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 from pathlib import Path
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
-from wordystore.cli import check_mask_file, examples, input_file, progress
+from wordystore.commands import check_mask_file, examples, input_file, progress
 from wordystore.optional import install_hint, missing
 
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
@@ -183,10 +184,10 @@ def _refuse_existing(out: str) -> None:
     """A new run never lands on a trajectory, and says so before anything loads: for a local path, by
     its root document (zarr v3's ``zarr.json``) on disk; for a URL, by asking the bucket."""
     if "://" in out and not out.startswith("file://"):
-        from wordystore.store import storage
+        import wordystore
 
-        held = storage.exists(storage.as_store(out, read_only=True), "zarr.json")
-    else:
+        held = wordystore.holds_trajectory(out)
+    else:  # without importing torch: the refusal comes at once
         held = (Path(out.removeprefix("file://")) / "zarr.json").is_file()
     if held:
         raise ValueError(
@@ -213,7 +214,7 @@ def cmd_train(ns) -> int:
     source = f"--config {ns.config}" if ns.config else "flags"
     cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
     if not ns.low_memory:
-        from trainer.memory import keep_freed_memory
+        from trainer.experiment import keep_freed_memory
 
         keep_freed_memory()
     from trainer import run

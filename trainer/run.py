@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,12 +28,193 @@ import wordystore
 from trainer import numerics
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
-from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
-from trainer.model import build_model
+from trainer.experiment import (
+    Inputs,
+    SeedTrainer,
+    build_model,
+    checkpoint_directory,
+    prepare_inputs,
+    training_arguments,
+)
 from trainer.recording import TrajectoryCallback, kinds_for
-from wordystore.store import storage
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
+
+
+def train(
+    out: str | Path,
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    record: bool = True,
+    announce: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
+    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
+    ``announce`` (default: ``progress``) prints the run's first line, the matmul numerics and the time per
+    step to expect, once two steps have run (:class:`FirstLine`).
+    ``callbacks`` are added to the Trainer's (``python -m bench`` times each step with one); they
+    must not change the run. Returns a summary: steps, seconds, and when recording the store, its
+    rows and bytes, and ``close_seconds`` (the writer's close after the last step).
+
+        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
+    """
+    inputs = prepare_inputs(cfg)
+    model = build_model(cfg, inputs.vocab_size, inputs.device)
+    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
+    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
+        args = training_arguments(cfg, scratch, inputs.device)
+        numerics.install(model, choice)
+        if not record:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=list(callbacks))
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            began = time.perf_counter()
+            trainer.train()
+            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
+        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
+        config = run_state.jsonable(
+            {
+                "run": cfg.to_dict(),
+                "training_arguments": arguments,
+                "model": model.config.to_dict(),
+                "data": inputs.data,
+                "device": inputs.device,
+                "numerics": choice.record(),
+            }
+        )
+        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
+        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+        predictions = None
+        if cfg.record_every == 1 and args.optim.startswith("adamw"):
+            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+        writer = wordystore.create(
+            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+        )
+        announced = choice if (progress if announce is None else announce) else None
+        return _train_recording(
+            writer, out, model, args, cfg, inputs, progress=progress, announce=announced, callbacks=callbacks
+        )
+
+
+def _train_recording(
+    writer,
+    out: str | Path,
+    model,
+    args,
+    cfg,
+    inputs,
+    *,
+    progress: bool,
+    announce: numerics.Choice | None = None,
+    resume_state=None,
+    checkpoint=None,
+    extension=None,
+    start: int = 0,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
+    ``announce``: the numerics to print the run's first line about (:class:`FirstLine`), or None."""
+    embedding = model.transformer.wte.weight
+    rows_before = writer.committed
+    with writer:
+        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
+        with StopOnSignal(recording) as stop:
+            trainer = SeedTrainer(
+                model=model,
+                args=args,
+                train_dataset=inputs.dataset,
+                callbacks=[recording, stop, *callbacks],
+                resume_state=resume_state,
+                extension=extension,
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            if announce is not None:  # after the recording: the time it times includes the step's recording
+                trainer.add_callback(FirstLine(announce, start))
+            if progress:
+                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
+            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
+            began = time.perf_counter()
+            trainer.train(resume_from_checkpoint=checkpoint)
+            elapsed = time.perf_counter() - began
+        previous = wordystore.open(out).config.get("summary", {})
+        steps = trainer.state.global_step
+        writer.update_config(
+            summary={
+                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+                "steps": steps,
+                "planned_steps": args.max_steps,
+            }
+        )
+        closing = time.perf_counter()
+    close_seconds = time.perf_counter() - closing  # the writer's close: the last rows committed and compacted
+    return {
+        "store": str(out),
+        "start": start,
+        "steps": steps,
+        "planned_steps": args.max_steps,
+        "stopped_by_signal": stop.signal,
+        "rows": writer.committed,
+        "new_rows": writer.committed - rows_before,
+        "seconds": elapsed,
+        "close_seconds": close_seconds,
+        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
+        "store_bytes": wordystore.stored_bytes(out),
+        "n_trained": len(inputs.token_sets["trained"]),
+        "n_untrained": len(inputs.token_sets["untrained"]),
+    }
+
+
+def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
+    """The writer's state provider: the run's state, right after the row of its current step."""
+    step = trainer.state.global_step
+    if not recording.between_steps or recording.writer.last_step != step:
+        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
+    tensors, info = run_state.capture(trainer)
+    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
+    return tensors, info
+
+
+class ProgressBar(TrainerCallback):
+    """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
+    rate are those recorded for the step (the scheduler has moved the optimizer's on by then); the
+    Trainer's logged loss, a mean over the steps since its last log, is printed with its window."""
+
+    def __init__(self, recording: TrajectoryCallback, store_path: str | Path, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.recording, self.store_path = recording, store_path
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.size_mb = 0.0
+        self.logged = initial  # the last step the Trainer's logged mean covers
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
+            self.size_mb = wordystore.stored_bytes(self.store_path) / 1e6
+        self.bar.set_postfix_str(
+            f"loss {recorded_loss(self.recording):.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
+        )
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # the Trainer logs the next step's learning rate: show the one used
+            window = f"steps {self.logged + 1}..{state.global_step}"
+            self.bar.write(
+                f"step {state.global_step:>5}  loss {recorded_loss(self.recording):.4f}  "
+                f"(mean of {window}: {logs['loss']:.4f})  lr {self.recording.last_lr:.3e}"
+            )
+            self.logged = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def recorded_loss(recording: TrajectoryCallback) -> float:
+    """The last step's loss as the store holds it (bfloat16)."""
+    return torch.tensor(recording.last_loss, dtype=torch.bfloat16).item()
 
 
 class FirstLine(TrainerCallback):
@@ -60,45 +242,6 @@ class FirstLine(TrainerCallback):
 
         tqdm.write(line)  # above a progress bar, if one is drawn
         self.printed = True
-
-
-class ProgressBar(TrainerCallback):
-    """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
-    rate are those recorded for the step (the scheduler has moved the optimizer's on by then); the
-    Trainer's logged loss, a mean over the steps since its last log, is printed with its window."""
-
-    def __init__(self, recording: TrajectoryCallback, store_path: str | Path, total: int, initial: int = 0):
-        from tqdm.auto import tqdm
-
-        self.recording, self.store_path = recording, store_path
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.size_mb = 0.0
-        self.logged = initial  # the last step the Trainer's logged mean covers
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
-            self.size_mb = store_size(self.store_path) / 1e6
-        self.bar.set_postfix_str(
-            f"loss {recorded_loss(self.recording):.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
-        )
-        self.bar.update(1)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:  # the Trainer logs the next step's learning rate: show the one used
-            window = f"steps {self.logged + 1}..{state.global_step}"
-            self.bar.write(
-                f"step {state.global_step:>5}  loss {recorded_loss(self.recording):.4f}  "
-                f"(mean of {window}: {logs['loss']:.4f})  lr {self.recording.last_lr:.3e}"
-            )
-            self.logged = state.global_step
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
-
-
-def recorded_loss(recording: TrajectoryCallback) -> float:
-    """The last step's loss as the store holds it (bfloat16)."""
-    return torch.tensor(recording.last_loss, dtype=torch.bfloat16).item()
 
 
 class StopOnSignal(TrainerCallback):
@@ -132,64 +275,6 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.signal is not None and self.recording.writer.last_step == state.global_step:
             control.should_training_stop = True
-
-
-def store_size(path: str | Path) -> int:
-    """Bytes stored (a directory's or a bucket's), counted while the writer writes and compacts (see
-    wordystore.store.storage.size)."""
-    return storage.size(storage.as_store(path, read_only=True))
-
-
-def train(
-    out: str | Path,
-    cfg: RunConfig,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    record: bool = True,
-    announce: bool | None = None,
-) -> dict:
-    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
-    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
-    ``announce`` (default: ``progress``) prints the run's first line, the matmul numerics and the time per
-    step to expect, once two steps have run (:class:`FirstLine`).
-
-        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
-    """
-    inputs = prepare_inputs(cfg)
-    model = build_model(cfg, inputs.vocab_size, inputs.device)
-    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
-    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
-        args = training_arguments(cfg, scratch, inputs.device)
-        numerics.install(model, choice)
-        if not record:
-            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            began = time.perf_counter()
-            trainer.train()
-            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
-        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
-        config = run_state.jsonable(
-            {
-                "run": cfg.to_dict(),
-                "training_arguments": arguments,
-                "model": model.config.to_dict(),
-                "data": inputs.data,
-                "device": inputs.device,
-                "numerics": choice.record(),
-            }
-        )
-        kinds = kinds_for({"embeddings": model.transformer.wte.weight}, inputs.vocab_size)
-        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
-        predictions = None
-        if cfg.record_every == 1 and args.optim.startswith("adamw"):
-            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-        writer = wordystore.create(
-            out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
-        )
-        announced = choice if (progress if announce is None else announce) else None
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress, announce=announced)
 
 
 def resume(
@@ -344,81 +429,6 @@ def _go_on(
             extension=extension,
             start=step,
         )
-
-
-def _train_recording(
-    writer,
-    out: str | Path,
-    model,
-    args,
-    cfg,
-    inputs,
-    *,
-    progress: bool,
-    announce: numerics.Choice | None = None,
-    resume_state=None,
-    checkpoint=None,
-    extension=None,
-    start: int = 0,
-) -> dict:
-    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
-    ``announce``: the numerics to print the run's first line about (:class:`FirstLine`), or None."""
-    embedding = model.transformer.wte.weight
-    rows_before = writer.committed
-    with writer:
-        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
-        with StopOnSignal(recording) as stop:
-            trainer = SeedTrainer(
-                model=model,
-                args=args,
-                train_dataset=inputs.dataset,
-                callbacks=[recording, stop],
-                resume_state=resume_state,
-                extension=extension,
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            if announce is not None:  # after the recording: the time it times includes the step's recording
-                trainer.add_callback(FirstLine(announce, start))
-            if progress:
-                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
-            writer.set_state_provider(functools.partial(_state_of, trainer, recording))
-            began = time.perf_counter()
-            trainer.train(resume_from_checkpoint=checkpoint)
-            elapsed = time.perf_counter() - began
-        previous = wordystore.open(out).config.get("summary", {})
-        steps = trainer.state.global_step
-        writer.update_config(
-            summary={
-                "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
-                "steps": steps,
-                "planned_steps": args.max_steps,
-            }
-        )
-    return {
-        "store": str(out),
-        "start": start,
-        "steps": steps,
-        "planned_steps": args.max_steps,
-        "stopped_by_signal": stop.signal,
-        "rows": writer.committed,
-        "new_rows": writer.committed - rows_before,
-        "seconds": elapsed,
-        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
-        "store_bytes": store_size(out),
-        "n_trained": len(inputs.token_sets["trained"]),
-        "n_untrained": len(inputs.token_sets["untrained"]),
-    }
-
-
-def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
-    """The writer's state provider: the run's state, right after the row of its current step."""
-    step = trainer.state.global_step
-    if not recording.between_steps or recording.writer.last_step != step:
-        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
-    tensors, info = run_state.capture(trainer)
-    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
-    return tensors, info
 
 
 def main_summary(summary: dict) -> str:

@@ -153,9 +153,28 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
     """Check the trajectory at ``where`` end to end (module docstring); with ``repair``, rebuild
     its commit record from the rows that verify. Takes the writer lock: no writer may be running.
 
-    >>> report = wordystore.verify("runs/wb1b.zarr")
-    >>> [p.what for p in report.problems]
-    []
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        The trajectory to check.
+    repair : bool
+        Rebuild the commit record (and documents) from the longest prefix of rows that verifies,
+        keeping backups of what it replaces, then check again.
+    progress : bool
+        Draw a progress bar.
+
+    Returns
+    -------
+    VerifyReport
+        ``ok`` when nothing is wrong; ``problems`` lists what is, ``verified_rows`` how many rows
+        verify, ``summary()`` says it all. The outcome is recorded in the store (``verified.json``).
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> report = wordystore.verify("runs/quick.zarr")
+    >>> report.ok, report.verified_rows, [p.what for p in report.problems]
+    (True, 5, [])
     """
     looking = as_store(where, read_only=True)  # refuse what is no trajectory before making or locking anything
     try:

@@ -535,12 +535,3 @@ def encode_shard(
         offset += record_nbytes
     shard[offset:] = np.frombuffer(index, np.uint8)
     return shard
-
-
-# The raw (offset, nbytes) table, for tools that patch a shard's bytes (tests/test_faults.py).
-shard_index_nbytes = ShardIndex.nbytes
-
-
-def decode_shard_index(tail, n_chunks: int) -> np.ndarray:
-    """The [n_chunks, 2] (offset, nbytes) table of a shard's index (see :class:`ShardIndex`)."""
-    return ShardIndex.decode(tail, n_chunks).table

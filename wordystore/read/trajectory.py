@@ -41,12 +41,34 @@ def open(
     cache_bytes: int = reading.DEFAULT_CACHE_BYTES,  # noqa: A001 - as zarr.open
     storage_options: dict | None = None,
 ) -> Trajectory:
-    """Open the trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
-    ``file://`` URL, or a zarr store) for reading.
+    """Open the trajectory at ``where`` for reading.
 
-    ``cache_bytes`` bounds the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``).
-    ``storage_options``: a URL's endpoint, region and credentials (default: from the environment;
-    :func:`wordystore.store.objectstore.open_url`).
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        A directory path, an ``s3://``, ``gs://``, ``az://`` or ``file://`` URL, or a zarr store.
+    cache_bytes : int, optional
+        Bound on the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``); 0
+        caches nothing.
+    storage_options : dict, optional
+        A URL's endpoint, region and credentials (default: from the environment;
+        :func:`wordystore.store.objectstore.open_url`).
+
+    Returns
+    -------
+    Trajectory
+        The committed rows as of now (:meth:`Trajectory.refresh` sees rows a writer commits later).
+
+    Examples
+    --------
+    A small run, recorded by ``wordystore train runs/quick.zarr --steps 4 --vocab-size 8192 --hidden-dim 16``:
+
+    >>> from wordystore import trajectory
+    >>> t = trajectory.open("runs/quick.zarr")
+    >>> t.steps
+    array([0, 1, 2, 3, 4])
+    >>> t.embeddings[0:5, "untrained"].shape
+    torch.Size([5, 4083, 16])
     """
     return Trajectory(
         as_store(where, read_only=True, storage_options=storage_options) if storage_options else where, cache_bytes
@@ -59,6 +81,36 @@ class Trajectory:
     A face over a :class:`wordystore.read.reading.StoreReader`, which does every read. Tools that work
     on the store itself use the public surface: :attr:`store`, :attr:`layouts`,
     :attr:`commit_record`, :attr:`metadata`, :attr:`predictions` and :meth:`read_into`.
+
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        Where the trajectory is, as :func:`open` takes it (which is the usual way to make one).
+    cache_bytes : int, optional
+        Bound on the cache of decoded chunks.
+
+    Attributes
+    ----------
+    steps : numpy.ndarray
+        The training step of each committed row (int64).
+    kinds : dict of str to Kind
+        Every recorded kind; each is also an attribute and an item (``t.embeddings``,
+        ``t["embeddings"]``), a :class:`KindView`.
+    token_sets : dict of str to numpy.ndarray
+        Named token ids (``trained``, ``untrained``), usable as an index on the token axis.
+    config : dict
+        The run's config as the writer stored it.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> t = wordystore.open("runs/quick.zarr")
+    >>> len(t), list(t.kinds)[:3]
+    (5, ['embeddings', 'grads', 'momentum'])
+    >>> t.token_set("untrained")[:3]
+    array([ 3, 48, 94])
+    >>> t.embeddings.loc[4].shape  # by training step, as xarray's .loc
+    torch.Size([8192, 16])
     """
 
     def __init__(self, where, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
@@ -244,9 +296,41 @@ class BFloat16Tensor(torch.Tensor):
 class KindView:
     """A lazy [step, ...] view of one kind; index it like a numpy array to read a torch tensor.
 
+    Indexing reads only the chunks the selection touches. The first axis is the row (``.loc``
+    selects by training step); on the token axis a token-set name selects that set's tokens.
+    Views are read-only.
+
     ``view.float()`` and ``view.to(dtype)`` are views too, reading the same values converted
     (``t.losses.float()[:]``: float32, exact from bfloat16); ``view.numpy(index, dtype=...)`` reads
     a numpy array in ``dtype``.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        The trajectory it reads from (views come from it: ``t.embeddings``, ``t["grads"]``).
+    name : str
+        The kind's name.
+    kind : Kind
+        Its per-step shape, dtype and dimension names.
+    dtype : str, optional
+        The dtype reads return, converted from the kind's (``view.float()``, ``view.to(dtype)``).
+
+    Returns
+    -------
+    torch.Tensor
+        From indexing (``view[index]``), the selected values, dtype and bits as recorded;
+        :meth:`numpy` returns a numpy array, :meth:`to_dask` a dask array.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> t = wordystore.open("runs/quick.zarr")
+    >>> t.embeddings
+    <KindView 'embeddings' bfloat16 [step=5, token=8192, dim=16]>
+    >>> t.embeddings[-1, "untrained"].shape  # the last row, untrained tokens only
+    torch.Size([4083, 16])
+    >>> t.losses.numpy(slice(1, None)).dtype
+    dtype(bfloat16)
     """
 
     def __init__(self, trajectory: Trajectory, name: str, kind: Kind, dtype: str | None = None):
