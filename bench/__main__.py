@@ -5,7 +5,8 @@ the same run, on the seed's 200-step run (trained once, then cached with its exp
     python -m bench --quick       # every measurement on a small run (8,192-token vocabulary), for CI (about 2 minutes)
     python -m bench --store runs/wb1b.zarr   # measure a trajectory you already have
     python -m bench --scale [--quick]        # object storage, writer processes, a cluster (bench/scale.py)
-    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; README)
+    python -m bench --device cuda [--quick]  # the GPU table instead (bench/gpu_bench.py; docs/targets.md)
+    python -m bench --write-docs             # the docs' marked tables from the latest full run
 
 Baselines: the seed notebook's single safetensors file of the same run (size, reads warm and cold,
 read through safetensors' own lazy slices), tensorstore reading the same portable arrays, the
@@ -37,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench import docs_tables
 from bench.table import row, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("WORDYSTORE_BENCH_CACHE", Path.home() / ".cache" / "wordystore" / "bench"))
 QUICK_RUN = ["--steps", "40", "--vocab-size", "8192", "--hidden-dim", "16", "--batch-size", "4", "--max-seq-len", "32"]
 
@@ -260,7 +261,8 @@ def bench_reads(store: Path, portable: Path, seed: Path, quick: bool) -> None:
 
 def bench_read_threads(store: Path) -> None:
     """The serial part of the untrained read (the GIL its one thread holds) and the speed-up it
-    allows 16 threads (Amdahl), where this machine cannot run 16 (the GPU table times them)."""
+    allows 16 threads (Amdahl), where this machine cannot run 16 (the GPU table times them). A bound,
+    not a measurement, and the probe slows the read it measures: the row states no target as met."""
     from bench.gil import read_serial_part
 
     serial, seconds = read_serial_part(store)
@@ -268,11 +270,10 @@ def bench_read_threads(store: Path) -> None:
     row(
         "read scaling",
         "untrained slice on 1 reader thread: serial part (GIL held)",
-        f"{seconds * 1e3:,.0f} ms (the read)",
+        f"{seconds * 1e3:,.0f} ms (the read, slowed by the probe)",
         f"{serial:.1%} serial",
-        f"<= {bound:.1f}x at 16 threads (Amdahl)",
-        ">= 10x",
-        bound >= 10,
+        f"<= {bound:.1f}x at 16 threads (Amdahl bound, not measured)",
+        ">= 10x measured on 16 threads (python -m bench --device cuda)",
     )
 
 
@@ -424,74 +425,12 @@ def bench_export_import(store: Path, seed: Path) -> None:
         subprocess.run(["rm", "-rf", str(tmp)], check=True)
 
 
-RECORDING = r"""
-import json, sys, time
-sys.path[:0] = [{root!r}]
-import numpy as np
-from transformers import TrainerCallback
-import trainer.experiment as experiment
-import trainer.run as run
-import wordystore.write.writer
-from trainer.config import RunConfig
-from trainer.memory import keep_freed_memory
-keep_freed_memory()  # as `wordystore train` runs, in every arm
-modes, out, args = sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3])
-times, closing = [], []
-class Clock(TrainerCallback):
-    def on_step_begin(self, *a, **k): self.t = time.perf_counter()
-    def on_step_end(self, *a, **k): times.append(time.perf_counter() - self.t)
-init = experiment.SeedTrainer.__init__
-def with_clock(self, *a, callbacks=(), **k):
-    init(self, *a, callbacks=[*callbacks, Clock()], **k)
-experiment.SeedTrainer.__init__ = with_clock
-close = wordystore.write.writer.TrajectoryWriter.close
-def timed_close(self):
-    t0 = time.perf_counter(); close(self); closing.append(time.perf_counter() - t0)
-wordystore.write.writer.TrajectoryWriter.close = timed_close
-results = []
-for mode in modes:  # one after the other in this process
-    times.clear(); closing.clear()
-    run.train(out + "." + mode, RunConfig(**args), progress=False, record=(mode == "recording"))
-    steady = times[2:]  # the first steps warm caches and allocators
-    results.append({{"mode": mode, "median_step_s": float(np.median(steady)), "train_s": float(np.sum(steady)),
-                    "steps_per_s": len(steady) / float(np.sum(steady)), "close_s": sum(closing)}})
-print(json.dumps(results))
-"""
-
-
-def recording_runs(modes: list[str], args: dict, tmp: Path) -> list[dict]:
-    """Train ``args`` once per mode ("none", "recording"), one after the other in one process."""
-    out = subprocess.run(
-        [sys.executable, "-c", RECORDING.format(root=str(ROOT)), ",".join(modes), str(tmp / "run"), json.dumps(args)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-WRITER = r"""
-import json, sys
-sys.path[:0] = [{root!r}]
-import psutil, torch, wordystore
-out, rows, vocab, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-step = {{name: torch.randn(kind.shape).to(kind.torch_dtype) if kind.shape else 0.5
-        for name, kind in wordystore.seed_kinds(vocab, dim).items()}}
-baseline = psutil.Process().memory_info().rss
-with wordystore.create(out, wordystore.seed_kinds(vocab, dim)) as w:
-    for row in range(rows):
-        step["embeddings"][row % vocab] += 1  # the rows differ a little, as a trajectory's do
-        w.append(row, **step)
-# VmHWM is this address space's own peak; ru_maxrss would include the parent's, inherited at fork
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({{"extra_mb": (peak - baseline) / 1e6}}))
-"""
-
-
 def bench_recording(quick: bool) -> None:
     """The seed run with and without recording, each a whole process (alternating with ``--quick``'s
     repeats): the training time after the first two steps, and the close after the last step. The
     full bench runs all 200 steps: compaction keeps pace through the whole run, or does not."""
+    from bench.recording_job import recording_runs
+
     args = {"steps": 200} if not quick else {"steps": 10, "hidden_dim": 16, "batch_size": 4, "max_seq_len": 32}
     results = {"none": [], "recording": []}
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
@@ -570,7 +509,7 @@ def bench_writer(store: Path, quick: bool) -> None:
         row(
             "writer",
             f"GIL a Python-bound loop loses per recorded row, {label}",
-            f"{step_ms:.1f} ms (a GPU step)",
+            f"{step_ms:.1f} ms (a GPU step: a constant, not measured in this run)",
             f"{lost:.2f} ms",
             f"{lost / step_ms:.0%} of a step",
             "<= 10%",
@@ -587,6 +526,7 @@ def wordystore_kind(store: Path, name: str):
 def bench_numerics(quick: bool) -> None:
     """A training step of each ``--bf16-matmul`` choice, side by side (whole processes, no recording):
     native against float32, and auto (whatever it picks here) against float32."""
+    from bench.recording_job import recording_runs
     from trainer import numerics
 
     cpu = numerics.cpu()
@@ -662,7 +602,7 @@ def bench_writer_memory(quick: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="wordystore-bench-", dir=CACHE))
     try:
         out = subprocess.run(
-            [sys.executable, "-c", WRITER.format(root=str(ROOT)), str(tmp / "w.zarr"), str(rows), str(vocab), "64"],
+            [sys.executable, "-m", "bench.writer_memory_job", str(tmp / "w.zarr"), str(rows), str(vocab), "64"],
             check=True,
             capture_output=True,
             text=True,
@@ -699,7 +639,17 @@ def main() -> None:
         default="cpu",
         help="cuda: the GPU table instead (bench/gpu_bench.py; results in bench/results/gpu.md)",
     )
+    parser.add_argument(
+        "--write-docs",
+        nargs="?",
+        const=str(docs_tables.LATEST),
+        metavar="RESULTS",
+        help="measure nothing: write the tables marked in README.md and docs/ from a run's results "
+        "(default: the latest full run's, bench/results/latest.json; bench/docs_tables.py)",
+    )
     ns = parser.parse_args()
+    if ns.write_docs:
+        sys.exit(docs_tables.main([ns.write_docs]))
     if ns.scale:
         from bench import scale
 
@@ -711,7 +661,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error(
                 f"--device cuda needs a CUDA GPU; this torch ({torch.__version__}) sees none "
-                "(README: 'Benchmarks on a GPU machine')"
+                "(docs/targets.md: 'Benchmarks on a GPU machine')"
             )
         from bench import gpu_bench
 

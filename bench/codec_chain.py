@@ -3,7 +3,7 @@ on a real store's chunks: single-threaded decode of the main tier's inner chunks
 [step, token, dim] kinds, in each profile, and of hot chunks (docs/format.md, "Why our own codec
 chain"). Both decode the same bytes; the results are compared bit for bit.
 
-    python bench/codec_chain.py STORE [--chunks 24] [--repeats 5]
+    python -m bench.codec_chain STORE [--chunks 24] [--repeats 5]
 
 STORE is a compact-profile trajectory (e.g. ``wordystore train /tmp/x.zarr --steps 40``); its
 portable twin is written beside it with ``wordystore convert`` unless it exists. Each figure is MB

@@ -14,7 +14,7 @@ saying so, and the others still run):
 6. reads of the untrained slice by reader threads, and the serial part of a read (the GIL held)
    with the speed-up it allows at 16 threads (Amdahl).
 
-The README says how to bring the wheels a GPU machine lacks and run it there.
+docs/targets.md says how to bring the wheels a GPU machine lacks and run it there.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 
 from bench import writer_bench
 from bench.gil import read_serial_part, untrained_read
+from bench.recording_job import recording_runs
 from bench.table import row, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +74,6 @@ def gpu_tests() -> None:
 def recording(steps: int, tmp: Path, keep: dict) -> None:
     """Recording against no recording in one process, the pools in a child process, then beside
     training; the first recorded store is kept for the sections after."""
-    from bench.__main__ import recording_runs
-
     for label, env in (("pools in a child process", "1"), ("pools beside training", "0")):
         os.environ["WORDYSTORE_WRITER_PROCESS"] = env
         try:
@@ -165,7 +164,7 @@ def writer(store: Path, threads: list[int], tmp: Path) -> None:
         row(
             "writer",
             f"GIL a Python-bound loop loses per recorded row, {label}",
-            f"{step_ms:.1f} ms (a GPU step)",
+            f"{step_ms:.1f} ms (a GPU step: a constant, not measured in this run)",
             f"{r[key]:.2f} ms",
             f"{r[key] / step_ms:.0%} of a step",
             "<= 10%",

@@ -1,8 +1,8 @@
 """The seed job two ways, each a whole process, side by side in one run: the notebook's own code path
-(its in-RAM recorder and InstrumentedTrainer, tests/notebook_reference.py, then its save_file) and
+(bench/notebook_job.py: its in-RAM recorder and InstrumentedTrainer, then its save_file) and
 ``wordystore train``. Tokenization is included in both (wordystore's token cache starts empty).
 
-    python bench/trainer_bench.py --steps 10 --repeats 3
+    python -m bench.trainer_bench --steps 10 --repeats 3
 
 Runs alternate (notebook, wordystore, notebook, ...) so that drift in the machine's load hits both;
 the ratio is the notebook's median wall time over wordystore's. Per process it also reports user
@@ -19,20 +19,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-NOTEBOOK = r"""
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-from safetensors.torch import save_file
-from notebook_reference import run_notebook
-from trainer.config import RunConfig
-from trainer.data import load_corpus, load_tokenizer
-steps, out, batch = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-tokenizer = load_tokenizer()
-ids = tokenizer.encode(load_corpus())  # the notebook tokenizes every time
-data = run_notebook(RunConfig(steps=steps, batch_size=batch), ids, tokenizer.vocab_size, out)
-save_file(data, out + "/recorded.safetensors")  # cell 15
-"""
 
 
 def run_process(argv: list[str], env: dict) -> dict:
@@ -59,7 +45,6 @@ def side_by_side(steps: int, repeats: int, batch_size: int | None = None) -> dic
     """Each code path ``repeats`` times, alternating; per run, :func:`run_process`'s figures.
     ``batch_size``: the seed's 32 unless given."""
     batch = batch_size or 32  # the seed's
-    notebook = NOTEBOOK.format(root=str(ROOT), tests=str(ROOT / "tests"))
     results = {"notebook": [], "wordystore": []}
     with tempfile.TemporaryDirectory(prefix="trainer-bench-") as tmp:
         for repeat in range(repeats):
@@ -68,7 +53,8 @@ def side_by_side(steps: int, repeats: int, batch_size: int | None = None) -> dic
                 env = {**os.environ, "WORDYSTORE_CACHE": str(out / "cache"), "TOKENIZERS_PARALLELISM": "false"}
                 if mode == "notebook":
                     out.mkdir()
-                    argv = [sys.executable, "-c", notebook, str(steps), str(out), str(batch)]
+                    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # notebook_reference
+                    argv = [sys.executable, "-m", "bench.notebook_job", str(steps), str(out), str(batch)]
                 else:
                     argv = [
                         sys.executable,

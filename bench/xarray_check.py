@@ -1,9 +1,9 @@
-"""xarray and a dask cluster against the report on a real store (issue 17's check on the seed's
+"""xarray and a dask cluster against the report on a real store (a check on the seed's
 200-step run): the untrained displacement at every step through ``xr.open_dataset(path,
 engine="wordystore")`` equals ``measures.embedding_stats``' ``displacement_max``, and a
 LocalCluster of 2 worker processes computes it bit-equal to this process.
 
-    python bench/xarray_check.py runs/wb1b.zarr
+    python -m bench.xarray_check runs/wb1b.zarr
 """
 
 import sys
@@ -16,7 +16,8 @@ from distributed import Client, LocalCluster
 import wordystore
 from wordystore.analysis import measures
 
-if __name__ == "__main__":  # spawned workers import the main module again
+
+def main() -> None:
     path = sys.argv[1]
     t = wordystore.open(path)
     began = time.perf_counter()
@@ -40,3 +41,7 @@ if __name__ == "__main__":  # spawned workers import the main module again
             f"a 2-worker LocalCluster: {time.perf_counter() - began:.1f} s; bit-equal to this process: "
             f"{here.tobytes() == there.tobytes()}; equal to the report's: {np.array_equal(there, report)}"
         )
+
+
+if __name__ == "__main__":  # spawned workers import the main module again
+    main()

@@ -1,21 +1,82 @@
-"""The seed notebook's in-RAM recorder and Trainer subclass, reimplemented as the tests' reference.
+"""The seed notebook's experiment, written out again from its description as the tests' reference.
 
-Copied in substance from ``wordybird_1b_notebook.txt`` cells 7-13 (recorder, InstrumentedTrainer,
-TrainingArguments), so that the project's trainer can be compared bit for bit against it.
+Nothing here comes from ``trainer/``: the parameters (the notebook's cell 1), the dataset of windows
+(cell 7), the model and its initialisation (cells 8-9), the in-RAM recorder (cell 10), the Trainer
+subclass (cell 11) and the TrainingArguments (cell 12) are the notebook's, so that comparing the
+project's trainer against :func:`run_notebook` bit for bit tests the trainer against the notebook,
+not against itself. Cells 13-14 (record the initial state, train) are :func:`run_notebook`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from trainer.config import RunConfig
-from trainer.data import TokenDataset
-from trainer.model import build_model
+
+@dataclasses.dataclass(frozen=True)
+class NotebookParameters:
+    """The notebook's cell 1, each value as it is there; the tests shrink the model and the run."""
+
+    vocab_size: int = 50257
+    hidden_dim: int = 64
+    n_layer: int = 2
+    n_head: int = 2
+    max_seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 200
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    init_scale: float = 0.02
+    seed: int = 42
+
+
+class TokenDataset(Dataset):
+    """Cell 7: every window of ``max_seq_len + 1`` tokens; ``labels`` are the window shifted by one
+    (and GPT-2 shifts them once more inside its loss, as in the notebook)."""
+
+    def __init__(self, corpus, max_seq_len):
+        self.corpus, self.max_seq_len = corpus, max_seq_len
+
+    def __len__(self):
+        return max(0, len(self.corpus) - self.max_seq_len)
+
+    def __getitem__(self, idx):
+        chunk = self.corpus[idx : idx + self.max_seq_len + 1]
+        return {"input_ids": chunk[:-1], "labels": chunk[1:]}
+
+
+def build_model(p: NotebookParameters) -> GPT2LMHeadModel:
+    """Cells 8-9: GPT-2 without dropout, tied embeddings, cast to bfloat16; then the seed again and the
+    embeddings drawn N(0, init_scale) in float32, cast to bfloat16."""
+    config = GPT2Config(
+        vocab_size=p.vocab_size,
+        n_positions=p.max_seq_len,
+        n_embd=p.hidden_dim,
+        n_layer=p.n_layer,
+        n_head=p.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config).to(torch.bfloat16)
+    torch.manual_seed(p.seed)
+    init_bf16 = (torch.randn(p.vocab_size, p.hidden_dim, dtype=torch.float32) * p.init_scale).to(torch.bfloat16)
+    with torch.no_grad():
+        model.transformer.wte.weight[:] = init_bf16
+    return model
 
 
 class ComprehensiveRecorder:
+    """Cell 10, recording every step (``RECORD_EVERY_N_STEPS = 1``)."""
+
     def __init__(self, vocab_size, hidden_dim):
         self.vocab_size, self.hidden_dim = vocab_size, hidden_dim
         self.recorded_steps, self.embeddings, self.grads = [], [], []
@@ -69,6 +130,8 @@ class ComprehensiveRecorder:
 
 
 class InstrumentedTrainer(Trainer):
+    """Cell 11: the model's own loss, and the recorder called around the optimizer step."""
+
     def __init__(self, recorder, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.recorder = recorder
@@ -89,30 +152,30 @@ class InstrumentedTrainer(Trainer):
         super()._maybe_log_save_evaluate(*args, **kwargs)
 
 
-def run_notebook(cfg: RunConfig, ids: np.ndarray, vocab_size: int, output_dir: str) -> dict:
-    """The notebook's cells 2-14 for ``cfg``; returns its recorder's stacked tensors."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dataset = TokenDataset(torch.tensor(ids, dtype=torch.long), cfg.max_seq_len)
-    model = build_model(cfg, vocab_size, "cpu")
-    recorder = ComprehensiveRecorder(vocab_size, cfg.hidden_dim)
+def run_notebook(p: NotebookParameters, ids, output_dir: str) -> dict:
+    """The notebook's cells 2-14 on the CPU for the token ids ``ids``; returns its recorder's stacked tensors."""
+    torch.manual_seed(p.seed)  # cell 2, at import time: GPT-2's own init below draws from it
+    np.random.seed(p.seed)
+    dataset = TokenDataset(torch.tensor(ids, dtype=torch.long), p.max_seq_len)
+    model = build_model(p)
+    recorder = ComprehensiveRecorder(p.vocab_size, p.hidden_dim)
     args = TrainingArguments(
         output_dir=output_dir,
-        max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        adam_epsilon=cfg.adam_epsilon,
+        max_steps=p.steps,
+        per_device_train_batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        weight_decay=p.weight_decay,
+        adam_beta1=p.adam_beta1,
+        adam_beta2=p.adam_beta2,
+        adam_epsilon=p.adam_epsilon,
         optim="adamw_torch",
         logging_steps=20,
-        save_steps=cfg.steps + 1,
+        save_steps=p.steps + 1,
         save_total_limit=0,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         bf16=True,
-        seed=cfg.seed,
+        seed=p.seed,
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,

@@ -65,7 +65,7 @@ def user_error(capsys, *args) -> str:
     return lines[0]
 
 
-# -- the issue's list, and their kin ---------------------------------------------------------------------
+# -- the common mistakes, and their kin ---------------------------------------------------------------------
 
 CASES = [
     (
@@ -138,6 +138,13 @@ CASES = [
         r"--config .*device.json: 'device' 'gpu' is not a device; expected cpu",
     ),
     (["train", "{out}", "--steps", "abc"], r"argument --steps: invalid int value: 'abc'"),
+    (
+        ["train", "{a.zarr}"],
+        r"a.zarr already holds a trajectory; --overwrite replaces it, --resume goes on with an interrupted run, "
+        r"--extend-to N --lr-policy P goes on past a finished one$",
+    ),
+    (["info", "{missing}/run.zarr"], r"no trajectory at .*missing/run.zarr: no such directory$"),
+    (["info", "{adir}"], r"no trajectory at .*adir: it has no zarr.json$"),
     (["import", "{junk}", "{out}"], r"junk is not a readable safetensors file"),
     (
         ["import", "{junk}", "{out}", "--token-masks", "{junk}"],
@@ -272,7 +279,7 @@ def test_a_full_disk_during_export_names_the_output_and_leaves_nothing(tmp_path,
     assert list(full_disk.iterdir()) == []
 
 
-# -- export: training steps or rows (issue 10, item 8) ----------------------------------------------------
+# -- export: training steps or rows -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -305,7 +312,7 @@ def test_export_api_takes_steps_or_rows_not_both(runs, tmp_path):
         export(runs / "a.zarr", tmp_path / "y.safetensors", rows=slice(0, 2), steps=slice(0, 2), progress=False)
 
 
-# -- stitch: the order of the runs, and --overwrite (issue 10, items 9 and 1) ------------------------------
+# -- stitch: the order of the runs, and --overwrite -----------------------------------------------------
 
 
 def test_stitch_joins_runs_in_step_order_whatever_order_they_are_given(runs, tmp_path, capsys):

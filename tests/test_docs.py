@@ -1,6 +1,6 @@
 """Every code block in README.md and docs/*.md runs, as a reader would paste it.
 
-How blocks are found and run (README.md, "Docs that run"):
+How blocks are found and run (docs/architecture.md, "Docs that run"):
 
 - a fenced block whose info string starts with ``python`` runs as a script of its own (in this
   process, as ``__main__`` in a fresh namespace with no arguments: torch is imported once), ``bash``

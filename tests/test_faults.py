@@ -1,4 +1,4 @@
-"""The fault suite (issue 10): kill -9 at 20 points, 59 corruptions of every kind of key, a full
+"""The fault suite: kill -9 at 20 points, 59 corruptions of every kind of key, a full
 disk, readers polling a writer, a writer dropped without close(); and `wordystore verify`.
 
 Every store here records tests/faults_writer.py's run: six kinds (a predicted Adam moment among
@@ -26,7 +26,7 @@ import zarr
 import wordystore
 from wordystore import CorruptChunkError, FormatError
 from wordystore.cli import main
-from wordystore.format.codecs import EMPTY, Crc32c, decode_shard_index, shard_index_nbytes
+from wordystore.format.codecs import EMPTY, Crc32c, ShardIndex
 from wordystore.format.keys import COMMIT_KEY, VERIFIED_KEY, WRITER_LOCK_KEY
 from wordystore.store import json_documents, storage
 
@@ -208,7 +208,7 @@ def empty(file: Path):
 def shard_index(file: Path, chunks: int) -> tuple[bytes, np.ndarray]:
     """A ``wide`` shard's bytes and its index (2 inner chunks in the main tier, 1 in the hot tier)."""
     data = file.read_bytes()
-    return data, decode_shard_index(data[-shard_index_nbytes(chunks) :], chunks).copy()
+    return data, ShardIndex.decode(data[-ShardIndex.nbytes(chunks) :], chunks).table.copy()
 
 
 def in_chunk(i: int, chunks: int = 2):
@@ -227,7 +227,7 @@ def drop_chunk(i: int, chunks: int = 2):
     def mutate(file: Path):
         data, index = shard_index(file, chunks)
         index[i] = EMPTY
-        file.write_bytes(data[: -shard_index_nbytes(chunks)] + Crc32c().encode(index.astype("<u8").tobytes()))
+        file.write_bytes(data[: -ShardIndex.nbytes(chunks)] + Crc32c().encode(index.astype("<u8").tobytes()))
 
     return mutate
 
@@ -349,8 +349,8 @@ CORRUPTIONS = {
     ),
     "zarr.json (root): format version edited": Corruption(
         "zarr.json",
-        edit(lambda d: d["attributes"]["wordystore"].update(format_version=4)),
-        "format version 4",
+        edit(lambda d: d["attributes"]["wordystore"].update(format_version=5)),
+        "format version 5",
         None,
         False,
     ),

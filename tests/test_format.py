@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import zarr
+from compaction_wait import wait_for_compaction
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_store import random_bf16
@@ -86,7 +87,7 @@ def test_convert_keeps_every_bit_and_all_metadata(tmp_path, source_profile, targ
 def test_reads_span_the_hot_and_main_tiers_while_a_writer_runs(tmp_path):
     w, ref = fill(tmp_path / "t.zarr", 29, "compact", np.random.default_rng(4), close=False, block_rows=2, chunk_rows=4)
     w.flush()
-    w._wait_compaction()
+    wait_for_compaction(w)
     t = wordystore.open(tmp_path / "t.zarr")
     record = t.commit_record
     assert record.committed_rows == 29 and 0 < record.compacted_rows < 29  # both tiers in use
@@ -125,7 +126,7 @@ def test_a_format_3_store_with_the_earlier_lz4_hot_tier_reads_and_appends_as_it_
 
 
 def test_a_hot_shard_is_bound_to_its_place(tmp_path):
-    """A raw hot shard (one chunk) carries a binding record like every format-3 shard: a block's shard
+    """A raw hot shard (one chunk) carries a binding record like every bound shard: a block's shard
     copied over another block's reads as an error, never as other rows."""
     path = tmp_path / "t.zarr"
     w, _ = fill(
@@ -134,7 +135,7 @@ def test_a_hot_shard_is_bound_to_its_place(tmp_path):
     try:
         w.flush()
         shard = (path / "hot/embeddings/c/1/0/0").read_bytes()
-        assert shard[-(40 + 20) : -20].startswith(b"WYSTBIND")  # its record (one chunk: 40 bytes), then its index
+        assert shard[-(56 + 20) : -20].startswith(b"WYSTBIND")  # its record (one chunk: 56 bytes), then its index
         (path / "hot/embeddings/c/1/0/0").write_bytes((path / "hot/embeddings/c/0/0/0").read_bytes())
         with pytest.raises(
             wordystore.CorruptChunkError, match=r"'hot/embeddings/c/1/0/0'.*binding record names another"

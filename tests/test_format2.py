@@ -1,6 +1,8 @@
-"""Format-2 stores (tests/data/format2, written by the last wordystore to write format 2) read bit for
-bit as before, verify says they predate binding, a writer refuses to append to them, a repair keeps
-them format 2, and ``convert`` upgrades them to format 3 with their newest resume state."""
+"""Stores of older formats read bit for bit as before. Format 2 (tests/data/format2, written by the
+last wordystore to write format 2): verify says they predate binding, a writer refuses to append to
+them, a repair keeps them format 2, and ``convert`` upgrades them to the current format with their
+newest resume state. Format 3 (tests/data/format3): verify says it predates the binding of decoding
+parameters, and ``convert`` upgrades it."""
 
 import json
 import shutil
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import wordystore
+from wordystore.format.keys import FORMAT_VERSION
 from wordystore.tools.convert import convert
 
 DATA = Path(__file__).parent / "data"
@@ -86,10 +89,41 @@ def test_a_repair_keeps_a_format_2_store_format_2(tmp_path):
 @pytest.mark.parametrize("name", STORES)
 def test_convert_upgrades_a_format_2_store_with_its_resume_state(name, tmp_path):
     t = convert(DATA / "format2" / f"{name}.zarr", tmp_path / "new.zarr", progress=False)
-    assert t.metadata["format_version"] == 3 and t.commit_record.format_version == 3
+    assert t.metadata["format_version"] == FORMAT_VERSION and t.commit_record.format_version == FORMAT_VERSION
     assert_holds_the_rows(tmp_path / "new.zarr")
     report = wordystore.verify(tmp_path / "new.zarr")
     assert report.ok and "predates" not in report.summary()
-    with wordystore.resume(tmp_path / "new.zarr") as w:  # the run goes on in format 3
+    with wordystore.resume(tmp_path / "new.zarr") as w:  # the run goes on in the current format
         w.append(v2.STEPS[-1] + 3, **v2.row(v2.STEPS[-1] + 3))
     assert len(wordystore.open(tmp_path / "new.zarr")) == 14
+
+
+# -- format 3 (tests/data/format3, written by the last wordystore to write format 3) -----------------------
+
+
+def test_a_format_3_store_reads_bit_for_bit_and_verify_says_it_predates_binding_decoding(tmp_path):
+    path = tmp_path / "f3.zarr"
+    shutil.copytree(DATA / "format3" / "compact.zarr", path)
+    t = assert_holds_the_rows(path)
+    assert t.metadata["format_version"] == 3 and t.commit_record.format_version == 3
+    report = wordystore.verify(path)
+    assert report.ok and report.exit_status == 0 and report.verified_rows == 13
+    assert "format 3: this store predates the binding of decoding parameters to its shards" in report.summary()
+    with pytest.raises(wordystore.FormatError, match=r"is a format-3 trajectory, which this wordystore reads"):
+        wordystore.resume(path)
+
+
+def test_convert_upgrades_a_format_3_store_whose_decoding_parameters_are_then_bound(tmp_path):
+    t = convert(DATA / "format3" / "compact.zarr", tmp_path / "new.zarr", progress=False)
+    assert t.metadata["format_version"] == FORMAT_VERSION and t.commit_record.format_version == FORMAT_VERSION
+    assert_holds_the_rows(tmp_path / "new.zarr")
+    assert wordystore.verify(tmp_path / "new.zarr").ok
+    for key, field in (("zarr.json", ("predictions", "momentum")), ("momentum.residuals/zarr.json", ("prediction",))):
+        doc = json.loads((tmp_path / "new.zarr" / key).read_text())
+        prediction = doc["attributes"]["wordystore"]
+        for name in field:
+            prediction = prediction[name]
+        prediction["beta"] = 0.8  # the same forgery in both documents
+        (tmp_path / "new.zarr" / key).write_text(json.dumps(doc))
+    with pytest.raises(wordystore.CorruptChunkError, match="binds other decoding parameters"):
+        wordystore.open(tmp_path / "new.zarr").momentum.numpy()

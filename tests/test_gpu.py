@@ -8,7 +8,7 @@ import torch
 
 import wordystore
 from trainer.config import RunConfig
-from trainer.model import build_model
+from trainer.experiment import build_model
 from wordystore.recording import ParameterRecorder, kinds_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""The hostile-store suite (issue 16): a store from someone else, damaged or made to harm, opened
+"""The hostile-store suite: a store from someone else, damaged or made to harm, opened
 as a user would (``info``, ``verify``, ``export``, reading, ``load_state``, ``resume``).
 
 Every case mutates a copy of a real store (written by the real writer) that lies in a small world
@@ -9,6 +9,7 @@ nothing outside the store changed: every path, its type, size, mtime and content
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import re
 import shutil
 import signal
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,9 @@ import wordystore
 from wordystore import CorruptChunkError, FormatError, Kind
 from wordystore.analysis import measures
 from wordystore.cli import main
-from wordystore.format.codecs import Crc32c, decode_shard_index, shard_index_nbytes
+from wordystore.format.codecs import BindingRecord, Crc32c, ShardIndex
+from wordystore.format.metadata import Metadata
+from wordystore.tools.token_sets import token_sets_from_mask_file
 
 VOCAB, DIM, STEPS = 12, 2, 14
 KINDS = {**wordystore.seed_kinds(VOCAB, DIM), "wide": Kind((8, 4096), "bfloat16", ("slot", "dim"))}  # 2 chunks a shard
@@ -300,9 +304,9 @@ def test_a_store_whose_id_was_edited_binds_none_of_its_shards(world, capsys):
 def swap_chunks(file: Path, copy: bool = False) -> None:
     """Swap the index entries of a shard's two inner chunks (or point both at the first), with a valid crc."""
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
+    index = ShardIndex.decode(data[-ShardIndex.nbytes(2) :], 2).table.copy()
     index[[0, 1]] = index[[0, 0]] if copy else index[[1, 0]]
-    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+    file.write_bytes(data[: -ShardIndex.nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
 
 
 @pytest.mark.parametrize("copy", [False, True], ids=["swapped", "one copied over the other"])
@@ -414,9 +418,9 @@ def test_a_shard_larger_than_its_chunks_can_be_is_not_read(world, capsys):
 def test_a_shard_index_claiming_a_huge_chunk_is_refused(world, capsys):
     file = world.store / "wide/c/1/0/0"
     data = file.read_bytes()
-    index = decode_shard_index(data[-shard_index_nbytes(2) :], 2).copy()
+    index = ShardIndex.decode(data[-ShardIndex.nbytes(2) :], 2).table.copy()
     index[1, 1] = 1 << 40
-    file.write_bytes(data[: -shard_index_nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
+    file.write_bytes(data[: -ShardIndex.nbytes(2)] + Crc32c().encode(index.astype("<u8").tobytes()))
     with pytest.raises(CorruptChunkError, match=r"lists 1099511627776 bytes for the chunk, more than such a chunk"):
         wordystore.open(world.store).wide.numpy((slice(4, 8), slice(4, 8)))
     verify_lists(capsys, world.store, "'wide")
@@ -438,7 +442,7 @@ def test_inner_chunks_edited_to_multiply_the_reads_are_refused(world, capsys):
             {"momentum": {"name": "pickle"}},
             r"predictions: prediction 'pickle' is not one of \['adam', 'adamw_step'\]",
         ),
-        ("format_version", 4, r"has format version 4; this wordystore reads versions 2 and 3"),
+        ("format_version", 5, r"has format version 5; this wordystore reads versions 2, 3 and 4"),
     ],
 )
 def test_metadata_fields_of_the_wrong_kind_are_named(world, capsys, field, value, message):
@@ -526,3 +530,193 @@ def test_the_pristine_store_reads_right(world):
         expected = np.stack([row(step)[name] for step in range(STEPS)])
         assert t[name].numpy().view(np.uint8).tobytes() == expected.view(np.uint8).tobytes(), name
     assert wordystore.verify(world.store).ok
+
+
+# -- token sets, forged decoding parameters, binding records, metadata, leftovers -----------------------------
+
+
+def metadata(store: Path) -> Metadata:
+    return Metadata.from_root_json(json.loads((store / "zarr.json").read_text()), str(store))
+
+
+def store_token_set(store: Path, name: str, ids: list[int]) -> None:
+    """Token set ``name`` replaced by ``ids`` as the writer stores a set: encoded, bound to this store."""
+    layout = metadata(store).token_set_layout(name, len(ids))
+    shutil.rmtree(store / layout.path)
+    (store / layout.path).mkdir()
+    (store / layout.path / "zarr.json").write_text(json.dumps(layout.to_zarr_json()))
+    data = np.asarray(ids, np.int64)
+    for coords in np.ndindex(*layout.shard_grid()):
+        shard = store / layout.shard_key(coords)
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(layout.encode_shard(coords, data[layout.shard_region(coords)]).tobytes())
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        ([-1, 3, 5], r"id -1 at position 0 is negative"),
+        ([5, 3, 1], r"id 3 at position 1 comes after 5, out of order"),
+        ([1, 3, 3, 5], r"id 3 at position 2 repeats the id before it"),
+        ([1, 3, 5000], r"id 5000 at position 2 is past the vocabulary of 12 tokens"),
+    ],
+)
+def test_a_token_set_of_bad_ids_is_refused_on_every_read(world, capsys, ids, message):
+    store_token_set(world.store, "untrained", ids)
+    line = rf"token set 'untrained' is damaged: {message}; a token set holds sorted, unique ids in \[0, 12\)"
+    t = wordystore.open(world.store)
+    with bounded(), pytest.raises(FormatError, match=line):
+        t.token_set("untrained")
+    with bounded(), pytest.raises(FormatError, match=line):  # never token 11's values for id -1
+        t.embeddings[0, "untrained"]
+    assert np.array_equal(t.token_set("trained"), SETS["trained"])  # the other set reads
+    verify_lists(capsys, world.store, line)
+    status, _, err = cli(capsys, "export", world.store, world.root.parent / "x.safetensors", "--tokens", "untrained")
+    assert status == 2 and err.count("\n") == 1 and re.search(line, err), err
+    assert not (world.root.parent / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("ids", [[-1, 3, 5], [1, 3, 3, 5], [1, 3, 5000]])
+def test_a_mask_file_of_bad_ids_is_refused(tmp_path, ids):
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"trained_indices": np.array([0, 2], np.int64), "untrained_indices": np.array(ids, np.int64)},
+        str(tmp_path / "masks.safetensors"),
+    )
+    with pytest.raises(ValueError, match=r"masks\.safetensors: token set 'untrained' is not one: id -?\d+ at position"):
+        token_sets_from_mask_file(tmp_path / "masks.safetensors", VOCAB)
+
+
+def forge_beta(store: Path) -> None:
+    """Adam's beta of the momentum 0.9 -> 0.8, in the metadata and the residual array's attributes alike."""
+    edit(store / "zarr.json", lambda d: meta_of(d)["predictions"]["momentum"].update(beta=0.8))
+    edit(store / "momentum.residuals/zarr.json", lambda d: meta_of(d)["prediction"].update(beta=0.8))
+
+
+def forge_dtype(store: Path) -> None:
+    """grad_norm's data type float32 -> int32, in the metadata and both tiers' arrays alike."""
+    edit(store / "zarr.json", lambda d: meta_of(d)["kinds"]["grad_norm"].update(dtype="int32"))
+    for array in ("grad_norm", "hot/grad_norm"):
+        edit(store / array / "zarr.json", lambda d: d.update(data_type="int32"))
+
+
+@pytest.mark.parametrize(
+    "forge, kind, array",
+    [(forge_beta, "momentum", "momentum.residuals"), (forge_dtype, "grad_norm", "grad_norm")],
+    ids=["adam's beta", "a kind's data type"],
+)
+def test_decoding_parameters_forged_consistently_are_detected(world, capsys, forge, kind, array):
+    forge(world.store)
+    message = rf"'{array}/c/0[/0]*'.*binds other decoding parameters than the array's zarr\.json gives"
+    with bounded(), pytest.raises(CorruptChunkError, match=message):
+        wordystore.open(world.store)[kind].numpy(slice(0, 4))
+    verify_lists(capsys, world.store, message)
+
+
+def rewrite_record(shard: Path, layout, change) -> None:
+    """The shard's binding record changed by ``change`` (a record -> a record), its crc32c made right."""
+    data = shard.read_bytes()
+    index, record = ShardIndex.nbytes(layout.n_chunks), BindingRecord.nbytes(layout.n_chunks, True)
+    old = BindingRecord.decode(data[-index - record : -index], layout.n_chunks, True)
+    shard.write_bytes(data[: -index - record] + change(old).encode() + data[-index:])
+
+
+def test_a_binding_record_claiming_rows_its_shard_lacks_is_named_by_verify(world, capsys):
+    layout = metadata(world.store).layouts("embeddings", STEPS)[0]
+    shard = world.store / "embeddings/c/3/0/0"  # rows 12..13 of a chunk of 4
+    rewrite_record(shard, layout, lambda r: dataclasses.replace(r, rows=4))
+    expected = np.stack([row(step)["embeddings"] for step in (12, 13)])
+    assert wordystore.open(world.store).embeddings.numpy(slice(12, 14)).tobytes() == expected.tobytes()
+    verify_lists(
+        capsys,
+        world.store,
+        r"wrong binding record: shard 'embeddings/c/3/0/0' of array 'embeddings' claims 4 written rows from "
+        r"row 12, but the array holds 2 rows there",
+    )
+    rewrite_record(shard, layout, lambda r: dataclasses.replace(r, rows=2**64 - 1))
+    message = r"its binding record claims 18446744073709551615 written rows, but the shard has 4"
+    with bounded(), pytest.raises(CorruptChunkError, match=message):
+        wordystore.open(world.store).embeddings.numpy(slice(12, 14))
+    verify_lists(capsys, world.store, message)
+
+
+def test_metadata_missing_or_extra_is_named_by_verify_and_restored_by_repair(world, capsys):
+    edit(world.store / "momentum.residuals/zarr.json", lambda d: meta_of(d).pop("residuals_of"))
+    edit(world.store / "zarr.json", lambda d: meta_of(d).update(comment="added"))
+    t = wordystore.open(world.store)  # nothing it decodes is missing: it reads exactly
+    expected = np.stack([row(step)["momentum"] for step in range(STEPS)])
+    assert t.momentum.numpy().view(np.uint16).tobytes() == expected.view(np.uint16).tobytes()
+    out = verify_lists(
+        capsys, world.store, r"momentum\.residuals'?: its zarr\.json's attributes\.wordystore lacks \['residuals_of'\]"
+    )
+    assert "the metadata document adds ['comment']" in out, out
+    status, out, _ = cli(capsys, "verify", "--repair", world.store)
+    assert status == 0 and "rewrote momentum.residuals/zarr.json" in out and "rewrote zarr.json" in out, out
+    assert meta_of(json.loads((world.store / "momentum.residuals/zarr.json").read_text()))["residuals_of"] == "momentum"
+    assert "comment" not in meta_of(json.loads((world.store / "zarr.json").read_text()))
+    assert wordystore.verify(world.store).ok
+
+
+LEFTOVERS = [  # where zarr's LocalStore puts a key's temporary file: its suffix replaced by .<uuid hex>.partial
+    "commit.0123456789abcdef0123456789abcdef.partial",
+    "embeddings/c/1/0/0.fedcba9876543210fedcba9876543210.partial",
+    "state/000000000013.00000000000000000000000000000000.partial",
+]
+
+
+def test_temporary_files_are_reported_by_verify_and_removed_by_repair_and_resume(world, capsys):
+    for key in LEFTOVERS:
+        (world.store / key).write_bytes(b"half a write")
+    (world.store / "notes.partial").write_text("not a temporary file of the writer's")
+    status, out, _ = cli(capsys, "verify", world.store)
+    assert status == 0 and "3 temporary files a killed writer left (such as 'commit.0123" in out, out
+    before = {p: p.read_bytes() for p in world.store.rglob("*") if p.is_file() and ".partial" not in p.name}
+    status, out, _ = cli(capsys, "verify", "--repair", world.store)
+    assert status == 0 and out.count("a temporary file a killed writer left") == 3, out
+    assert not any((world.store / key).exists() for key in LEFTOVERS)
+    after = {p: p.read_bytes() for p in world.store.rglob("*") if p.is_file() and ".partial" not in p.name}
+    assert after.keys() == before.keys()  # nothing else changed (but the outcome verify records)
+    assert all(after[p] == data for p, data in before.items() if p.name != "verified.json")
+    assert (world.store / "notes.partial").exists()
+    (world.store / LEFTOVERS[1]).write_bytes(b"half a write")
+    wordystore.resume(world.store).close()
+    assert not (world.store / LEFTOVERS[1]).exists() and (world.store / "notes.partial").exists()
+
+
+KILLED_KINDS = {"x": Kind((512, 64), "float32", ("token", "dim")), "loss": Kind((), "float32", ())}
+
+
+def append_until_killed(path: Path, first: int, ready: int) -> None:
+    """A writer child: resume, say so, append rows (each a whole file's worth of writes) until killed."""
+    w = wordystore.resume(path, writer_process=False)
+    os.write(ready, b"resumed\n")
+    step = w.last_step + 1 if w.last_step is not None else first
+    while True:
+        w.append(step, x=np.full((512, 64), step, np.float32), loss=np.float32(step))
+        step += 1
+
+
+def test_twenty_kills_and_resumes_leave_no_temporary_files(tmp_path):
+    path = tmp_path / "killed.zarr"
+    wordystore.create(path, KILLED_KINDS, block_rows=2, chunk_rows=4, writer_process=False).close()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        read, ready = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child writes until it is killed; it never returns to pytest
+            try:
+                append_until_killed(path, 0, ready)
+            finally:
+                os._exit(1)
+        os.close(ready)
+        with os.fdopen(read) as child:
+            assert child.readline() == "resumed\n"
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(pid, signal.SIGKILL)
+        assert os.waitpid(pid, 0)[1] == signal.SIGKILL  # killed, not failed (a kill mid-write leaves a file)
+    wordystore.resume(path, writer_process=False).close()
+    assert not list(path.rglob("*.partial")), "temporary files are left"
+    t = wordystore.open(path)
+    assert len(t) > 0 and np.array_equal(t.loss.numpy(), np.arange(len(t), dtype=np.float32))
+    assert wordystore.verify(path).ok

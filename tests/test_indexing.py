@@ -233,7 +233,7 @@ def test_store_reads_match_numpy_positionally_and_by_step(store, r):
         check(lambda: loc_expected(ref, steps, label, named(rest)), lambda: t.emb.loc[(label, *rest)])
 
 
-# -- .loc edge cases (issue 10, item 10) ----------------------------------------------------------------
+# -- .loc edge cases ---------------------------------------------------------------------------------
 
 
 def test_loc_negative_stride_walks_down_as_pandas(store):

@@ -4,6 +4,7 @@ shown, and kept by resume and extension."""
 
 import inspect
 import json
+import re
 import shutil
 
 import numpy as np
@@ -18,8 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from trainer import numerics
 from trainer import state as run_state
 from trainer.config import RunConfig
-from trainer.data import TokenDataset
-from trainer.model import build_model
+from trainer.experiment import TokenDataset, build_model
 from trainer.run import SeedTrainer, checkpoint_directory, extend, resume, train, training_arguments
 from wordystore import trajectory
 from wordystore.analysis import report
@@ -270,13 +270,20 @@ def test_the_choice_its_reason_and_the_cpu_are_recorded_and_shown(float32_run, t
     assert text.splitlines()[0].endswith(display.numerics_line(record))
 
 
-def test_the_first_line_names_the_choice_and_the_expected_step_time(tmp_path, capsys, monkeypatch):
+def test_the_first_line_names_the_choice_and_the_time_a_real_step_took(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(numerics.ENV, "1")
-    train(tmp_path / "n.zarr", RunConfig(steps=1, **TINY), progress=False, announce=True)
-    first = capsys.readouterr().out.splitlines()[0]
+    train(tmp_path / "n.zarr", RunConfig(steps=3, **TINY), progress=False, announce=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1  # printed once, after the second step, and nothing else without a bar
+    first = lines[0]
     assert first.startswith("bf16 matmul: native (auto: WORDYSTORE_CPU_BF16=1 says this CPU has bf16 units); CPU ")
-    assert " s per step (rough: " in first
+    assert re.search(
+        r"\. Expect about [\d.e+-]+ s per step, as this run's second step took: about \d+ s for the step left$", first
+    )
     assert trajectory.open(tmp_path / "n.zarr").config["numerics"]["bf16_matmul"] == "native"
+    train(tmp_path / "one.zarr", RunConfig(steps=1, **TINY), progress=False, announce=True)  # no second step to time
+    assert capsys.readouterr().out.splitlines() == [first.split(". Expect")[0]]
+    assert [numerics.duration(s) for s in (12.4, 245, 3720)] == ["12 s", "4 min 5 s", "1 h 2 min"]
 
 
 def test_resume_and_extend_keep_the_stored_choice_and_refuse_another(float32_run, tmp_path, capsys, monkeypatch):

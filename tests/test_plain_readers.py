@@ -1,4 +1,4 @@
-"""What a plain zarr or xarray reader sees in a store (issue 17: no trap for them): never stored
+"""What a plain zarr or xarray reader sees in a store (no trap for them): never stored
 residuals or raw bits under a kind's name. With ``import wordystore`` (which registers the
 ``bfloat16`` data type and the ``wordystore.bf16_bits`` codec with zarr-python) every kind's array
 reads its true values; a predicted kind's residuals are only under ``<kind>.residuals``, saying what

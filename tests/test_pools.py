@@ -11,6 +11,7 @@ from pathlib import Path
 
 import faults_writer as fw
 import pytest
+from compaction_wait import wait_for_compaction
 from test_faults import assert_rows
 
 import wordystore
@@ -132,7 +133,7 @@ def test_compaction_keeps_pace_within_two_chunks(tmp_path, writer_process):
         w.append(step, **fw.row(step))
         assert w.stats().hot_rows <= 2 * fw.CHUNK_ROWS + fw.BLOCK_ROWS  # two chunks, and blocks in flight
     w.flush()
-    w._wait_compaction()
+    wait_for_compaction(w)
     stats = w.stats()
     assert (stats.appended, stats.committed) == (40, 40) and stats.compacted == 40 - 40 % fw.CHUNK_ROWS
     w.close()  # appending as fast as it can, a loop may well have waited: nothing to assert on the warning

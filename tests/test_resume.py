@@ -90,7 +90,8 @@ def test_kill_9_and_ctrl_c_at_random_steps_then_resume_record_the_same_bits(unin
 
     result = cli("train", path, "--resume", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert f"rows (steps {stopped_at + 1}..{STEPS})" in result.stdout
+    new = f"recorded {STEPS - stopped_at} new rows (steps {stopped_at + 1}..{STEPS}; {STEPS + 1} in all)"
+    assert new in result.stdout
     assert_same_bits(uninterrupted, path)
     assert not list(tmp_path.glob("*.trainer"))  # the Trainer's output_dir was a temporary one
 

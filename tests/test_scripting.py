@@ -3,9 +3,11 @@ progress bars on a terminal only, shell completion, export-scalars to TensorBoar
 export/import round trip keeps."""
 
 import fcntl
+import io
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -352,3 +354,64 @@ def test_import_of_a_directory_says_so(store, tmp_path, capsys):
         "(wordystore import FILE STORE: the file comes first)"
     ]
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_bfloat16_reads_go_to_numpy_and_matplotlib_as_float32_exactly(store):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    t = wordystore.open(store)
+    losses = t.losses[:]
+    assert losses.dtype == torch.bfloat16 and isinstance(losses, torch.Tensor)
+    stored = t.losses.numpy()  # ml_dtypes.bfloat16, row 0 NaN as recorded
+    as_numpy = np.asarray(losses)
+    assert as_numpy.dtype == np.float32
+    assert as_numpy.astype(stored.dtype).tobytes() == stored.tobytes()  # exact: every bfloat16 is a float32
+    assert repr(losses).startswith("tensor(")
+    assert type(losses * 2) is torch.Tensor  # what is computed from a read is a plain tensor
+    saved = io.BytesIO()
+    torch.save({"losses": losses}, saved)
+    saved.seek(0)
+    loaded = torch.load(saved)["losses"]  # weights_only: saved as the plain bfloat16 tensor it is
+    assert type(loaded) is torch.Tensor and loaded.dtype == torch.bfloat16
+    assert torch.equal(loaded.view(torch.int16), losses.view(torch.int16))
+    figure, axes = plt.subplots()
+    try:
+        (line,) = axes.plot(t.steps, t.losses[:])  # as a researcher writes it
+        np.testing.assert_array_equal(line.get_ydata(), stored.astype(np.float32))
+        np.testing.assert_array_equal(line.get_xdata(), [0, 2, 4, 6, 8])
+    finally:
+        plt.close(figure)
+
+
+def test_float_to_and_numpy_dtype_read_converted_values_lazily(store):
+    t = wordystore.open(store)
+    view = t.losses.float()
+    assert type(view) is type(t.losses) and view.dtype == torch.float32 and "as float32" in repr(view)
+    assert view.shape == t.losses.shape and view.numpy_dtype == np.float32
+    stored = t.losses.numpy()
+    for got in (view[:], torch.stack(list(view))):
+        assert got.dtype == torch.float32 and type(got) is torch.Tensor
+        np.testing.assert_array_equal(got.numpy(), stored.astype(np.float32))
+    np.testing.assert_array_equal(view.loc[2:6].numpy(), stored[1:4].astype(np.float32))  # .loc as on any view
+    one_call = t.losses.numpy(dtype="float32")  # a scalar kind as float32, in one call
+    assert one_call.dtype == np.float32
+    np.testing.assert_array_equal(one_call, stored.astype(np.float32))
+
+    embeddings = t.embeddings.numpy()
+    for dtype in (torch.float64, np.float64, "float64"):
+        wide = t.embeddings.to(dtype)
+        assert wide.dtype == torch.float64
+        np.testing.assert_array_equal(wide[-1, "untrained"].numpy(), embeddings[-1, 5:].astype(np.float64))
+    narrow = t.learning_rate.to(torch.bfloat16)  # rounding, as numpy's astype (ml_dtypes) does
+    assert narrow[:].dtype == torch.bfloat16
+    assert narrow.numpy().tobytes() == t.learning_rate.numpy().astype(stored.dtype).tobytes()
+    assert t.grad_norm.numpy(dtype=np.float64).dtype == np.float64
+    with pytest.raises(ValueError, match=r"cannot read as 'complex64'; expected one of \["):
+        t.losses.to("complex64")
+
+
+def test_import_says_what_it_wrote_in_one_line_as_export_does(store, tmp_path, capsys):
+    assert main(["export", str(store), str(tmp_path / "run.safetensors"), "--quiet"]) == 0
+    assert main(["import", str(tmp_path / "run.safetensors"), str(tmp_path / "back.zarr"), "--quiet"]) == 0
+    exported, imported = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"wrote .*run\.safetensors \([\d.]+ MB\)", exported)
+    assert re.fullmatch(r"wrote .*back\.zarr \(5 rows, steps 0\.\.8; [\d.]+ MB\)", imported)

@@ -5,19 +5,18 @@ import struct
 import numpy as np
 import pytest
 import torch
-from notebook_reference import run_notebook
+from notebook_reference import NotebookParameters, run_notebook
 from safetensors.torch import load_file, save_file
 
 import wordystore
 from trainer.config import RunConfig
-from trainer.data import load_corpus, load_tokenizer, tokenize_cached
+from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore.cli import main as cli
 from wordystore.tools.safetensors_layout import export, import_seed_file
 
-SMALL = dict(
-    vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16, bf16_matmul="native"
-)  # as the notebook
+SHAPE = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16)
+SMALL = dict(**SHAPE, bf16_matmul="native")  # as the notebook
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +26,16 @@ def runs(tmp_path_factory):
     cfg = RunConfig(**SMALL)
     train(tmp / "run.zarr", cfg, progress=False)
     ids = tokenize_cached(load_corpus(), load_tokenizer()) % SMALL["vocab_size"]
-    data = run_notebook(cfg, ids, SMALL["vocab_size"], str(tmp / "nb"))
+    notebook = NotebookParameters(**SHAPE)
+    data = run_notebook(notebook, ids, str(tmp / "nb"))
     present = np.zeros(SMALL["vocab_size"], bool)
     present[ids] = True
     data.update(
-        init_scale=torch.tensor(cfg.init_scale, dtype=torch.float32),
-        learning_rate=torch.tensor(cfg.learning_rate, dtype=torch.float32),
-        weight_decay=torch.tensor(cfg.weight_decay, dtype=torch.float32),
-        adam_beta1=torch.tensor(cfg.adam_beta1, dtype=torch.float32),
-        adam_beta2=torch.tensor(cfg.adam_beta2, dtype=torch.float32),
+        init_scale=torch.tensor(notebook.init_scale, dtype=torch.float32),
+        learning_rate=torch.tensor(notebook.learning_rate, dtype=torch.float32),
+        weight_decay=torch.tensor(notebook.weight_decay, dtype=torch.float32),
+        adam_beta1=torch.tensor(notebook.adam_beta1, dtype=torch.float32),
+        adam_beta2=torch.tensor(notebook.adam_beta2, dtype=torch.float32),
         n_trained=torch.tensor(int(present.sum()), dtype=torch.long),
         n_untrained=torch.tensor(int((~present).sum()), dtype=torch.long),
     )

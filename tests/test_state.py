@@ -12,9 +12,7 @@ from transformers import TrainerCallback
 
 from trainer import state as run_state
 from trainer.config import RunConfig
-from trainer.data import TokenDataset
-from trainer.experiment import SeedTrainer, checkpoint_directory, training_arguments
-from trainer.model import build_model
+from trainer.experiment import SeedTrainer, TokenDataset, build_model, checkpoint_directory, training_arguments
 
 # 64 windows of 17 tokens, batch 4: an epoch is 16 steps, so 24 steps cross an epoch boundary
 CFG = RunConfig(

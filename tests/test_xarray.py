@@ -95,12 +95,16 @@ def store(tmp_path_factory):
 
 
 def bits(a):
+    """The bits of ``a``'s values as float32 where it is bfloat16 or float32: a bfloat16 value and the
+    float32 the dataset decodes it to (exactly, signed zeros and NaN payloads too) have the same."""
     a = np.asarray(a)
-    return a.view(np.uint16) if a.dtype == BF16 else a
+    if a.dtype == BF16:
+        a = a.astype(np.float32)
+    return a.view(np.uint32) if a.dtype == np.float32 else a
 
 
 def as_bits(ds: xr.Dataset) -> xr.Dataset:
-    """The dataset with its bfloat16 variables as their bits: xarray's comparisons do not take bfloat16."""
+    """The dataset with its float variables as their bits: xarray's comparisons do not take bfloat16."""
     return ds.assign({name: (v.dims, bits(v.values)) for name, v in ds.data_vars.items()})
 
 
@@ -115,11 +119,20 @@ def test_open_dataset_has_every_kind_with_true_values_and_the_store_as_coordinat
     t = wordystore.open(path)
     assert set(t.predictions) == {"momentum", "variance"}  # stored as residuals: the dataset rebuilds them
     ds = xr.open_dataset(path, engine="wordystore")
-    assert list(ds.data_vars) == list(t.kinds)
+    raw = xr.open_dataset(path, engine="wordystore", decode_bf16=False)
+    assert list(ds.data_vars) == list(t.kinds) == list(raw.data_vars)
     for name, kind in t.kinds.items():
-        assert ds[name].dims == ("step", *kind.dims)
-        assert ds[name].dtype == kind.numpy_dtype  # bfloat16 as ml_dtypes.bfloat16, not its bits
-        np.testing.assert_array_equal(bits(ds[name].values), bits(ref[name]), err_msg=name)
+        assert ds[name].dims == raw[name].dims == ("step", *kind.dims)
+        assert raw[name].dtype == kind.numpy_dtype  # bfloat16 as ml_dtypes.bfloat16, not its bits
+        assert np.asarray(raw[name].values).tobytes() == ref[name].tobytes(), name
+        if kind.dtype == "bfloat16":  # decoded by default: float32, exactly the stored values
+            assert ds[name].dtype == np.float32 and ds[name].attrs["stored_dtype"] == "bfloat16"
+            np.testing.assert_array_equal(ds[name].values, ref[name].astype(np.float32), err_msg=name)
+            assert ds[name].values.astype(BF16).tobytes() == ref[name].tobytes()
+        else:
+            assert ds[name].dtype == kind.numpy_dtype and "stored_dtype" not in ds[name].attrs
+            np.testing.assert_array_equal(ds[name].values, ref[name], err_msg=name)
+    assert float(ds.losses.mean()) == float(ref["losses"].astype(np.float64).mean())  # a reduction, as a user writes
 
     np.testing.assert_array_equal(ds.step.values, 2 * np.arange(ROWS))
     np.testing.assert_array_equal(ds.token.values, np.arange(VOCAB))
@@ -314,12 +327,10 @@ def test_dask_processes_and_a_local_cluster_compute_what_one_process_does(store)
 
 def test_attributes_and_token_sets_survive_netcdf_and_zarr(store, tmp_path):
     path, ref = store
-    ds = xr.open_dataset(path, engine="wordystore")
-    ds.to_zarr(tmp_path / "copy.zarr", consolidated=False)  # bfloat16 as zarr's "bfloat16" (wordystore registers it)
-    small = ds.drop_vars([name for name, v in ds.data_vars.items() if v.dtype == BF16]).assign(
-        embeddings=ds.embeddings.astype("float32")
-    )  # netCDF has no bfloat16: every bfloat16 is a float32
-    small.to_netcdf(tmp_path / "copy.nc", engine="h5netcdf")
+    ds = xr.open_dataset(path, engine="wordystore")  # bfloat16 decoded to float32, which netCDF holds
+    ds.to_netcdf(tmp_path / "copy.nc", engine="h5netcdf")
+    raw = xr.open_dataset(path, engine="wordystore", decode_bf16=False)
+    raw.to_zarr(tmp_path / "copy.zarr", consolidated=False)  # bfloat16 as zarr's "bfloat16" (wordystore registers it)
     for back in (
         xr.open_zarr(tmp_path / "copy.zarr", consolidated=False),
         xr.open_dataset(tmp_path / "copy.nc", engine="h5netcdf"),

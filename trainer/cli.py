@@ -2,9 +2,10 @@
 ``wordystore.commands`` entry point (pyproject.toml), as xarray finds its backends.
 
 Registering the command imports only the standard library, :mod:`trainer.config` and wordystore's
-own command line, so ``wordystore --help`` does not load the training stack, and ``wordystore
-train`` without the ``train`` extra says how to install it. Every flag is checked before anything
-is created and before the slow imports; then :mod:`trainer.run` runs the experiment.
+helpers for commands (:mod:`wordystore.commands`), so ``wordystore --help`` does not load the
+training stack, and ``wordystore train`` without the ``train`` extra says how to install it. Every
+flag is checked before anything is created and before the slow imports; then :mod:`trainer.run`
+runs the experiment.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import dataclasses
 import difflib
 import json
 import re
+from pathlib import Path
 
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
-from wordystore.cli import check_mask_file, examples, input_file, progress
+from wordystore.commands import check_mask_file, examples, input_file, progress
 from wordystore.optional import install_hint, missing
 
 DEVICE = re.compile(r"^(cpu|mps|cuda)(:\d+)?$")
@@ -178,6 +180,22 @@ def _run_overrides(ns: argparse.Namespace) -> dict:
     return data
 
 
+def _refuse_existing(out: str) -> None:
+    """A new run never lands on a trajectory, and says so before anything loads: for a local path, by
+    its root document (zarr v3's ``zarr.json``) on disk; for a URL, by asking the bucket."""
+    if "://" in out and not out.startswith("file://"):
+        import wordystore
+
+        held = wordystore.holds_trajectory(out)
+    else:  # without importing torch: the refusal comes at once
+        held = (Path(out.removeprefix("file://")) / "zarr.json").is_file()
+    if held:
+        raise ValueError(
+            f"{out} already holds a trajectory; --overwrite replaces it, --resume goes on with an "
+            "interrupted run, --extend-to N --lr-policy P goes on past a finished one"
+        )
+
+
 def cmd_train(ns) -> int:
     # Everything is checked before anything is created, and before the slow imports.
     going_on = ns.resume or ns.extend_to is not None
@@ -187,6 +205,8 @@ def cmd_train(ns) -> int:
         raise ValueError("--overwrite starts a new run; it does not go with --resume or --extend-to")
     if (ns.extend_to is None) != (ns.lr_policy is None):
         raise ValueError(f"--extend-to N and --lr-policy ({', '.join(LR_POLICIES)}) go together")
+    if not going_on and not ns.overwrite:
+        _refuse_existing(ns.out)
     absent = missing(*TRAIN_EXTRA)
     if absent:
         raise ValueError(f"training needs the 'train' extra (missing: {', '.join(absent)}); {install_hint('train')}")
@@ -194,7 +214,7 @@ def cmd_train(ns) -> int:
     source = f"--config {ns.config}" if ns.config else "flags"
     cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
     if not ns.low_memory:
-        from trainer.memory import keep_freed_memory
+        from trainer.experiment import keep_freed_memory
 
         keep_freed_memory()
     from trainer import run

@@ -29,13 +29,10 @@ a resumed or extended run keeps the stored choice (:func:`of_stored_run`).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import os
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
@@ -326,70 +323,23 @@ def install(model: torch.nn.Module, choice: Choice | str) -> torch.nn.Module:
 # -- what to expect ----------------------------------------------------------------------------------
 
 
-def estimate_step_seconds(
-    model: torch.nn.Module,
-    matmul: str,
-    batch: int,
-    seq_len: int,
-    device: str,
-    autocast: bool = True,
-    budget: float = 1.0,
-) -> float:
-    """A rough time per training step of ``model`` with ``batch`` sequences of ``seq_len`` tokens:
-    forward and backward of a copy of the model on 1 and 4 sequences (each size once to warm up,
-    then the best of two), extrapolated linearly to ``batch``; only 1 sequence, times ``batch``,
-    where timing 4 would take more than about ``budget`` seconds. The optimizer step, the data and
-    the recording are not in it. No RNG is drawn and ``model`` is not touched."""
-    probe = copy.deepcopy(model)
-    probe.__dict__.pop("forward", None)  # a float32 forward wraps the original model's: the mode is used below
-    probe.__dict__.pop("_wordystore_bf16_matmul", None)
-    probe.train()
-    vocab = probe.get_input_embeddings().weight.shape[0]
-    mode = Float32Matmuls if matmul == "float32" else contextlib.nullcontext
-
-    def timed(n: int) -> float:
-        ids = torch.arange(n * seq_len, device=device).remainder(vocab).view(n, seq_len)
-        began = time.perf_counter()
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast), mode():
-            loss = probe(input_ids=ids, labels=ids).loss
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - began
-
-    def best(n: int) -> float:
-        timed(n)  # warm-up: kernels chosen, memory mapped
-        return min(timed(n), timed(n))
-
-    with torch.random.fork_rng(devices=[]):
-        one = best(1)
-        many = min(4, batch)
-        if many == 1 or 3 * many * one > budget:
-            return one * batch
-        more = best(many)
-    per_sequence = max((more - one) / (many - 1), 0.0)
-    return max(one - per_sequence, 0.0) + per_sequence * batch
-
-
-def first_line(choice: Choice, seconds: float | None) -> str:
-    """The run's first printed line: the numerics, why, the CPU, and the time per step to expect."""
+def first_line(choice: Choice, seconds: float | None, steps_left: int = 0) -> str:
+    """The run's first printed line: the numerics, why, the CPU, and the time per step to expect
+    (``seconds``: a real step's, timed; None where the run has too few steps to time one)."""
     line = f"bf16 matmul: {choice.bf16_matmul} ({choice.reason}); CPU {choice.cpu['description']}"
     if seconds is not None:
-        line += (
-            f". Expect about {seconds:.2g} s per step (rough: this model's forward and backward on 1 and 4 "
-            "sequences, timed just now and scaled to the batch; without the optimizer and recording)"
-        )
+        line += f". Expect about {seconds:.2g} s per step, as this run's second step took"
+        if steps_left:
+            left = "the step left" if steps_left == 1 else f"the {steps_left} steps left"
+            line += f": about {duration(seconds * steps_left)} for {left}"
     return line
 
 
-def setup(model: torch.nn.Module, choice: Choice, args, seq_len: int, *, announce: bool) -> None:
-    """What ``wordystore train`` does with its choice: print the run's first line (``announce``), with
-    an estimate of the step time for ``args``' batch of ``seq_len``-token sequences, then install it."""
-    if announce:
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        seconds = estimate_step_seconds(
-            model, choice.bf16_matmul, batch, seq_len, choice.device, autocast=bool(args.bf16)
-        )
-        print(first_line(choice, seconds), flush=True)
-    install(model, choice)
+def duration(seconds: float) -> str:
+    """``12 s``, ``4 min 5 s``, ``1 h 2 min``: a time to expect, as a person says it."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,17 +29,188 @@ import wordystore
 from trainer import numerics, ranks
 from trainer import state as run_state
 from trainer.config import LR_POLICIES, RunConfig
-from trainer.experiment import Inputs, SeedTrainer, checkpoint_directory, prepare_inputs, training_arguments
-from trainer.model import build_model
+from trainer.experiment import (
+    Inputs,
+    SeedTrainer,
+    build_model,
+    checkpoint_directory,
+    prepare_inputs,
+    training_arguments,
+)
 from wordystore.recording import TrajectoryCallback, kinds_for
-from wordystore.store import storage
 
 EMBEDDING_STATE = "model.transformer.wte.weight"  # the embeddings in a saved state (trainer.state.capture)
 
 
+def train(
+    out: str | Path,
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    record: bool = True,
+    announce: bool | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
+    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
+    ``announce`` (default: ``progress``) prints the run's first line, the matmul numerics and the time per
+    step to expect, once two steps have run (:class:`FirstLine`). Under torchrun, each rank trains on
+    its batch of ``cfg.batch_size`` sequences and rank 0 records (:mod:`trainer.ranks`).
+    ``callbacks`` are added to the Trainer's (``python -m bench`` times each step with one); they
+    must not change the run. Returns a summary: steps, seconds, and when recording the store, its
+    rows and bytes, and ``close_seconds`` (the writer's close after the last step).
+
+        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
+    """
+    inputs = prepare_inputs(cfg)
+    model = build_model(cfg, inputs.vocab_size, inputs.device)
+    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
+    rank, size = ranks.world()
+    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
+        args = training_arguments(cfg, scratch, inputs.device)  # under torchrun, joins the process group
+        numerics.install(model, choice)
+        if not record:
+            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset, callbacks=list(callbacks))
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            began = time.perf_counter()
+            trainer.train()
+            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
+        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
+        config = run_state.jsonable(
+            {
+                "run": cfg.to_dict(),
+                "training_arguments": arguments,
+                "model": model.config.to_dict(),
+                "data": inputs.data,
+                "device": inputs.device,
+                "numerics": choice.record(),
+                **({"ranks": size} if size > 1 else {}),
+            }
+        )
+        # the notebook keeps its logits sample and loss in bfloat16
+        embeddings = {"embeddings": model.transformer.wte.weight}
+        kinds = kinds_for(embeddings, inputs.vocab_size, logits_dtype="bfloat16", loss_dtype="bfloat16")
+        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
+        predictions = None
+        if cfg.record_every == 1 and args.optim.startswith("adamw"):
+            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
+        writer = ranks.on_rank_0(
+            lambda: wordystore.create(
+                out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
+            )
+        )
+        announced = choice if (progress if announce is None else announce) and rank == 0 else None
+        return _train_recording(
+            writer,
+            out,
+            model,
+            args,
+            cfg,
+            inputs,
+            progress=progress and rank == 0,
+            announce=announced,
+            callbacks=callbacks,
+        )
+
+
+def _train_recording(
+    writer,
+    out: str | Path,
+    model,
+    args,
+    cfg,
+    inputs,
+    *,
+    progress: bool,
+    announce: numerics.Choice | None = None,
+    resume_state=None,
+    checkpoint=None,
+    extension=None,
+    start: int = 0,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
+    ``announce``: the numerics to print the run's first line about (:class:`FirstLine`), or None.
+    ``writer`` is None on the ranks that do not write (:mod:`trainer.ranks`)."""
+    embedding = model.transformer.wte.weight
+    rows_before = writer.committed if writer is not None else None
+    with writer if writer is not None else contextlib.nullcontext():
+        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
+        with StopOnSignal(recording) as stop:
+            trainer = SeedTrainer(
+                model=model,
+                args=args,
+                train_dataset=inputs.dataset,
+                callbacks=[recording, stop, *callbacks],
+                resume_state=resume_state,
+                extension=extension,
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            if announce is not None:  # after the recording: the time it times includes the step's recording
+                trainer.add_callback(FirstLine(announce, start))
+            if progress:
+                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
+            if writer is not None:
+                writer.set_state_provider(functools.partial(_state_of, trainer, recording))
+            began = time.perf_counter()
+            try:
+                trainer.train(resume_from_checkpoint=checkpoint)
+            except RuntimeError as exc:
+                if not ranks.lost_a_rank(exc):
+                    raise
+                rank, size = ranks.world()
+                raise ValueError(
+                    f"rank {rank}: another rank of the run stopped (the connection to it broke); the store keeps "
+                    f"its committed steps: go on with torchrun --nproc-per-node {size} --no-python wordystore "
+                    f"train {out} --resume"
+                ) from None
+            elapsed = time.perf_counter() - began
+        steps = trainer.state.global_step
+        if writer is not None:
+            previous = wordystore.open(out).config.get("summary", {})
+            writer.update_config(
+                summary={
+                    "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
+                    "steps": steps,
+                    "planned_steps": args.max_steps,
+                }
+            )
+        closing = time.perf_counter()
+    close_seconds = time.perf_counter() - closing  # the writer's close: the last rows committed and compacted
+    return {
+        "store": str(out),
+        "start": start,
+        "steps": steps,
+        "planned_steps": args.max_steps,
+        "stopped_by_signal": stop.signal,
+        "rows": writer.committed if writer is not None else None,
+        "new_rows": writer.committed - rows_before if writer is not None else None,
+        "seconds": elapsed,
+        "close_seconds": close_seconds,
+        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
+        "store_bytes": wordystore.stored_bytes(out) if writer is not None else None,
+        "n_trained": len(inputs.token_sets["trained"]),
+        "n_untrained": len(inputs.token_sets["untrained"]),
+    }
+
+
+def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
+    """The writer's state provider: the run's state, right after the row of its current step."""
+    step = trainer.state.global_step
+    if not recording.between_steps or recording.writer.last_step != step:
+        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
+    tensors, info = run_state.capture(trainer)
+    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
+    return tensors, info
+
+
 class ProgressBar(TrainerCallback):
     """One line: step, loss, learning rate, steps/s and the store's size on disk. The loss and learning
-    rate are those recorded for the step (the scheduler has moved the optimizer's on by then)."""
+    rate are those recorded for the step (the scheduler has moved the optimizer's on by then); the
+    Trainer's logged loss, a mean over the steps since its last log, is printed with its window."""
 
     def __init__(self, recording: TrajectoryCallback, store_path: str | Path, total: int, initial: int = 0):
         from tqdm.auto import tqdm
@@ -46,21 +218,59 @@ class ProgressBar(TrainerCallback):
         self.recording, self.store_path = recording, store_path
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.size_mb = 0.0
+        self.logged = initial  # the last step the Trainer's logged mean covers
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % 8 == 0:  # a chunk's worth of steps: the store has grown
-            self.size_mb = store_size(self.store_path) / 1e6
+            self.size_mb = wordystore.stored_bytes(self.store_path) / 1e6
         self.bar.set_postfix_str(
-            f"loss {self.recording.last_loss:.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
+            f"loss {recorded_loss(self.recording):.4f} lr {self.recording.last_lr:.3e} store {self.size_mb:.0f} MB"
         )
         self.bar.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:  # the Trainer logs the next step's learning rate: show the one used
-            self.bar.write(f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {self.recording.last_lr:.3e}")
+            window = f"steps {self.logged + 1}..{state.global_step}"
+            self.bar.write(
+                f"step {state.global_step:>5}  loss {recorded_loss(self.recording):.4f}  "
+                f"(mean of {window}: {logs['loss']:.4f})  lr {self.recording.last_lr:.3e}"
+            )
+            self.logged = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
+
+
+def recorded_loss(recording: TrajectoryCallback) -> float:
+    """The last step's loss as the store holds it (bfloat16)."""
+    return torch.tensor(recording.last_loss, dtype=torch.bfloat16).item()
+
+
+class FirstLine(TrainerCallback):
+    """The run's first line (:func:`trainer.numerics.first_line`), printed once two real steps have
+    run: the second one's time (forward, backward, optimizer, recording: the first pays for warming
+    up) is the time per step to expect. A run of fewer steps prints it, without a time, at its end."""
+
+    def __init__(self, choice: numerics.Choice, start: int):
+        self.choice, self.start = choice, start
+        self.last_end: float | None = None
+        self.printed = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if not self.printed and state.global_step == self.start + 2:
+            self._print(numerics.first_line(self.choice, now - self.last_end, args.max_steps - state.global_step))
+        self.last_end = now
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not self.printed:
+            self._print(numerics.first_line(self.choice, None))
+
+    def _print(self, line: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)  # above a progress bar, if one is drawn
+        self.printed = True
 
 
 class StopOnSignal(TrainerCallback):
@@ -95,71 +305,6 @@ class StopOnSignal(TrainerCallback):
         # every rank stops at the same step: the first recorded one after a signal to any of them
         if ranks.any_rank(self.signal is not None) and self.recording.recorder.records(state.global_step):
             control.should_training_stop = True
-
-
-def store_size(path: str | Path) -> int:
-    """Bytes stored (a directory's or a bucket's), counted while the writer writes and compacts (see
-    wordystore.store.storage.size)."""
-    return storage.size(storage.as_store(path, read_only=True))
-
-
-def train(
-    out: str | Path,
-    cfg: RunConfig,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    record: bool = True,
-    announce: bool | None = None,
-) -> dict:
-    """Run the experiment described by ``cfg``, recording it into a new trajectory at ``out``.
-    ``record=False`` runs the same training without a store (the baseline of ``python -m bench``).
-    ``announce`` (default: ``progress``) prints the matmul numerics and the expected time per step first.
-    Under torchrun, each rank trains on its batch of ``cfg.batch_size`` sequences and rank 0 records
-    (:mod:`trainer.ranks`).
-
-        >>> train("runs/quick.zarr", RunConfig(steps=4, vocab_size=512, hidden_dim=16))  # doctest: +SKIP
-    """
-    inputs = prepare_inputs(cfg)
-    model = build_model(cfg, inputs.vocab_size, inputs.device)
-    choice = numerics.choose(cfg.bf16_matmul, inputs.device)
-    rank, size = ranks.world()
-    announce = (progress if announce is None else announce) and rank == 0
-    with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:  # the Trainer's output_dir
-        args = training_arguments(cfg, scratch, inputs.device)  # under torchrun, joins the process group
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=announce)
-        if not record:
-            trainer = SeedTrainer(model=model, args=args, train_dataset=inputs.dataset)
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            began = time.perf_counter()
-            trainer.train()
-            return {"steps": trainer.state.global_step, "seconds": time.perf_counter() - began}
-        arguments = {k: v for k, v in args.to_dict().items() if k != "output_dir"}  # a temporary path
-        config = run_state.jsonable(
-            {
-                "run": cfg.to_dict(),
-                "training_arguments": arguments,
-                "model": model.config.to_dict(),
-                "data": inputs.data,
-                "device": inputs.device,
-                "numerics": choice.record(),
-                **({"ranks": size} if size > 1 else {}),
-            }
-        )
-        # the notebook keeps its logits sample and loss in bfloat16
-        embeddings = {"embeddings": model.transformer.wte.weight}
-        kinds = kinds_for(embeddings, inputs.vocab_size, logits_dtype="bfloat16", loss_dtype="bfloat16")
-        # Recorded every step, Adam's moments compress far better as residuals of a replayed update.
-        predictions = None
-        if cfg.record_every == 1 and args.optim.startswith("adamw"):
-            predictions = wordystore.adam_predictions(args.adam_beta1, args.adam_beta2, args.max_grad_norm or None)
-        writer = ranks.on_rank_0(
-            lambda: wordystore.create(
-                out, kinds, token_sets=inputs.token_sets, config=config, overwrite=overwrite, predictions=predictions
-            )
-        )
-        return _train_recording(writer, out, model, args, cfg, inputs, progress=progress and rank == 0)
 
 
 def resume(
@@ -299,11 +444,10 @@ def _go_on(
     model = build_model(cfg, inputs.vocab_size, inputs.device)  # its parameters are then overwritten
     choice = numerics.of_stored_run(wordystore.open(out).config, inputs.device)
     rank = ranks.world()[0]
-    progress = progress and rank == 0
+    announce = (progress if announce is None else announce) and rank == 0
     with tempfile.TemporaryDirectory(prefix="wordystore-trainer-") as scratch:
         args = training_arguments(cfg, scratch, inputs.device, max_steps=to_step)  # joins the process group
-        announce = (progress if announce is None else announce) and rank == 0
-        numerics.setup(model, choice, args, cfg.max_seq_len, announce=announce)
+        numerics.install(model, choice)
         checkpoint = checkpoint_directory(Path(scratch) / "resume", info)
         writer = ranks.on_rank_0(functools.partial(_resume_writer, out, extension if new_extension else None))
         return _train_recording(
@@ -313,7 +457,8 @@ def _go_on(
             args,
             cfg,
             inputs,
-            progress=progress,
+            progress=progress and rank == 0,
+            announce=choice if announce else None,
             resume_state=(tensors, info),
             checkpoint=checkpoint,
             extension=extension,
@@ -330,93 +475,15 @@ def _resume_writer(out, new_extension: dict | None) -> wordystore.TrajectoryWrit
     return writer
 
 
-def _train_recording(
-    writer,
-    out: str | Path,
-    model,
-    args,
-    cfg,
-    inputs,
-    *,
-    progress: bool,
-    resume_state=None,
-    checkpoint=None,
-    extension=None,
-    start: int = 0,
-) -> dict:
-    """Train with ``writer`` recording, the run's state saved with each commit; returns a summary.
-    ``writer`` is None on the ranks that do not write (:mod:`trainer.ranks`)."""
-    embedding = model.transformer.wte.weight
-    with writer if writer is not None else contextlib.nullcontext():
-        recording = TrajectoryCallback(writer, model, {"embeddings": embedding}, cfg.record_every)
-        with StopOnSignal(recording) as stop:
-            trainer = SeedTrainer(
-                model=model,
-                args=args,
-                train_dataset=inputs.dataset,
-                callbacks=[recording, stop],
-                resume_state=resume_state,
-                extension=extension,
-            )
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            if progress:
-                trainer.add_callback(ProgressBar(recording, out, args.max_steps, initial=start))
-            if writer is not None:
-                writer.set_state_provider(functools.partial(_state_of, trainer, recording))
-            began = time.perf_counter()
-            try:
-                trainer.train(resume_from_checkpoint=checkpoint)
-            except RuntimeError as exc:
-                if not ranks.lost_a_rank(exc):
-                    raise
-                rank, size = ranks.world()
-                raise ValueError(
-                    f"rank {rank}: another rank of the run stopped (the connection to it broke); the store keeps "
-                    f"its committed steps: go on with torchrun --nproc-per-node {size} --no-python wordystore "
-                    f"train {out} --resume"
-                ) from None
-            elapsed = time.perf_counter() - began
-        steps = trainer.state.global_step
-        if writer is not None:
-            previous = wordystore.open(out).config.get("summary", {})
-            writer.update_config(
-                summary={
-                    "train_seconds": round(previous.get("train_seconds", 0) + elapsed, 3),
-                    "steps": steps,
-                    "planned_steps": args.max_steps,
-                }
-            )
-    return {
-        "store": str(out),
-        "start": start,
-        "steps": steps,
-        "planned_steps": args.max_steps,
-        "stopped_by_signal": stop.signal,
-        "rows": writer.committed if writer is not None else None,
-        "seconds": elapsed,
-        "steps_per_second": (steps - start) / elapsed if elapsed else math.inf,
-        "store_bytes": store_size(out) if writer is not None else None,
-        "n_trained": len(inputs.token_sets["trained"]),
-        "n_untrained": len(inputs.token_sets["untrained"]),
-    }
-
-
-def _state_of(trainer: SeedTrainer, recording: TrajectoryCallback) -> tuple[dict, dict]:
-    """The writer's state provider: the run's state, right after the row of its current step."""
-    step = trainer.state.global_step
-    if not recording.between_steps or recording.writer.last_step != step:
-        raise RuntimeError(f"the run is inside step {step + 1}, not right after a recorded step: no consistent state")
-    tensors, info = run_state.capture(trainer)
-    info["last_lr"] = recording.last_lr if math.isfinite(recording.last_lr) else None
-    return tensors, info
-
-
 def main_summary(summary: dict) -> str:
     """The command's last line."""
-    done = f"steps {summary['start'] + 1}..{summary['steps']}" if summary["start"] else f"{summary['steps']} steps"
+    if summary["start"]:
+        steps = f"steps {summary['start'] + 1}..{summary['steps']}"
+        rows = f"{summary['new_rows']} new rows ({steps}; {summary['rows']} in all)"
+    else:
+        rows = f"{summary['rows']} rows ({summary['steps']} steps)"
     line = (
-        f"recorded {summary['rows']} rows ({done}) into {summary['store']} "
+        f"recorded {rows} into {summary['store']} "
         f"in {summary['seconds']:.1f} s ({summary['steps_per_second']:.2f} steps/s); "
         f"store {summary['store_bytes'] / 1e6:.1f} MB on disk; "
         f"token sets: {summary['n_trained']} trained, {summary['n_untrained']} untrained"

@@ -50,6 +50,8 @@ _API = {
     "adam_predictions": "format.prediction",
     "archive_predictions": "format.prediction",
     "load_state": "store.resume_state",
+    "stored_bytes": "store.storage",
+    "holds_trajectory": "store.storage",
     "Trajectory": "read.trajectory",
     "open": "read.trajectory",
     "WriterPools": "pools",
@@ -58,6 +60,8 @@ _API = {
     "resume": "write.start",
     "VerifyReport": "check.verification",
     "verify": "check.verification",
+    "token_sets_from_ids": "tools.token_sets",
+    "token_sets_from_mask_file": "tools.token_sets",
 }
 # Modules named at the top for short imports: ``from wordystore import trajectory``.
 _MODULES = {"trajectory": "read.trajectory"}

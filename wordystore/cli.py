@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from wordystore.commands import check_mask_file, examples, progress
 from wordystore.errors import WordystoreError
 from wordystore.version import __version__
 
@@ -69,16 +70,6 @@ class Later(Sequence):
         return len(self._items)
 
 
-def examples(*lines: str) -> str:
-    """A command's epilog: its examples, one per line."""
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def progress(ns) -> bool:
-    """Draw progress bars: on a terminal (stderr), unless --quiet."""
-    return not getattr(ns, "quiet", False) and sys.stderr.isatty()
-
-
 def warn(ns, message: str) -> None:
     print(f"wordystore {ns.command}: warning: {message}", file=sys.stderr)
 
@@ -118,29 +109,6 @@ def token_selection(text: str) -> str | list[int]:
     raise argparse.ArgumentTypeError(
         f"expected a token-set name (e.g. untrained) or comma-separated token ids; got {text!r}"
     )
-
-
-def input_file(what: str, path: str, expected: str) -> Path:
-    """``path`` as a Path if it is a file; else a one-line error saying what ``what`` expects."""
-    file = Path(path)
-    problem = "does not exist" if not file.exists() else "is a directory" if file.is_dir() else None
-    if problem:
-        raise ValueError(f"{what} {path} {problem}; expected {expected}")
-    return file
-
-
-def check_mask_file(what: str, path: str) -> None:
-    """The notebook's token-mask file must at least be a readable safetensors file."""
-    from safetensors import safe_open
-
-    file = input_file(what, path, "the notebook's token-mask .safetensors file")
-    try:
-        with safe_open(str(file), framework="np"):
-            pass
-    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
-        raise ValueError(
-            f"{what} {path} is not a readable safetensors file ({exc}); expected the notebook's token-mask file"
-        ) from None
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -220,10 +188,13 @@ def cmd_import(ns) -> None:
 
     if ns.token_masks is not None:
         check_mask_file("--token-masks", ns.token_masks)
+    from wordystore.store.storage import size
+
     t = import_seed_file(
         ns.file, ns.store, token_masks=ns.token_masks, overwrite=ns.overwrite, progress=progress(ns), predict=ns.predict
     )
-    print(t)
+    steps = f"steps {t.steps[0]}..{t.steps[-1]}" if len(t) else "no steps"
+    print(f"wrote {ns.store} ({len(t)} rows, {steps}; {size(t.store) / 1e6:.1f} MB)")  # one line, as export
 
 
 def cmd_stitch(ns) -> None:

@@ -329,7 +329,8 @@ def write_report(store, out=None, *, progress: bool = True) -> Path:
         plots = _curve_plots(tmp, [run], [{}])
         for file, title, ylabel, column, log, percent in EMBEDDING_PLOTS:
             series = [(name, s.table["step"], s.table[column], {}) for name, s in run.stats.items()]
-            if column == "displacement_median":
+            if column == "displacement_median":  # the report draws the maximum too: its title says so
+                title = title.replace("(median over tokens)", "(median over tokens; dashed: the maximum)")
                 series += [
                     (
                         f"{name} (max)",

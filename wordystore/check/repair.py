@@ -1,18 +1,21 @@
 """``wordystore verify --repair``: rebuild a store's commit record from the rows that verify.
 
-A repair never deletes or rewrites a chunk. It rebuilds the documents that the metadata
-determines (an array's ``zarr.json``, a group's) when they are missing or unreadable (one that
-disagrees with the metadata is left alone, and so is the record: which of the two is wrong cannot
-be told), then writes a commit record admitting the longest prefix of rows that verifies in every
-array, at most the rows the old record admitted: the main tier's rows below the old record's
-``compacted_rows``, and past it while no hot block holds the row (a writer deletes hot copies only
-after committing their compaction), then the hot tier's. Each replaced document's old bytes are
-kept under ``<key>.<UTC time>.bak``; what could not be saved is listed. Rows past the new record
+A repair never deletes or rewrites a chunk. It removes the temporary files a killed writer left,
+rebuilds the documents that the metadata determines (an array's ``zarr.json``, a group's) when they
+are missing or unreadable, and the fields the metadata determines in the metadata document and an
+array's attributes when some are missing or extra (an array's document that disagrees with the
+metadata is left alone, and so is the record: which of the two is wrong cannot be told), then
+writes a commit record admitting the longest prefix of rows that verifies in every array, at most
+the rows the old record admitted: the main tier's rows below the old record's ``compacted_rows``,
+and past it while no hot block holds the row (a writer deletes hot copies only after committing
+their compaction), then the hot tier's. Each replaced document's old bytes are kept under
+``<key>.<UTC time>.bak``; what could not be saved is listed. Rows past the new record
 stay on disk until a writer appends over them: copying the backup over ``commit.json`` undoes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ class Repair:
     rewritten: tuple[str, ...]  # keys rebuilt: documents, then commit.json
     backups: tuple[str, ...]  # where the replaced documents' old bytes are kept
     not_saved: tuple[str, ...]  # what could not be saved, one line each
+    removed: tuple[str, ...] = ()  # temporary files a killed writer left
 
 
 def repair_store(store, found: StoreScan, progress: bool) -> Repair:
@@ -43,6 +47,9 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     rewritten, backups, not_saved = [], [], []
     record = found.record
+    for key in found.leftovers:
+        storage.delete(store, key)
+    removed = tuple(found.leftovers)
     if found.meta is None:
         return Repair(
             found.old_record,
@@ -50,6 +57,7 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
             (),
             (),
             ("the metadata document (zarr.json) is damaged and cannot be rebuilt: restore it from a copy",),
+            removed,
         )
     lost_sets = tuple(
         f"token set '{name}' is damaged; store it again with TrajectoryWriter.add_token_set"
@@ -65,6 +73,12 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
 
     for key in found.damaged_groups:
         replace(key, GROUP_JSON)
+    if found.incomplete_metadata:
+        replace(document_key(""), found.meta.to_root_json())
+    for tier, name in sorted(found.incomplete):
+        layout = found.layouts[tier, name]
+        attributes = found.expected_layout(tier, name, 0).attributes
+        replace(document_key(layout.path), dataclasses.replace(layout, attributes=attributes).to_zarr_json())
     for (tier, name), layout in found.layouts.items():
         # An array's zarr.json is rebuilt when it is unreadable, or when its shape misses rows its
         # shards hold (then the record needing them may be right); the shape covers those shards.
@@ -89,6 +103,7 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
                 "metadata document; restore whichever is wrong from a copy, then repair again",
             )
             + lost_sets,
+            removed,
         )
 
     salvage = StoreScan(store, progress)
@@ -128,7 +143,7 @@ def repair_store(store, found: StoreScan, progress: bool) -> Repair:
         first = min(cause, key=lambda p: p.rows[0] > committed).what if cause else None
         lost = "committed" if record else "found in the arrays (some maybe never committed, or padding)"
         not_saved.append(f"rows {committed}..{held - 1} {lost}" + (f": {first}" if first else ""))
-    return Repair(found.old_record, new, tuple(rewritten), tuple(backups), tuple(not_saved) + lost_sets)
+    return Repair(found.old_record, new, tuple(rewritten), tuple(backups), tuple(not_saved) + lost_sets, removed)
 
 
 def _rows_in_shards(store, layout: ArrayLayout) -> int:

@@ -41,6 +41,7 @@ import numpy as np
 from wordystore.errors import CorruptChunkError, FormatError
 from wordystore.format.codecs import BindingRecord, ShardIndex
 from wordystore.format.keys import (
+    ATTRS_KEY,
     COMMIT_KEY,
     HOT_GROUP,
     STEPS_ARRAY,
@@ -49,12 +50,20 @@ from wordystore.format.keys import (
     ZARR_JSON,
     document_key,
     is_chunk_key,
-    is_token_set,
     token_set_path,
+    token_set_problem,
     vocab_size,
 )
 from wordystore.format.layout import ArrayLayout
-from wordystore.format.metadata import Metadata, array_mismatch, rows_held, rows_problem, width_problem
+from wordystore.format.metadata import (
+    Metadata,
+    array_mismatch,
+    attributes_problem,
+    fields_problem,
+    rows_held,
+    rows_problem,
+    width_problem,
+)
 from wordystore.format.records import CommitRecord
 from wordystore.read import reading
 from wordystore.store import json_documents, resume_state, storage
@@ -107,6 +116,9 @@ class StoreScan:
         self.old_record: dict | None = None  # the record's JSON, when it parses as JSON
         self.layouts: dict[tuple[str, str], ArrayLayout | None] = {}  # (tier, name) -> None if damaged
         self.unreadable: set[tuple[str, str]] = set()  # arrays whose zarr.json is missing or unreadable
+        self.incomplete: set[tuple[str, str]] = set()  # arrays whose zarr.json lacks or adds attributes
+        self.incomplete_metadata = False  # the metadata document lacks or adds fields
+        self.leftovers: list[str] = []  # temporary files a killed writer left
         self.damaged_groups: list[str] = []
         self.damaged_sets: list[str] = []
         self.ok: dict[tuple[str, str], np.ndarray] = {}  # (tier, name) -> per row: every chunk verified
@@ -115,7 +127,9 @@ class StoreScan:
         self.chunks = 0
         self.verified = VerifiedPrefix()
         self._scratch = threading.local()
-        self._chunks = reading.ChunkReader(store, reading.ChunkCache(0), threads=1)
+        # Stored bytes are what is checked: a predicted moment's residuals are decoded, not rebuilt
+        # (the gradient chunks it is rebuilt from are checked on their own).
+        self._chunks = reading.ChunkReader(store, reading.ChunkCache(0), threads=1, rebuild=False)
 
     def problem(self, where: str, what: str, rows: tuple[int, int] | None = None) -> None:
         self.problems.append(Problem(where, " ".join(what.split()), rows))
@@ -168,8 +182,14 @@ class StoreScan:
         except (FormatError, FileNotFoundError) as exc:  # verify() has refused stores that are no trajectory
             self.problem(ZARR_JSON, f"{exc}; the arrays cannot be checked without it")
         self.read_record()
+        self.leftovers = storage.temporary_keys(self.store)
         if self.meta is None:
             return
+        root = json_documents.read_json(self.store, ZARR_JSON)["attributes"][ATTRS_KEY]
+        incomplete = fields_problem("the metadata document", root, self.meta.to_json(), values=False)
+        if incomplete:
+            self.problem(ZARR_JSON, incomplete)
+            self.incomplete_metadata = True
         groups = [HOT_GROUP] + ([TOKEN_SETS_GROUP] if self.meta.token_sets else [])
         for group in groups:
             key = document_key(group)
@@ -236,6 +256,10 @@ class StoreScan:
         if mismatch:
             self.problem(path, f"array '{path}': its zarr.json {mismatch}")
             return None
+        incomplete = attributes_problem(layout, self.expected_layout(tier, name, 0))
+        if incomplete:
+            self.problem(path, f"array '{path}': its zarr.json's {incomplete}")
+            self.incomplete.add((tier, name))
         return layout
 
     # -- chunks ----------------------------------------------------------------------------------
@@ -276,9 +300,6 @@ class StoreScan:
         return jobs
 
     def _jobs(self, tier: str, name: str, layout: ArrayLayout, lo: int, hi: int) -> list[ShardJob]:
-        # Stored bytes are what is checked: a predicted moment's residuals decode without their
-        # prediction (the gradient chunks it is rebuilt from are checked on their own).
-        layout = dataclasses.replace(layout, attributes={})
         return [ShardJob(tier, name, layout, coords, a, b) for coords, a, b in layout.shards_holding(lo, hi)]
 
     def scan(self, jobs: list[ShardJob]) -> None:
@@ -316,9 +337,37 @@ class StoreScan:
             out = self._buffer((job.hi - job.lo, *(r.stop - r.start for r in region[1:])), layout.numpy_dtype)
         try:
             self._chunks.execute(reads, out)
-            return [], len(reads)
         except UNREADABLE:
             return self._diagnose(job, reads, out), len(reads)
+        return self._overclaim(job), len(reads)
+
+    def _overclaim(self, job: ShardJob) -> list[Problem]:
+        """A main shard whose binding record claims rows past every row of the array (its zarr.json's
+        shape and the rows the record admits): the values read are right, the record is not. (A hot
+        block's record may run past the commit record: a writer writes the block before committing it.)"""
+        layout = job.layout
+        if job.tier != "main" or layout.binding is None:
+            return []
+        key = layout.shard_key(job.coords)
+        first = job.coords[0] * layout.shard[0]
+        rows = max(layout.shape[0], self.record.committed_rows if self.record else 0) - first
+        try:
+            tail = storage.get(self.store, key, suffix=layout.tail_nbytes)
+            if tail is None:
+                raise FileNotFoundError("it is gone")
+            claimed = layout.decode_tail(tail, key).record.rows
+        except UNREADABLE as exc:
+            return [Problem(layout.path, f"shard '{key}' could not be read again: {exc}", (job.lo, job.hi))]
+        if claimed <= rows:
+            return []
+        return [
+            Problem(
+                layout.path,
+                f"wrong binding record: shard '{key}' of array '{layout.path}' claims {claimed} written rows "
+                f"from row {first}, but the array holds {rows} rows there; the values read are right",
+                (job.lo, job.hi),
+            )
+        ]
 
     def _diagnose(self, job: ShardJob, reads: list[reading.ChunkRead], out: np.ndarray) -> list[Problem]:
         layout, rows = job.layout, (job.lo, job.hi)
@@ -362,11 +411,15 @@ class StoreScan:
     def _origin(self, layout: ArrayLayout, key: str, tail: bytes) -> str:
         """Where the bytes of shard ``key``, bound to another place, come from: the shard of this
         store its binding record names, or another store ("" if it is bound here, or has no record)."""
+        if layout.binding is None:
+            return ""
         try:
-            record = BindingRecord.decode(tail[: -ShardIndex.nbytes(layout.n_chunks)], layout.n_chunks)
+            record = BindingRecord.decode(
+                tail[: -ShardIndex.nbytes(layout.n_chunks)], layout.n_chunks, layout.binding.decoding
+            )
         except CorruptChunkError:
             return ""
-        if layout.binding is None or record.place == layout.binding.place(key):
+        if record.place == layout.binding.place(key):
             return ""
         for other in storage.list_prefix(self.store, ""):
             if is_chunk_key(other) and layout.binding.place(other) == record.place:
@@ -450,9 +503,10 @@ class StoreScan:
                 self.damaged_sets.append(name)
                 self.problem(path, str(exc))
                 continue
-            if not is_token_set(ids, vocab):
+            problem = token_set_problem(ids, vocab)
+            if problem:
                 self.damaged_sets.append(name)
-                self.problem(path, f"token set '{name}' holds ids that are not sorted, unique and in [0, {vocab})")
+                self.problem(path, f"token set '{name}' is damaged: {problem}")
 
     def state_problem(self, entry: dict, steps: np.ndarray, rows: int) -> str | None:
         """Why a resume state (a record's ``states`` entry) is unusable with ``rows`` committed rows,

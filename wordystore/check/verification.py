@@ -30,6 +30,13 @@ from wordystore.store import json_documents, storage
 from wordystore.store.lease import writer_lock
 from wordystore.store.storage import as_store
 
+PREDATES = {  # what a store of an older format lacks, and so what verify cannot detect in it
+    2: "chunks bound to their place and resume states with checksums, so a shard copied over another, a chunk "
+    "swapped, an edit of the decoding parameters or a changed resume state is not detected",
+    3: "the binding of decoding parameters to its shards, so an edit of an array's codecs, data type, shape or "
+    "prediction that agrees with the metadata is not detected",
+}
+
 
 @dataclass(frozen=True)
 class VerifyReport:
@@ -45,6 +52,7 @@ class VerifyReport:
     note: str | None = None  # set when the outcome could not be recorded in verified.json
     known_steps: np.ndarray | None = None  # per row checked, its training step (-1 where recorded_steps is damaged)
     format_version: int | None = None  # of the metadata (None: unreadable)
+    leftovers: tuple[str, ...] = ()  # temporary files a killed writer left (no damage: nothing reads them)
 
     @property
     def ok(self) -> bool:
@@ -83,14 +91,19 @@ class VerifyReport:
             lines.extend(f"  rewrote {key}" for key in r.rewritten)
             lines.extend(f"  kept the old bytes as {key}" for key in r.backups)
             lines.extend(f"  could not save: {line}" for line in r.not_saved)
-            if not (r.rewritten or r.not_saved):
+            lines.extend(f"  removed {key}, a temporary file a killed writer left" for key in r.removed)
+            if not (r.rewritten or r.not_saved or r.removed):
                 lines.append("  nothing to repair")
+        if self.leftovers:
+            lines.append(
+                f"{len(self.leftovers)} temporary file{'s' * (len(self.leftovers) != 1)} a killed writer left "
+                f"(such as '{self.leftovers[0]}'): `wordystore verify {self.store} --repair`, or resuming the "
+                "writer, removes them"
+            )
         if self.format_version is not None and self.format_version < FORMAT_VERSION:
             lines.append(
-                f"format {self.format_version}: this store predates chunks bound to their place and resume "
-                "states with checksums, so a shard copied over another, a chunk swapped or a changed resume "
-                f"state is not detected; `wordystore convert {self.store} NEW.zarr` writes it as format "
-                f"{FORMAT_VERSION}, bit for bit"
+                f"format {self.format_version}: this store predates {PREDATES[self.format_version]}; "
+                f"`wordystore convert {self.store} NEW.zarr` writes it as format {FORMAT_VERSION}, bit for bit"
             )
         if self.note:
             lines.append(self.note)
@@ -117,7 +130,9 @@ class VerifyReport:
                 "rewritten": list(self.repair.rewritten),
                 "backups": list(self.repair.backups),
                 "not_saved": list(self.repair.not_saved),
+                "removed": list(self.repair.removed),
             },
+            "leftovers": list(self.leftovers),
             "note": self.note,
         }
 
@@ -138,9 +153,28 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
     """Check the trajectory at ``where`` end to end (module docstring); with ``repair``, rebuild
     its commit record from the rows that verify. Takes the writer lock: no writer may be running.
 
-    >>> report = wordystore.verify("runs/wb1b.zarr")
-    >>> [p.what for p in report.problems]
-    []
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        The trajectory to check.
+    repair : bool
+        Rebuild the commit record (and documents) from the longest prefix of rows that verifies,
+        keeping backups of what it replaces, then check again.
+    progress : bool
+        Draw a progress bar.
+
+    Returns
+    -------
+    VerifyReport
+        ``ok`` when nothing is wrong; ``problems`` lists what is, ``verified_rows`` how many rows
+        verify, ``summary()`` says it all. The outcome is recorded in the store (``verified.json``).
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> report = wordystore.verify("runs/quick.zarr")
+    >>> report.ok, report.verified_rows, [p.what for p in report.problems]
+    (True, 5, [])
     """
     looking = as_store(where, read_only=True)  # refuse what is no trajectory before making or locking anything
     try:
@@ -154,7 +188,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
         scan = StoreScan(store, progress)
         scan.check()
         done = None
-        if repair and scan.problems:
+        if repair and (scan.problems or scan.leftovers):
             done = repair_store(store, scan, progress)
             scan = StoreScan(store, progress)
             scan.check()
@@ -168,6 +202,7 @@ def verify(where, *, repair: bool = False, progress: bool = False) -> VerifyRepo
             done,
             known_steps=scan.known_steps(),
             format_version=scan.meta.format_version if scan.meta else None,
+            leftovers=tuple(scan.leftovers),
         )
         try:
             json_documents.write_json(

@@ -5,8 +5,9 @@ zarr-python, tensorstore and zarrs write) and how to run itself on numpy data. A
 :class:`ChunkCodecs` chain encodes one inner chunk to bytes and decodes bytes straight into a
 caller's buffer; :func:`encode_shard` and :class:`ShardTail` implement zarr's ``sharding_indexed``
 container (index at the end, ``bytes`` + ``crc32c`` index codecs) with, from format 3, a
-:class:`BindingRecord` before the index that binds the shard to its store and key (docs/format.md,
-"Binding"): zarr readers fetch the index and the chunks it lists, and never read the record.
+:class:`BindingRecord` before the index that binds the shard to its store and key, and from format
+4 to the digest of what decodes it (docs/format.md, "Binding"): zarr readers fetch the index and
+the chunks it lists, and never read the record.
 
 Only the codecs below are understood; a store naming any other is refused with a clear error.
 """
@@ -293,13 +294,51 @@ def chunk_checksum(chunk) -> int:
     return struct.unpack("<I", bytes(chunk[-4:]))[0] if len(chunk) >= 4 else _crc32c.crc32c(bytes(chunk))
 
 
+def canonical_bytes(value) -> bytes:
+    """The bytes a JSON value is digested as (docs/format.md, "Binding"): a type byte, then the
+    value, little endian. Every number is an IEEE 754 binary64 (``1`` and ``1.0`` digest alike),
+    members of an object go in the order of their keys' UTF-8 bytes::
+
+        null  b"n"        false, true  b"f", b"t"        number  b"d" + binary64
+        string  b"s" + u32 byte length + UTF-8           array  b"a" + u32 count + each item
+        object  b"o" + u32 count + per member: its key (as a string), its value
+    """
+    if value is None:
+        return b"n"
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, (int, float)):
+        return b"d" + struct.pack("<d", value)
+    if isinstance(value, str):
+        data = value.encode()
+        return b"s" + struct.pack("<I", len(data)) + data
+    if isinstance(value, (list, tuple)):
+        return b"a" + struct.pack("<I", len(value)) + b"".join(canonical_bytes(v) for v in value)
+    if isinstance(value, dict):
+        members = sorted(value.items(), key=lambda item: item[0].encode())
+        return (
+            b"o"
+            + struct.pack("<I", len(members))
+            + b"".join(canonical_bytes(k) + canonical_bytes(v) for k, v in members)
+        )
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+def decoding_digest(description: dict) -> bytes:
+    """The 16 bytes a format-4 binding record holds for what decodes its shard: SHA-256 of the
+    :func:`canonical_bytes` of ``description`` (:attr:`wordystore.format.layout.ArrayLayout.decoding`)."""
+    return hashlib.sha256(canonical_bytes(description)).digest()[:16]
+
+
 @dataclass(frozen=True)
 class BindingRecord:
-    """What binds a format-3 shard to its place (docs/format.md, "Binding"): stored just before the
-    shard's index, where no zarr reader looks (the index lists every chunk's bytes). Little endian::
+    """What binds a format-3 or format-4 shard to its place (docs/format.md, "Binding"): stored
+    just before the shard's index, where no zarr reader looks (the index lists every chunk's
+    bytes). Little endian::
 
         magic       8 bytes   b"WYSTBIND"
         place       16 bytes  SHA-256(store_id, 0x00, shard key)[:16], both UTF-8
+        decoding    16 bytes  format 4 only: decoding_digest() of what decodes the shard
         rows        u64       rows of the shard holding written data, from its first row
         checksums   u32 each  per inner chunk (the index's order): chunk_checksum(), 0 if absent
         crc32c      u32       of all the bytes above
@@ -308,42 +347,49 @@ class BindingRecord:
     place: bytes
     rows: int
     checksums: tuple[int, ...]
+    decoding: bytes | None = None  # None in format 3, which does not bind them
 
     MAGIC = b"WYSTBIND"
 
     @staticmethod
-    def nbytes(n_chunks: int) -> int:
-        return 36 + 4 * n_chunks
+    def nbytes(n_chunks: int, decoding: bool = False) -> int:
+        return 36 + 16 * decoding + 4 * n_chunks
 
     def encode(self) -> bytes:
-        body = self.MAGIC + self.place + struct.pack(f"<Q{len(self.checksums)}I", self.rows, *self.checksums)
-        return Crc32c().encode(body)
+        body = self.MAGIC + self.place + (self.decoding or b"")
+        return Crc32c().encode(body + struct.pack(f"<Q{len(self.checksums)}I", self.rows, *self.checksums))
 
     @classmethod
-    def decode(cls, data, n_chunks: int) -> BindingRecord:
-        """The record from its :meth:`nbytes` bytes; CorruptChunkError if they are not one."""
-        if len(data) != cls.nbytes(n_chunks) or bytes(data[:8]) != cls.MAGIC:
-            raise CorruptChunkError("it has no binding record (a format-3 shard has one before its index)")
+    def decode(cls, data, n_chunks: int, decoding: bool = False) -> BindingRecord:
+        """The record from its :meth:`nbytes` bytes (``decoding``: with the digest of format 4);
+        CorruptChunkError if they are not one."""
+        if len(data) != cls.nbytes(n_chunks, decoding) or bytes(data[:8]) != cls.MAGIC:
+            raise CorruptChunkError("it has no binding record (a format-3 or 4 shard has one before its index)")
         try:
             body = Crc32c().decode(data)
         except CorruptChunkError:
             raise CorruptChunkError("its binding record fails its crc32c checksum") from None
-        rows, *checksums = struct.unpack(f"<Q{n_chunks}I", body[24:])
-        return cls(bytes(body[8:24]), rows, tuple(checksums))
+        fixed = 40 if decoding else 24
+        rows, *checksums = struct.unpack(f"<Q{n_chunks}I", body[fixed:])
+        return cls(bytes(body[8:24]), rows, tuple(checksums), bytes(body[24:40]) if decoding else None)
 
 
 @dataclass(frozen=True)
 class ShardBinding:
-    """The store a format-3 shard belongs to (its ``store_id``): where each shard key's
-    :class:`BindingRecord` comes from."""
+    """The store a bound shard belongs to (its ``store_id``): where each shard key's
+    :class:`BindingRecord` comes from; ``decoding`` (format 4): the records bind the digest of what
+    decodes their shard too."""
 
     store_id: str
+    decoding: bool = False
 
     def place(self, key: str) -> bytes:
         return hashlib.sha256(f"{self.store_id}\0{key}".encode()).digest()[:16]
 
-    def record(self, key: str, rows: int, chunks: list) -> BindingRecord:
-        return BindingRecord(self.place(key), rows, tuple(0 if c is None else chunk_checksum(c) for c in chunks))
+    def record(self, key: str, rows: int, chunks: list, decoding: bytes) -> BindingRecord:
+        """The record of the shard at ``key`` of these encoded chunks, decoded as ``decoding`` says."""
+        checksums = tuple(0 if c is None else chunk_checksum(c) for c in chunks)
+        return BindingRecord(self.place(key), rows, checksums, decoding if self.decoding else None)
 
 
 @dataclass(frozen=True)
@@ -394,18 +440,23 @@ class ShardTail:
     record: BindingRecord | None
 
     @staticmethod
-    def nbytes(n_chunks: int, bound: bool) -> int:
-        return ShardIndex.nbytes(n_chunks) + (BindingRecord.nbytes(n_chunks) if bound else 0)
+    def nbytes(n_chunks: int, binding: ShardBinding | None) -> int:
+        record = BindingRecord.nbytes(n_chunks, binding.decoding) if binding is not None else 0
+        return ShardIndex.nbytes(n_chunks) + record
 
     @classmethod
-    def decode(cls, tail, n_chunks: int, binding: ShardBinding | None, key: str) -> ShardTail:
-        """The tail of the shard at ``key`` (its last :meth:`nbytes` bytes); CorruptChunkError if
-        they do not check, or bind the shard to another place (another key or store)."""
+    def decode(
+        cls, tail, n_chunks: int, binding: ShardBinding | None, key: str, decoding: bytes, shard_rows: int
+    ) -> ShardTail:
+        """The tail of the shard at ``key`` (its last :meth:`nbytes` bytes) of ``shard_rows`` rows,
+        whose array decodes as ``decoding`` (:func:`decoding_digest`) says; CorruptChunkError if they
+        do not check, bind the shard to another place (another key or store), claim more rows than
+        the shard has, or (format 4) bind other decoding parameters."""
         index_bytes = ShardIndex.nbytes(n_chunks)
-        if len(tail) != cls.nbytes(n_chunks, binding is not None):
+        if len(tail) != cls.nbytes(n_chunks, binding):
             raise CorruptChunkError(
                 f"shard is {len(tail)} bytes, less than its index"
-                f"{' and binding record' if binding else ''} ({cls.nbytes(n_chunks, binding is not None)})"
+                f"{' and binding record' if binding else ''} ({cls.nbytes(n_chunks, binding)})"
             )
         try:
             index = ShardIndex.decode(tail[-index_bytes:], n_chunks)
@@ -413,11 +464,21 @@ class ShardTail:
             raise CorruptChunkError(f"its shard index is damaged ({exc})") from None
         if binding is None:
             return cls(index, None)
-        record = BindingRecord.decode(tail[:-index_bytes], n_chunks)
+        record = BindingRecord.decode(tail[:-index_bytes], n_chunks, binding.decoding)
         if record.place != binding.place(key):
             raise CorruptChunkError(
                 "its binding record names another place: these are the bytes of another "
                 "shard (of another array, rows or tokens, or of another store) copied here"
+            )
+        if record.rows > shard_rows:
+            raise CorruptChunkError(
+                f"its binding record claims {record.rows} written rows, but the shard has {shard_rows}: "
+                "the record is wrong"
+            )
+        if binding.decoding and record.decoding != decoding:
+            raise CorruptChunkError(
+                "its binding record binds other decoding parameters than the array's zarr.json gives "
+                "(data type, shape, chunks, codecs or prediction): the documents were edited since it was written"
             )
         return cls(index, record)
 
@@ -443,17 +504,22 @@ def encoded_nbytes(pieces: list) -> int:
 
 
 def encode_shard(
-    chunks: list[list | None], binding: ShardBinding | None = None, key: str = "", rows: int = 0
+    chunks: list[list | None],
+    binding: ShardBinding | None = None,
+    key: str = "",
+    rows: int = 0,
+    decoding: bytes = b"",
 ) -> np.ndarray:
     """A ``sharding_indexed`` shard as a uint8 array: the inner chunks (C order of the shard's chunk
     grid; each as :meth:`ChunkCodecs.encode`'s pieces, None for an absent one), then, with a
     ``binding``, the :class:`BindingRecord` of the shard at ``key`` whose first ``rows`` rows hold
-    data, then their :class:`ShardIndex`. The pieces are copied in by numpy, which releases the GIL
+    data and whose array decodes as ``decoding`` (:func:`decoding_digest`) says, then their
+    :class:`ShardIndex`. The pieces are copied in by numpy, which releases the GIL
     (``b"".join`` would hold it for every byte)."""
     sizes = [None if chunk is None else encoded_nbytes(chunk) for chunk in chunks]
     index = ShardIndex.of_sizes(sizes).encode()
     data_nbytes = sum(size or 0 for size in sizes)
-    record_nbytes = BindingRecord.nbytes(len(chunks)) if binding is not None else 0
+    record_nbytes = BindingRecord.nbytes(len(chunks), binding.decoding) if binding is not None else 0
     shard = np.empty(data_nbytes + record_nbytes + len(index), np.uint8)
     offset, placed = 0, []
     for chunk in chunks:
@@ -463,16 +529,9 @@ def encode_shard(
             offset += len(piece)
         placed.append(None if chunk is None else shard[start:offset])
     if binding is not None:
-        shard[offset : offset + record_nbytes] = np.frombuffer(binding.record(key, rows, placed).encode(), np.uint8)
+        shard[offset : offset + record_nbytes] = np.frombuffer(
+            binding.record(key, rows, placed, decoding).encode(), np.uint8
+        )
         offset += record_nbytes
     shard[offset:] = np.frombuffer(index, np.uint8)
     return shard
-
-
-# The raw (offset, nbytes) table, for tools that patch a shard's bytes (tests/test_faults.py).
-shard_index_nbytes = ShardIndex.nbytes
-
-
-def decode_shard_index(tail, n_chunks: int) -> np.ndarray:
-    """The [n_chunks, 2] (offset, nbytes) table of a shard's index (see :class:`ShardIndex`)."""
-    return ShardIndex.decode(tail, n_chunks).table

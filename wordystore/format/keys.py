@@ -12,8 +12,8 @@ import numpy as np
 from wordystore.format.kinds import Kind
 
 FORMAT_NAME = "wordystore.trajectory"
-FORMAT_VERSION = 3  # what this wordystore writes
-READ_VERSIONS = (2, 3)  # what it reads; format 2 differs as the functions taking ``version`` say
+FORMAT_VERSION = 4  # what this wordystore writes
+READ_VERSIONS = (2, 3, 4)  # what it reads; formats 2 and 3 differ as the functions taking ``version`` say
 ATTRS_KEY = "wordystore"  # root group attribute holding the metadata document
 
 # -- limits: what a document may claim, checked before anything is allocated or enumerated --------------
@@ -46,6 +46,15 @@ GROUP_JSON = {"zarr_format": 3, "node_type": "group", "attributes": {}}  # a pla
 TIERS = ("main", "hot")
 STEPS_KIND = Kind((), "int64", ())
 STATE_KEY = re.compile(rf"^{STATE_PREFIX}/\d{{12,20}}\.safetensors$")  # state/<row, 12 digits>.safetensors
+# A local store writes each key as a temporary file renamed into place (zarr's LocalStore: the key with
+# its suffix replaced by .<uuid4 hex>.partial); a writer killed meanwhile leaves it behind.
+TEMPORARY_KEY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def versions_text() -> str:
+    """The format versions this wordystore reads, as a message says them: ``2, 3 and 4``."""
+    *first, last = map(str, READ_VERSIONS)
+    return f"{', '.join(first)} and {last}" if first else last
 
 
 def document_key(path: str) -> str:
@@ -79,6 +88,11 @@ def is_state_key(key) -> bool:
     return isinstance(key, str) and STATE_KEY.match(key) is not None
 
 
+def is_temporary_key(key: str) -> bool:
+    """Whether ``key`` is a temporary file a killed writer left (:data:`TEMPORARY_KEY`)."""
+    return TEMPORARY_KEY.search(key) is not None
+
+
 def check_kind_name(name: str, what: str = "kind") -> str:
     """A kind's or token set's name: one path component of letters, digits, ``_.-`` (starting with
     a letter or ``_``), none of the root's keys, not ending in ``.residuals``."""
@@ -110,7 +124,30 @@ def vocab_size(kinds: Mapping[str, Kind]) -> int | None:
 
 def is_token_set(ids: np.ndarray, vocab: int | None) -> bool:
     """A token set is sorted, unique ids in ``[0, vocab)`` (any non-negative id without a token axis)."""
-    return not ids.size or bool(np.all(np.diff(ids) > 0) and ids[0] >= 0 and (vocab is None or ids[-1] < vocab))
+    return token_set_problem(ids, vocab) is None
+
+
+def token_set_problem(ids: np.ndarray, vocab: int | None) -> str | None:
+    """Why ``ids`` are no token set (:func:`is_token_set`), naming the first bad id; None if they are one."""
+    ids = np.asarray(ids)
+    if not ids.size:
+        return None
+    bad = (ids < 0) | (ids >= vocab if vocab is not None else False)
+    bad[1:] |= np.diff(ids) <= 0
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    value = int(ids[i])
+    if value < 0:
+        why = "is negative"
+    elif vocab is not None and value >= vocab:
+        why = f"is past the vocabulary of {vocab} tokens"
+    elif value == ids[i - 1]:
+        why = "repeats the id before it"
+    else:
+        why = f"comes after {int(ids[i - 1])}, out of order"
+    bound = "any" if vocab is None else vocab
+    return f"id {value} at position {i} {why}; a token set holds sorted, unique ids in [0, {bound})"
 
 
 def check_config(config) -> None:

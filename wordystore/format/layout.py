@@ -4,6 +4,7 @@ a store is created with (docs/format.md, "Arrays")."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterator, Mapping
@@ -22,6 +23,7 @@ from wordystore.format.codecs import (
     ShardBinding,
     ShardTail,
     Transpose,
+    decoding_digest,
     encode_shard,
 )
 from wordystore.format.keys import (
@@ -101,6 +103,23 @@ class ArrayLayout:
         doc = attributes.get("prediction", attributes.get("residual_of"))  # format 3, format 2
         return None if doc is None else prediction_from_json(doc)
 
+    @functools.cached_property
+    def decoding(self) -> bytes:
+        """The digest of what decodes the array's shards, which a format-4 binding record holds
+        (docs/format.md, "Binding"): the data type, the shape per row, the shard and inner chunk
+        shapes, the codec chain and the prediction (None if the array holds no residuals)."""
+        prediction = self.prediction
+        return decoding_digest(
+            {
+                "data_type": self.dtype,
+                "shape": list(self.shape[1:]),
+                "shard_shape": list(self.shard),
+                "chunk_shape": list(self.chunk),
+                "codecs": self.codecs.to_list(),
+                "prediction": None if prediction is None else prediction.to_json(),
+            }
+        )
+
     @property
     def chunks_per_shard(self) -> tuple[int, ...]:
         return tuple(s // c for s, c in zip(self.shard, self.chunk))
@@ -113,7 +132,7 @@ class ArrayLayout:
     @property
     def tail_nbytes(self) -> int:
         """Bytes of a shard's tail: its index, and its binding record if bound."""
-        return ShardTail.nbytes(self.n_chunks, self.binding is not None)
+        return ShardTail.nbytes(self.n_chunks, self.binding)
 
     @property
     def max_chunk_nbytes(self) -> int:
@@ -171,11 +190,11 @@ class ArrayLayout:
             self.codecs.encode(data[tuple(slice(a, a + c) for a, c in zip(corner, self.chunk))])
             for corner in itertools.product(*grid)
         ]
-        return encode_shard(chunks, self.binding, self.shard_key(coords), rows)
+        return encode_shard(chunks, self.binding, self.shard_key(coords), rows, self.decoding)
 
     def decode_tail(self, tail, key: str) -> ShardTail:
         """The tail (last :attr:`tail_nbytes` bytes) of the shard at ``key``, checked."""
-        return ShardTail.decode(tail, self.n_chunks, self.binding, key)
+        return ShardTail.decode(tail, self.n_chunks, self.binding, key, self.decoding, self.shard[0])
 
     def to_zarr_json(self) -> dict:
         return {

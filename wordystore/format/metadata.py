@@ -22,6 +22,7 @@ from wordystore.format.keys import (
     STEPS_ARRAY,
     STEPS_KIND,
     check_kind_name,
+    versions_text,
 )
 from wordystore.format.kinds import Kind
 from wordystore.format.layout import (
@@ -64,8 +65,9 @@ class Metadata:
 
     @property
     def binding(self) -> ShardBinding | None:
-        """What this store's shards are bound to; None in format 2, whose shards are not."""
-        return ShardBinding(self.store_id) if self.format_version >= 3 else None
+        """What this store's shards are bound to: its id (format 3), and the digest of what decodes
+        each (format 4); None in format 2, whose shards are not bound."""
+        return ShardBinding(self.store_id, self.format_version >= 4) if self.format_version >= 3 else None
 
     def to_json(self) -> dict:
         return {
@@ -105,8 +107,7 @@ class Metadata:
             raise FormatError(f"{where} is a format-1 trajectory; convert it with: wordystore convert {where} NEW.zarr")
         if version not in READ_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"{where} has format version {version!r}; this wordystore reads versions "
-                f"{' and '.join(map(str, READ_VERSIONS))}"
+                f"{where} has format version {version!r}; this wordystore reads versions {versions_text()}"
             )
         field_name = "kinds"
         try:
@@ -227,6 +228,31 @@ def layout_mismatch(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
         if got != want:
             return f"has {what} {got}; the metadata says {want}"
     return None
+
+
+def fields_problem(what: str, got, want: dict, values: bool = True) -> str | None:
+    """Which fields of the JSON object ``got`` (a document's ``what``) are missing or extra against
+    ``want``, the fields the metadata determines, and (with ``values``) which hold other values than
+    there (but a prediction: :func:`layout_mismatch` compares it as it reads); None if none."""
+    if not isinstance(got, dict):
+        return f"{what} is {got!r}, not an object"
+    missing = [k for k in want if k not in got]
+    extra = sorted(k for k in got if k not in want)
+    other = [k for k in want if values and k in got and k not in PREDICTION_KEYS and got[k] != want[k]]
+    parts = [f"{label} {names}" for label, names in (("lacks", missing), ("adds", extra), ("changes", other)) if names]
+    return f"{what} {' and '.join(parts)} (against what the metadata determines)" if parts else None
+
+
+PREDICTION_KEYS = ("prediction", "residual_of")  # a residual array's prediction (format 3 and later, format 2)
+
+
+def attributes_problem(actual: ArrayLayout, expected: ArrayLayout) -> str | None:
+    """Which of the ``attributes.wordystore`` the metadata determines for an array (``expected``'s)
+    its zarr.json lacks, adds or changes; None if none. They decode nothing (a residual array's
+    ``residuals_of`` names its kind), but another zarr reader finds what an array holds there."""
+    return fields_problem(
+        f"attributes.{ATTRS_KEY}", actual.attributes.get(ATTRS_KEY, {}), expected.attributes.get(ATTRS_KEY, {})
+    )
 
 
 def array_mismatch(meta: Metadata, tier: str, name: str, actual: ArrayLayout) -> str | None:

@@ -18,6 +18,7 @@ from wordystore.format.keys import (
     TIERS,
     WRITER_LOCK_KEY,
     state_key,
+    versions_text,
 )
 from wordystore.format.layout import ArrayLayout, _is_count
 from wordystore.format.metadata import Metadata, array_mismatch
@@ -106,8 +107,7 @@ class CommitRecord:
         version = doc.get("format_version")
         if version not in READ_VERSIONS or isinstance(version, bool):
             raise FormatError(
-                f"{where}/{COMMIT_KEY} has format version {version!r}; this wordystore reads versions "
-                f"{' and '.join(map(str, READ_VERSIONS))}"
+                f"{where}/{COMMIT_KEY} has format version {version!r}; this wordystore reads versions {versions_text()}"
             )
         committed, compacted = doc.get("committed_rows"), doc.get("compacted_rows")
         last, states = doc.get("last_step"), doc.get("states", [])

@@ -32,7 +32,7 @@ import numpy as np
 
 from wordystore.errors import CorruptChunkError, FormatError
 from wordystore.format.codecs import ShardTail
-from wordystore.format.keys import STEPS_ARRAY, TIERS
+from wordystore.format.keys import STEPS_ARRAY, TIERS, token_set_problem, vocab_size
 from wordystore.format.layout import ArrayLayout
 from wordystore.format.metadata import Metadata, rows_problem, width_problem
 from wordystore.format.records import CommitRecord, check_arrays
@@ -134,7 +134,15 @@ class StoreReader:
         return True
 
     def read_token_set(self, name: str) -> np.ndarray:
-        return self._chunks.read_whole(json_documents.read_token_set_layout(self.store, self.meta, name))
+        """Token set ``name``'s ids, checked as the writer checked them (sorted, unique, on the token
+        axis): a store from someone else may hold any int64 there, and a negative id would index
+        from the end of the token axis. FormatError naming the first bad id otherwise."""
+        ids = self._chunks.read_whole(json_documents.read_token_set_layout(self.store, self.meta, name))
+        problem = token_set_problem(ids, vocab_size(self.meta.kinds))
+        if problem:
+            where = storage.describe(self.store)
+            raise FormatError(f"{where}: token set '{name}' is damaged: {problem} (run `wordystore verify {where}`)")
+        return ids
 
     def uncached(self) -> StoreReader:
         """The same rows, read without a chunk cache (a reader of its own)."""
@@ -305,8 +313,10 @@ class ChunkCache:
 class ChunkReader:
     """Executes a read plan on a store: fetch, decode in parallel, copy into the output."""
 
-    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None):
-        self.store = store
+    def __init__(self, store, cache: ChunkCache | None = None, threads: int | None = None, rebuild: bool = True):
+        """``rebuild=False``: a predicted kind's chunks come back as their stored residuals, as
+        ``verify`` checks them."""
+        self.store, self.rebuild = store, rebuild
         self.cache = cache if cache is not None else ChunkCache(0)
         self.main_layouts: dict[str, ArrayLayout] = {}  # name -> main-tier layout: what predicted arrays rebuild from
         self.threads = threads or THREADS
@@ -352,7 +362,7 @@ class ChunkReader:
         from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
         chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
         small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
-        if not reads or reads[0].layout.prediction is None:
+        if not reads or not self.rebuild or reads[0].layout.prediction is None:
             return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
         rebuilt = []
         for i in range(0, len(reads), REBUILD_CHUNKS):

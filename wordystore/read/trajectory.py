@@ -26,7 +26,7 @@ import torch
 from zarr.abc.store import Store
 
 from wordystore.errors import MissingExtraError, ReadOnlyError
-from wordystore.format.kinds import Kind, numpy_to_torch
+from wordystore.format.kinds import DTYPES, Kind, numpy_to_torch
 from wordystore.format.layout import ArrayLayout
 from wordystore.format.prediction import AdamPrediction
 from wordystore.format.records import CommitRecord
@@ -41,12 +41,34 @@ def open(
     cache_bytes: int = reading.DEFAULT_CACHE_BYTES,  # noqa: A001 - as zarr.open
     storage_options: dict | None = None,
 ) -> Trajectory:
-    """Open the trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
-    ``file://`` URL, or a zarr store) for reading.
+    """Open the trajectory at ``where`` for reading.
 
-    ``cache_bytes`` bounds the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``).
-    ``storage_options``: a URL's endpoint, region and credentials (default: from the environment;
-    :func:`wordystore.store.objectstore.open_url`).
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        A directory path, an ``s3://``, ``gs://``, ``az://`` or ``file://`` URL, or a zarr store.
+    cache_bytes : int, optional
+        Bound on the cache of decoded chunks (default 2 GiB, or ``WORDYSTORE_CACHE_BYTES``); 0
+        caches nothing.
+    storage_options : dict, optional
+        A URL's endpoint, region and credentials (default: from the environment;
+        :func:`wordystore.store.objectstore.open_url`).
+
+    Returns
+    -------
+    Trajectory
+        The committed rows as of now (:meth:`Trajectory.refresh` sees rows a writer commits later).
+
+    Examples
+    --------
+    A small run, recorded by ``wordystore train runs/quick.zarr --steps 4 --vocab-size 8192 --hidden-dim 16``:
+
+    >>> from wordystore import trajectory
+    >>> t = trajectory.open("runs/quick.zarr")
+    >>> t.steps
+    array([0, 1, 2, 3, 4])
+    >>> t.embeddings[0:5, "untrained"].shape
+    torch.Size([5, 4083, 16])
     """
     return Trajectory(
         as_store(where, read_only=True, storage_options=storage_options) if storage_options else where, cache_bytes
@@ -59,6 +81,36 @@ class Trajectory:
     A face over a :class:`wordystore.read.reading.StoreReader`, which does every read. Tools that work
     on the store itself use the public surface: :attr:`store`, :attr:`layouts`,
     :attr:`commit_record`, :attr:`metadata`, :attr:`predictions` and :meth:`read_into`.
+
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        Where the trajectory is, as :func:`open` takes it (which is the usual way to make one).
+    cache_bytes : int, optional
+        Bound on the cache of decoded chunks.
+
+    Attributes
+    ----------
+    steps : numpy.ndarray
+        The training step of each committed row (int64).
+    kinds : dict of str to Kind
+        Every recorded kind; each is also an attribute and an item (``t.embeddings``,
+        ``t["embeddings"]``), a :class:`KindView`.
+    token_sets : dict of str to numpy.ndarray
+        Named token ids (``trained``, ``untrained``), usable as an index on the token axis.
+    config : dict
+        The run's config as the writer stored it.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> t = wordystore.open("runs/quick.zarr")
+    >>> len(t), list(t.kinds)[:3]
+    (5, ['embeddings', 'grads', 'momentum'])
+    >>> t.token_set("untrained")[:3]
+    array([ 3, 48, 94])
+    >>> t.embeddings.loc[4].shape  # by training step, as xarray's .loc
+    torch.Size([8192, 16])
     """
 
     def __init__(self, where, cache_bytes: int = reading.DEFAULT_CACHE_BYTES):
@@ -209,19 +261,81 @@ class Trajectory:
         store created anew at the same place has another creation time."""
         return "wordystore.Trajectory", describe(self.store), self._reader.meta.created, len(self)
 
-    def to_xarray(self, chunks=None):
+    def to_xarray(self, chunks=None, decode_bf16: bool = True):
         """The trajectory as an ``xarray.Dataset``: what ``xr.open_dataset(path, engine="wordystore")``
         returns (:mod:`wordystore.read.xarray_backend`), lazily reading only what a selection touches.
-        ``chunks={}`` makes its variables dask arrays of the store's chunking (needs dask)."""
+        ``chunks={}`` makes its variables dask arrays of the store's chunking (needs dask);
+        ``decode_bf16=False`` keeps bfloat16 kinds as ``ml_dtypes.bfloat16`` (default: float32, exact)."""
         xr = _optional("xarray", "to_xarray()")
-        return xr.open_dataset(self, engine="wordystore", chunks=chunks)
+        return xr.open_dataset(self, engine="wordystore", chunks=chunks, decode_bf16=decode_bf16)
+
+
+class BFloat16Tensor(torch.Tensor):
+    """A bfloat16 tensor read from a store, which numpy (and so matplotlib, pandas) take as float32.
+
+    ``np.asarray`` of a plain bfloat16 tensor fails (numpy has no bfloat16); every bfloat16 value is
+    a float32 value, so this conversion is exact, and ``plt.plot(t.steps, t.losses[:])`` works as
+    written. The tensor itself stays bfloat16 with its exact bits, and what is computed from it is a
+    plain tensor (``__torch_function__`` disabled): call ``.float()`` on those before numpy.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __array__(self, dtype=None, copy=None):
+        return torch.Tensor.__array__(self.float(), dtype)
+
+    def __repr__(self, **kwargs) -> str:
+        return torch.Tensor.__repr__(self.as_subclass(torch.Tensor), **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (and ``torch.save``-d) as the plain tensor it is, which ``torch.load`` takes with
+        ``weights_only=True`` and a process without wordystore unpickles."""
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
 
 class KindView:
-    """A lazy [step, ...] view of one kind; index it like a numpy array to read a torch tensor."""
+    """A lazy [step, ...] view of one kind; index it like a numpy array to read a torch tensor.
 
-    def __init__(self, trajectory: Trajectory, name: str, kind: Kind):
+    Indexing reads only the chunks the selection touches. The first axis is the row (``.loc``
+    selects by training step); on the token axis a token-set name selects that set's tokens.
+    Views are read-only.
+
+    ``view.float()`` and ``view.to(dtype)`` are views too, reading the same values converted
+    (``t.losses.float()[:]``: float32, exact from bfloat16); ``view.numpy(index, dtype=...)`` reads
+    a numpy array in ``dtype``.
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        The trajectory it reads from (views come from it: ``t.embeddings``, ``t["grads"]``).
+    name : str
+        The kind's name.
+    kind : Kind
+        Its per-step shape, dtype and dimension names.
+    dtype : str, optional
+        The dtype reads return, converted from the kind's (``view.float()``, ``view.to(dtype)``).
+
+    Returns
+    -------
+    torch.Tensor
+        From indexing (``view[index]``), the selected values, dtype and bits as recorded;
+        :meth:`numpy` returns a numpy array, :meth:`to_dask` a dask array.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> t = wordystore.open("runs/quick.zarr")
+    >>> t.embeddings
+    <KindView 'embeddings' bfloat16 [step=5, token=8192, dim=16]>
+    >>> t.embeddings[-1, "untrained"].shape  # the last row, untrained tokens only
+    torch.Size([4083, 16])
+    >>> t.losses.numpy(slice(1, None)).dtype
+    dtype(bfloat16)
+    """
+
+    def __init__(self, trajectory: Trajectory, name: str, kind: Kind, dtype: str | None = None):
         self._t, self.name, self.kind = trajectory, name, kind
+        self._dtype = dtype or kind.dtype  # what reads return: the kind's dtype, or one it is converted to
 
     @property
     def trajectory(self) -> Trajectory:
@@ -237,14 +351,30 @@ class KindView:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.kind.torch_dtype
+        """The dtype reads return: the kind's, unless this view converts (:meth:`to`)."""
+        return DTYPES[self._dtype][1]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """:attr:`dtype` in numpy (bfloat16 as ``ml_dtypes.bfloat16``)."""
+        return DTYPES[self._dtype][0]
+
+    def to(self, dtype) -> KindView:
+        """The same view, read in ``dtype`` (a torch or numpy dtype, or its name): lazy, as ``loc``.
+        ``t.embeddings.to(torch.float32)[-1]``; converting as numpy's ``astype`` does."""
+        return KindView(self._t, self.name, self.kind, _dtype_name(dtype))
+
+    def float(self) -> KindView:
+        """The same view, read as float32 (exact from bfloat16 and float16): ``t.losses.float()[:]``."""
+        return self.to("float32")
 
     def __len__(self) -> int:
         return len(self._t)
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
-        return f"<KindView {self.name!r} {self.kind.dtype} [{dims}]>"
+        converted = f" as {self._dtype}" if self._dtype != self.kind.dtype else ""
+        return f"<KindView {self.name!r} {self.kind.dtype}{converted} [{dims}]>"
 
     def _repr_html_(self) -> str:
         from wordystore.read.display import kind_html
@@ -252,7 +382,7 @@ class KindView:
         return kind_html(self)
 
     def __getitem__(self, index) -> torch.Tensor:
-        return numpy_to_torch(self.numpy(index))
+        return _tensor(self.numpy(index))
 
     def __setitem__(self, index, value) -> None:
         raise ReadOnlyError("trajectory views are read-only; to record steps use wordystore.resume(path).append(...)")
@@ -262,15 +392,18 @@ class KindView:
         every chunk is decoded once (memory: one block of ``chunk_rows`` rows)."""
         block_rows = self._t.layouts[self.name][0].chunk[0]
         for start in range(0, len(self), block_rows):
-            block = numpy_to_torch(self.numpy(slice(start, start + block_rows)))
-            yield from block
+            block = self.numpy(slice(start, start + block_rows))
+            yield from (_tensor(block[row, ...]) for row in range(len(block)))  # a 0-d array, not a scalar
 
-    def numpy(self, index=(), orthogonal: bool = False) -> np.ndarray:
-        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``).
+    def numpy(self, index=(), orthogonal: bool = False, dtype=None) -> np.ndarray:
+        """Like indexing, but returns a numpy array (bfloat16 as ``ml_dtypes.bfloat16``), in ``dtype``
+        if given (``t.losses.numpy(dtype="float32")``: every step's loss as float32, in one call).
         ``orthogonal=True``: index arrays select along their own axis each (zarr's ``oindex``):
         ``numpy(([0, 5], [1, 2, 3]), orthogonal=True)`` has shape ``(2, 3, ...)``."""
+        want = DTYPES[_dtype_name(dtype)][0] if dtype is not None else self.numpy_dtype
         plan = indexing.plan(index, self.shape, self.dims, self._resolve_token_set, orthogonal)
-        return indexing.finish(self._t._reader.read(self.name, plan.fetch, plan.fetch_shape), plan)
+        values = indexing.finish(self._t._reader.read(self.name, plan.fetch, plan.fetch_shape), plan)
+        return values if values.dtype == want else values.astype(want)
 
     @property
     def loc(self) -> _StepLabelIndexer:
@@ -303,7 +436,7 @@ class KindView:
 
     def __dask_tokenize__(self):
         """Its trajectory's token (see :meth:`Trajectory.__dask_tokenize__`) and its kind."""
-        return self._t, self.name
+        return self._t, self.name, self._dtype
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -331,10 +464,32 @@ class _CommittedRows:
 
     def __init__(self, view: KindView):
         self._view = view
-        self.shape, self.dtype, self.ndim = view.shape, view.kind.numpy_dtype, len(view.shape)
+        self.shape, self.dtype, self.ndim = view.shape, view.numpy_dtype, len(view.shape)
 
     def __getitem__(self, index):
         return self._view.numpy(index)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A read's torch tensor: bfloat16 as a :class:`BFloat16Tensor`, so that numpy takes it."""
+    tensor = numpy_to_torch(array)
+    return tensor.as_subclass(BFloat16Tensor) if tensor.dtype == torch.bfloat16 else tensor
+
+
+def _dtype_name(dtype) -> str:
+    """The name (a key of the dtype table) of a torch dtype, a numpy dtype or a name."""
+    if isinstance(dtype, torch.dtype):
+        names = [name for name, (_, torch_dtype) in DTYPES.items() if torch_dtype == dtype]
+    else:
+        try:
+            names = [np.dtype(dtype).name]
+        except TypeError:
+            names = []
+    if not names or names[0] not in DTYPES:
+        raise ValueError(
+            f"cannot read as {dtype!r}; expected one of {sorted(DTYPES)} (a name, or its torch or numpy dtype)"
+        )
+    return names[0]
 
 
 def _location(where):

@@ -7,7 +7,9 @@
 What the dataset holds (docs/analysis.md, "xarray and dask"):
 
 - one variable per kind, dims ``("step", *kind.dims)``, over the committed rows, with true values
-  in the kind's dtype (bfloat16 as ``ml_dtypes.bfloat16``; predicted moments rebuilt);
+  (predicted moments rebuilt) in the kind's dtype, except bfloat16: decoded to float32 (exact, and
+  what xarray's reductions and plots take), as ``mask_and_scale`` hands decoded values, with the
+  attribute ``stored_dtype: "bfloat16"``; ``decode_bf16=False`` keeps it as ``ml_dtypes.bfloat16``;
 - coordinates ``step`` (the training step of each row) and ``token`` (0 .. vocabulary - 1), and
   per token set an indexed boolean coordinate along ``token`` named after the set, or
   ``token_set_<name>`` where that name is already a variable's or a dimension's:
@@ -47,20 +49,23 @@ FLAT_CONFIG = ("run", "seed_scalars")
 
 
 class WordystoreBackend(BackendEntrypoint):
-    """``xr.open_dataset(where, engine="wordystore", cache_bytes=None)``: ``where`` is what
-    :func:`wordystore.read.trajectory.open` takes (a path, a URL, a zarr store) or a ``Trajectory``."""
+    """``xr.open_dataset(where, engine="wordystore", cache_bytes=None, decode_bf16=True)``: ``where`` is
+    what :func:`wordystore.read.trajectory.open` takes (a path, a URL, a zarr store) or a ``Trajectory``;
+    ``decode_bf16=False`` keeps bfloat16 kinds as ``ml_dtypes.bfloat16`` instead of float32."""
 
     description = "Training trajectories recorded by wordystore: lazy, each selection reads only the chunks it touches"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "cache_bytes")
+    open_dataset_parameters = ("filename_or_obj", "drop_variables", "cache_bytes", "decode_bf16")
 
-    def open_dataset(self, filename_or_obj, *, drop_variables=None, cache_bytes: int | None = None) -> Dataset:
+    def open_dataset(
+        self, filename_or_obj, *, drop_variables=None, cache_bytes: int | None = None, decode_bf16: bool = True
+    ) -> Dataset:
         from wordystore.read import trajectory
 
         if isinstance(filename_or_obj, trajectory.Trajectory):  # t.to_xarray(): the caller keeps it open
-            return dataset(filename_or_obj, drop_variables)
+            return dataset(filename_or_obj, drop_variables, decode_bf16)
         options = {} if cache_bytes is None else {"cache_bytes": cache_bytes}
         t = trajectory.open(filename_or_obj, **options)
-        ds = dataset(t, drop_variables)
+        ds = dataset(t, drop_variables, decode_bf16)
         ds.set_close(t.close)
         return ds
 
@@ -71,7 +76,7 @@ class WordystoreBackend(BackendEntrypoint):
         return module is not None and isinstance(filename_or_obj, module.Trajectory)
 
 
-def dataset(t: Trajectory, drop_variables=None) -> Dataset:
+def dataset(t: Trajectory, drop_variables=None, decode_bf16: bool = True) -> Dataset:
     """The committed rows of ``t`` as a Dataset (see the module's docstring)."""
     from wordystore.format.keys import vocab_size
 
@@ -79,10 +84,13 @@ def dataset(t: Trajectory, drop_variables=None) -> Dataset:
     variables = {}
     for name in t.kinds:
         if name not in dropped:
-            view = t[name]
+            view, attrs = t[name], {}
+            if decode_bf16 and view.kind.dtype == "bfloat16":
+                view, attrs = view.float(), {"stored_dtype": "bfloat16"}
             variables[name] = Variable(
                 view.dims,
                 indexing.LazilyIndexedArray(KindArray(view)),
+                attrs,
                 encoding={"preferred_chunks": dict(zip(view.dims, view.chunks))},
             )
     coords = {"step": Variable("step", t.steps, {"long_name": "training step"})}
@@ -106,7 +114,7 @@ class KindArray(BackendArray):
     as one orthogonal index."""
 
     def __init__(self, view: KindView):
-        self.view, self.shape, self.dtype = view, view.shape, view.kind.numpy_dtype
+        self.view, self.shape, self.dtype = view, view.shape, view.numpy_dtype
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._read)

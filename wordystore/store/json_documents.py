@@ -63,7 +63,9 @@ def read_metadata(store) -> Metadata:
     except FileNotFoundError:  # a read-only local store whose directory does not exist
         root = None
     if root is None:
-        raise FileNotFoundError(f"no trajectory at {where}: it has no zarr.json")
+        directory = storage.local_root(store)
+        why = "no such directory" if directory is not None and not directory.exists() else "it has no zarr.json"
+        raise FileNotFoundError(f"no trajectory at {where}: {why}")
     return Metadata.from_root_json(root, where)
 
 

@@ -30,7 +30,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from wordystore.errors import FormatError, StoreLockedError
-from wordystore.format.keys import WRITER_LOCK_KEY
+from wordystore.format.keys import WRITER_LOCK_KEY, ZARR_JSON, is_temporary_key
 from wordystore.store.objectstore import ObjectUrlStore, open_url
 
 MAX_READ_BYTES = 2**36  # what a read given no limit of its own may take: far more than any key of a store
@@ -337,6 +337,67 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
         return [key async for key in store.list_prefix(prefix)]
 
     return sync(collect())
+
+
+def temporary_keys(store: Store) -> list[str]:
+    """The temporary files a killed writer left in ``store`` (:func:`wordystore.format.keys.is_temporary_key`),
+    sorted; only ``resume`` and ``verify --repair``, holding the writer lock, remove them."""
+    return sorted(key for key in list_prefix(store, "") if is_temporary_key(key))
+
+
+def holds_trajectory(where: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """Whether ``where`` already holds a store: its root document (zarr v3's ``zarr.json``) exists.
+
+    A command that creates a store asks this first, to refuse before anything slow loads. A local
+    path is looked at directly; a URL asks its bucket (one request).
+
+    Parameters
+    ----------
+    where : str or os.PathLike
+        A directory, or an ``s3://``, ``gs://`` or ``az://`` URL.
+    storage_options : dict, optional
+        Endpoint, region and credentials of a URL.
+
+    Returns
+    -------
+    bool
+        True when a root document is there (a trajectory, or another zarr store).
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> wordystore.holds_trajectory("runs/nothing-here.zarr")
+    False
+    """
+    text = os.fspath(where)
+    if "://" not in text or text.startswith("file://"):
+        return (Path(text.removeprefix("file://")) / ZARR_JSON).is_file()
+    return exists(as_store(text, read_only=True, storage_options=storage_options), ZARR_JSON)
+
+
+def stored_bytes(where: str | os.PathLike, storage_options: dict | None = None) -> int:
+    """Bytes a store holds on disk or in its bucket now: every key under it, both tiers, documents
+    and resume states. A running writer's store may be counted while it writes and compacts.
+
+    Parameters
+    ----------
+    where : str or os.PathLike
+        A directory, or an ``s3://``, ``gs://`` or ``az://`` URL.
+    storage_options : dict, optional
+        Endpoint, region and credentials of a URL (see :func:`wordystore.store.objectstore.open_url`).
+
+    Returns
+    -------
+    int
+        The sum of the keys' sizes in bytes; a key deleted while it is counted counts 0.
+
+    Examples
+    --------
+    >>> import wordystore
+    >>> wordystore.stored_bytes("runs/quick.zarr")  # doctest: +SKIP
+    3051021
+    """
+    return size(as_store(where, read_only=True, storage_options=storage_options))
 
 
 def size(store: Store, prefix: str = "") -> int:

@@ -82,11 +82,35 @@ def open_source(where):
 def convert(
     source, out, *, profile: str = "compact", predictions=None, overwrite: bool = False, progress: bool = True
 ) -> Trajectory:
-    """Write the trajectory at ``source`` (format 1, 2 or 3, any profile) to ``out`` in ``profile``.
-    ``predictions`` (see :func:`wordystore.adam_predictions`) default to the source's, as
-    :func:`profile_predictions` fits them to ``profile``.
+    """Write the trajectory at ``source`` to a new trajectory ``out`` in ``profile``, bit for bit.
 
-    >>> wordystore.tools.convert.convert("runs/wb1b.zarr", "runs/wb1b-portable.zarr", profile="portable")
+    Parameters
+    ----------
+    source : str, os.PathLike or zarr store
+        The trajectory to read: format 1, 2 or 3, any profile.
+    out : str, os.PathLike or zarr store
+        The trajectory to create.
+    profile : {"compact", "portable", "archive"}
+        The new store's profile (see :func:`wordystore.create`).
+    predictions : mapping of str to Prediction, optional
+        The predicted kinds (see :func:`wordystore.adam_predictions`); default: the source's, as
+        :func:`profile_predictions` fits them to ``profile``.
+    overwrite : bool
+        Replace a trajectory already at ``out`` (default: refuse).
+    progress : bool
+        Draw a progress bar.
+
+    Returns
+    -------
+    Trajectory
+        The new trajectory, open for reading; its config names the source (``converted_from``).
+
+    Examples
+    --------
+    >>> from wordystore.tools.convert import convert
+    >>> portable = convert("runs/quick.zarr", "runs/quick-portable.zarr", profile="portable")
+    >>> portable.profile
+    'portable'
     """
     from tqdm.auto import tqdm
 

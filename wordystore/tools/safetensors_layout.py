@@ -126,17 +126,45 @@ def export(
     progress=True,
     threads: int | None = None,
 ) -> Path:
-    """Write the trajectory at ``store`` to ``out`` in the notebook's layout.
+    """Write the trajectory at ``store`` to ``out`` as one safetensors file in the notebook's layout.
 
-    ``steps`` selects training steps as ``.loc`` does (``slice(100, 200)``: steps 100..200
-    inclusive; an int; a list), ``rows`` selects rows positionally (``slice(0, 101)``); give one
-    or neither (everything). ``tokens`` is a token subset (a token-set name or ids), ``kinds``
-    some of the kinds only (0-d kinds outside the notebook's layout go into the header's metadata).
-    Returns the path written. Each kind is read a tile at a time (a chunk of rows by a shard of
-    tokens) on ``threads`` threads (default: every core) and written in place, so memory stays at
-    a few tiles whatever the size.
+    Each kind is read a tile at a time (a chunk of rows by a shard of tokens) and written in place,
+    so memory stays at a few tiles whatever the size. Token sets, the config and 0-d kinds outside
+    the notebook's layout go into the header's metadata, so that :func:`import_seed_file` brings
+    them back.
 
-    >>> export("runs/wb1b.zarr", "last.safetensors", steps=slice(190, None), tokens="untrained")
+    Parameters
+    ----------
+    store : str, os.PathLike or zarr store
+        The trajectory to export.
+    out : str or os.PathLike
+        The file to write.
+    rows : int, slice or list of int, optional
+        Rows by position (``slice(0, 101)``).
+    steps : int, slice or list of int, optional
+        Training steps, as ``.loc`` selects them (``slice(100, 200)``: steps 100..200 inclusive).
+        Give ``rows`` or ``steps`` or neither (everything).
+    tokens : str or list of int, optional
+        A token subset: a token-set name or ids.
+    kinds : list of str, optional
+        Some kinds only (default: the notebook's).
+    overwrite : bool
+        Replace ``out`` if it exists (default: refuse).
+    progress : bool
+        Draw a progress bar.
+    threads : int, optional
+        Threads reading and encoding (default: every core).
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+
+    Examples
+    --------
+    >>> from wordystore.tools.safetensors_layout import export
+    >>> export("runs/quick.zarr", "last.safetensors", steps=slice(2, None), tokens="untrained")
+    PosixPath('last.safetensors')
     """
     t = trajectory.open(store, cache_bytes=0)
     out = Path(out)
@@ -296,14 +324,39 @@ def _export_tile(
 
 
 def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress=True, predict=True) -> Trajectory:
-    """Convert a notebook-layout safetensors file into a trajectory.
+    """Convert a notebook-layout safetensors file into a trajectory, bit for bit.
 
-    Token sets, config and scalar kinds that an export wrote into the header's metadata come back
-    (``token_masks``, the notebook's mask file, names the token sets instead). Tiles of rows are read
-    from the file with plain reads straight into encode buffers (no memory map, so the file's pages
-    never count against the process) and encoded on every core. With ``predict``, Adam's moments
-    are stored as residuals of a replayed update, the smallest of the options measured
-    (:func:`choose_predictions`); without, as they are.
+    Token sets, config and scalar kinds that an export wrote into the header's metadata come back.
+    Tiles of rows are read from the file with plain reads straight into encode buffers (no memory
+    map, so the file's pages never count against the process) and encoded on every core.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The safetensors file (the notebook's ``1.12f_wordybird_1b.safetensors``, or an export).
+    store : str, os.PathLike or zarr store
+        The trajectory to create.
+    token_masks : str or os.PathLike, optional
+        The notebook's token-mask file: its sets replace any the file's metadata names.
+    overwrite : bool
+        Replace a trajectory already at ``store`` (default: refuse).
+    progress : bool
+        Draw a progress bar.
+    predict : bool
+        Store Adam's moments as residuals of a replayed update, the smallest of the options
+        measured on a sample (:func:`choose_predictions`); without, as they are.
+
+    Returns
+    -------
+    Trajectory
+        The new trajectory, open for reading.
+
+    Examples
+    --------
+    >>> from wordystore.tools.safetensors_layout import import_seed_file
+    >>> t = import_seed_file("last.safetensors", "runs/last.zarr")  # export's example wrote it
+    >>> t.steps, t.embeddings.shape
+    (array([2, 3, 4]), (3, 4083, 16))
     """
     from safetensors import SafetensorError, safe_open
 

@@ -23,12 +23,38 @@ from wordystore.write.start import create_whole
 
 
 def stitch(sources, out, *, overwrite=False, progress=True) -> Trajectory:
-    """Join the trajectories ``sources`` (paths or stores) into a new trajectory ``out``.
+    """Join a run and its continuations ``sources`` into a new trajectory ``out``.
 
-    Every source is checked before ``out`` is created (see :func:`check_sources`); rows are copied
-    a tile at a time straight into the new store's main tier.
+    Every source is checked before ``out`` is created (see :func:`check_sources`: the same kinds,
+    each source going on past the steps before it); rows are copied a tile at a time straight into
+    the new store's main tier. A step a source repeats from the one before it (the seam of a
+    resumed run) is taken from the earlier source.
 
-    >>> stitch(["runs/wb1.zarr", "runs/wb3.zarr"], "runs/wb1+3.zarr").segments
+    Parameters
+    ----------
+    sources : list of str, os.PathLike or zarr store
+        The trajectories, in the order of their steps.
+    out : str, os.PathLike or zarr store
+        The trajectory to create.
+    overwrite : bool
+        Replace a trajectory already at ``out`` (default: refuse).
+    progress : bool
+        Draw a progress bar.
+
+    Returns
+    -------
+    Trajectory
+        The joined trajectory; :attr:`Trajectory.segments` says which rows and steps came from
+        which source.
+
+    Examples
+    --------
+    The notebook's Wordybird 1 (steps 0..100) and its continuation Wordybird 3 (steps 100..200):
+
+    >>> from wordystore.tools.stitch import stitch
+    >>> t = stitch(["runs/wb1.zarr", "runs/wb3.zarr"], "runs/wb1+3.zarr")  # doctest: +SKIP
+    >>> [(s["steps"], s["dropped_repeated_steps"]) for s in t.segments]  # doctest: +SKIP
+    [([0, 100], 0), ([101, 200], 1)]
     """
     from tqdm.auto import tqdm
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wordystore.format.keys import token_set_problem
+
 
 def token_sets_from_ids(ids: np.ndarray, vocab_size: int) -> dict[str, np.ndarray]:
     """``trained``: the ids that occur in the corpus; ``untrained``: the rest of the vocabulary."""
@@ -37,6 +39,7 @@ def token_sets_from_mask_file(path: str | Path, vocab_size: int) -> dict[str, np
             sets[name] = np.flatnonzero(data[f"{name}_mask"].astype(bool))
         else:
             raise ValueError(f"{path}: no '{name}_indices' or '{name}_mask' tensor; found {sorted(data)}")
-        if sets[name].size and sets[name].max() >= vocab_size:
-            raise ValueError(f"{path}: '{name}' holds token id {int(sets[name].max())} >= vocab size {vocab_size}")
+        problem = token_set_problem(sets[name], vocab_size)
+        if problem:
+            raise ValueError(f"{path}: token set '{name}' is not one: {problem}")
     return sets

@@ -63,7 +63,7 @@ class RemoteBackground:
         lock: WriterLock,
         pin: bool,
     ):
-        self.pools, self.chunk_rows, self.durable = pools, meta.chunk_rows, durable
+        self.pools, self.durable = pools, durable
         self._record, self._where = record, storage.describe(store)
         arrays = meta.arrays()
         self._shm = shared_memory.SharedMemory(create=True, size=max(1, Ring.nbytes(arrays, capacity)))
@@ -120,16 +120,6 @@ class RemoteBackground:
                 self._cv.wait()
             if self._failure is not None:
                 raise self._failure
-
-    def wait_compaction(self) -> None:
-        """Wait until every chunk of rows committed whole is compacted (tests)."""
-        with self._cv:
-            while (
-                self._failure is None
-                and self._record.compacted_rows
-                < self._record.committed_rows - self._record.committed_rows % self.chunk_rows
-            ):
-                self._cv.wait()
 
     def close(self) -> None:
         """Have the child compact the rest and stop; raise its failure if any."""

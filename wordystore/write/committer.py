@@ -298,12 +298,6 @@ class Background:
                 self._compaction_cv.notify_all()
             raise
 
-    def wait_compaction(self) -> None:
-        """Wait for the compaction under way, helping it (tests: a store with both tiers in use)."""
-        if self._compaction is not None:
-            self._compactors.help_until([self._compaction])
-            self._compaction.result()
-
     def _next_chunk(self, final: bool) -> tuple[CommitRecord, int, int] | None:
         """(record, start, stop) of the next rows to compact: a complete chunk of committed rows;
         with ``final``, a partial last one too (it is rewritten when it grows). None if none."""

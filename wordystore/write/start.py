@@ -66,31 +66,65 @@ def create(
     compaction_threads: int | None = None,
     writer_process: bool | None = None,
 ) -> TrajectoryWriter:
-    """Create a trajectory at ``where`` (a directory path, an ``s3://``, ``gs://``, ``az://`` or
-    ``file://`` URL, or a zarr store) and open it for appending.
+    """Create a trajectory at ``where`` and open it for appending.
 
-    ``kinds`` maps each tensor kind's name to its per-step :class:`Kind`; ``token_sets`` maps names
-    to token ids; ``config`` is any JSON-serialisable dict (the run's full config); ``profile`` is
-    ``"compact"`` (pcodec, the smallest that reads fast), ``"portable"`` (standard zarr codecs, for
-    tensorstore) or ``"archive"`` (compact, with the parameter predicted from its moments too: the
-    smallest, reading it several times slower; needs :func:`wordystore.archive_predictions`).
-    With ``durable``, data is fsynced before each commit record on local stores. The writer holds
-    ``block_rows`` rows in memory; the main tier keeps ``chunk_rows`` rows per chunk (longer
-    compresses better, shorter makes one-row reads cheaper; docs/format.md). ``predictions``
-    (e.g. :func:`wordystore.adam_predictions`) lets the compact profile store Adam's moments as
-    residuals against a replay of the optimizer: several times smaller, still bit for bit (the
-    archive profile's parameter too: docs/format.md, "Predicted kinds"). ``storage_options``: a
-    URL's endpoint, region and credentials (default: from the environment;
-    :func:`wordystore.store.objectstore.open_url`). ``write_threads`` and ``compaction_threads`` size the
-    writer's pools, and ``writer_process`` runs them in a child process (default: from the machine
-    and ``WORDYSTORE_WRITE_THREADS``, ``WORDYSTORE_COMPACTION_THREADS``,
-    ``WORDYSTORE_WRITER_PROCESS``; ``compaction_threads=0`` compacts only at close; a child process
-    needs a local store: :class:`wordystore.WriterPools`); the choice is recorded with every commit
-    (``commit.json``'s ``writer``; ``wordystore info`` shows it). Everything is checked before
-    anything is written; a create that fails leaves nothing behind.
+    Everything is checked before anything is written; a create that fails leaves nothing behind.
+    The writer holds the store's lock until it is closed (a ``with`` block closes it).
 
-    >>> with wordystore.create("run.zarr", wordystore.seed_kinds(50257, 64)) as w:
-    ...     w.append(0, embeddings=..., grads=..., ...)
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        A directory path, an ``s3://``, ``gs://``, ``az://`` or ``file://`` URL, or a zarr store.
+    kinds : mapping of str to Kind
+        Each tensor kind's name and its per-step :class:`Kind` (shape, dtype, dimension names);
+        :func:`wordystore.seed_kinds` gives the seed notebook's.
+    token_sets : mapping of str to array-like, optional
+        Named sets of token ids (``trained``, ``untrained``), usable as an index when reading.
+    config : mapping, optional
+        Any JSON-serialisable dict: the run's full config.
+    profile : {"compact", "portable", "archive"}
+        ``compact`` (pcodec, the smallest that reads fast), ``portable`` (standard zarr codecs, for
+        tensorstore) or ``archive`` (compact, with the parameter predicted from its moments too: the
+        smallest, reading it several times slower; needs :func:`wordystore.archive_predictions`).
+    overwrite : bool
+        Replace a trajectory already at ``where`` (default: refuse).
+    durable : bool
+        fsync data before each commit record on local stores.
+    keep_states : int
+        How many resume states to keep (``set_state_provider``).
+    block_rows, chunk_rows : int
+        Rows the writer holds in memory; rows per chunk of the main tier (longer compresses better,
+        shorter makes one-row reads cheaper; docs/format.md).
+    predictions : mapping of str to Prediction, optional
+        E.g. :func:`wordystore.adam_predictions`: Adam's moments stored as residuals against a
+        replay of the optimizer, several times smaller, still bit for bit (docs/format.md,
+        "Predicted kinds").
+    storage_options : dict, optional
+        A URL's endpoint, region and credentials (default: from the environment;
+        :func:`wordystore.store.objectstore.open_url`).
+    write_threads, compaction_threads : int, optional
+        The writer's pools (default: from the machine and ``WORDYSTORE_WRITE_THREADS``,
+        ``WORDYSTORE_COMPACTION_THREADS``; ``compaction_threads=0`` compacts only at close).
+    writer_process : bool, optional
+        Run the pools in a child process (default: with a GPU, or ``WORDYSTORE_WRITER_PROCESS``;
+        local stores only; :class:`wordystore.WriterPools`). The choice is recorded with every
+        commit (``commit.json``'s ``writer``; ``wordystore info`` shows it).
+
+    Returns
+    -------
+    TrajectoryWriter
+        Open for :meth:`~wordystore.TrajectoryWriter.append`; readers see rows as blocks commit.
+
+    Examples
+    --------
+    >>> import torch, wordystore
+    >>> kinds = wordystore.seed_kinds(vocab_size=300, hidden_dim=8)
+    >>> sets = {"trained": range(200), "untrained": range(200, 300)}
+    >>> with wordystore.create("runs/tiny.zarr", kinds, token_sets=sets, config={"lr": 1e-3}) as w:
+    ...     for step in range(3):
+    ...         w.append(step, **{name: torch.zeros(k.shape, dtype=k.torch_dtype) for name, k in kinds.items()})
+    >>> wordystore.open("runs/tiny.zarr").steps
+    array([0, 1, 2])
     """
     if not kinds:
         raise ValueError("create() needs at least one kind, e.g. wordystore.seed_kinds(vocab_size, hidden_dim)")
@@ -168,11 +202,32 @@ def resume(
 ) -> TrajectoryWriter:
     """Open an existing trajectory to append after its last committed row.
 
-    Rows a writer had not committed when it died are ignored (and overwritten); committed rows are
-    never touched. A store whose commit record is missing or damaged is refused: see
-    ``wordystore verify --repair``. On object storage, the lease of a writer that was killed is
-    waited out (a warning says so; up to 32 s by default), and a live writer's refuses this one.
-    The pools are sized as :func:`create` sizes them.
+    Rows a writer had not committed when it died are ignored (and overwritten), and the temporary
+    files it left are removed; committed rows are never touched. A store whose commit record is
+    missing or damaged is refused: see ``wordystore verify --repair``. On object storage, the lease of
+    a writer that was killed is waited out (a warning says so; up to 32 s by default), and a live
+    writer's refuses this one.
+
+    Parameters
+    ----------
+    where : str, os.PathLike or zarr store
+        The trajectory, as :func:`create` takes it.
+    durable, keep_states, storage_options, write_threads, compaction_threads, writer_process
+        As for :func:`create`; the pools are sized as it sizes them.
+
+    Returns
+    -------
+    TrajectoryWriter
+        Open for appending steps after the last committed one; kinds, token sets, config and
+        profile are the store's.
+
+    Examples
+    --------
+    >>> import torch, wordystore
+    >>> with wordystore.resume("runs/tiny.zarr") as w:  # the store create's example made
+    ...     w.append(3, **{name: torch.zeros(k.shape, dtype=k.torch_dtype) for name, k in w.kinds.items()})
+    >>> wordystore.open("runs/tiny.zarr").steps
+    array([0, 1, 2, 3])
     """
     pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     store = as_store(where, read_only=False, storage_options=storage_options)
@@ -182,6 +237,8 @@ def resume(
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
     lock = writer_lock(store)
     try:
+        for key in storage.temporary_keys(store):  # a killed writer's, which nothing else would remove
+            storage.delete(store, key)
         return TrajectoryWriter(store, lock, durable, keep_states, pools)
     except BaseException:
         lock.release()
