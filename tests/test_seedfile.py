@@ -14,6 +14,7 @@ from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore.cli import main as cli
 from wordystore.tools.safetensors_layout import export, import_seed_file
+from wordystore.tools.stitch import stitch
 
 SHAPE = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16)
 SMALL = dict(**SHAPE, bf16_matmul="native")  # as the notebook
@@ -178,6 +179,4 @@ def test_stitch_joins_runs_and_shows_the_seams(runs, tmp_path):
     other = wordystore.create(tmp_path / "o.zarr", {"x": wordystore.Kind((2,), "float32")})
     other.close()
     with pytest.raises(ValueError, match="kinds differ"):
-        wordystore.tools.stitch.stitch(
-            [tmp_path / "a.zarr", tmp_path / "o.zarr"], tmp_path / "bad.zarr", progress=False
-        )
+        stitch([tmp_path / "a.zarr", tmp_path / "o.zarr"], tmp_path / "bad.zarr", progress=False)
