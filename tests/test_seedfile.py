@@ -13,7 +13,7 @@ from trainer.config import RunConfig
 from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
 from trainer.run import train
 from wordystore.cli import main as cli
-from wordystore.tools.safetensors_layout import export, import_seed_file
+from wordystore.tools.safetensors_layout import STEP_KINDS, export, import_seed_file
 from wordystore.tools.stitch import stitch
 
 SHAPE = dict(vocab_size=300, hidden_dim=8, batch_size=2, steps=5, max_seq_len=16)
@@ -160,6 +160,18 @@ def test_bad_inputs_get_clear_errors_and_leave_no_output(runs, tmp_path):
     )[0]
     assert header % 8 == 0
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_file_of_no_tokens_is_refused_on_import_in_one_line(runs, tmp_path, capsys):
+    """A notebook-layout file whose token axis is empty (as an export of an empty token set makes) holds
+    nothing a store could hold: one line, and nothing created."""
+    full = load_file(str(export(runs / "run.zarr", tmp_path / "full.safetensors", progress=False)))
+    empty = tmp_path / "empty.safetensors"
+    save_file({name: t[:, :0] if name in STEP_KINDS and t.dim() > 1 else t for name, t in full.items()}, str(empty))
+    assert cli(["import", str(empty), str(tmp_path / "empty.zarr")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"wordystore import: error: {empty}: kind ") and "a kind's axes are at least 1 long" in line
+    assert not (tmp_path / "empty.zarr").exists()
 
 
 def test_stitch_joins_runs_and_shows_the_seams(runs, tmp_path):

@@ -442,9 +442,12 @@ def check_rows(block_rows: int, chunk_rows: int) -> None:
 
 
 def check_kinds(kinds: Mapping[str, Kind]) -> None:
-    """Kinds a store can hold: allowed names, rows of at most ``MAX_ROW_BYTES``, one token axis length."""
+    """Kinds a store can hold: allowed names, no axis of length 0, rows of at most ``MAX_ROW_BYTES``, one token
+    axis length."""
     for name, kind in kinds.items():
         check_kind_name(name)
+        if 0 in kind.shape:  # nothing to store, and no chunk grid to cut it into
+            raise ValueError(f"kind {name!r} has shape {list(kind.shape)}; a kind's axes are at least 1 long")
         if kind.step_nbytes > MAX_ROW_BYTES:
             raise ValueError(
                 f"kind {name!r} of shape {list(kind.shape)} takes {kind.step_nbytes} bytes a row; "

@@ -48,7 +48,7 @@ from wordystore.errors import RoundTripWarning
 from wordystore.format.codecs import encoded_nbytes
 from wordystore.format.keys import vocab_size
 from wordystore.format.kinds import DTYPES, Kind
-from wordystore.format.layout import CHUNK_ROWS, Profile
+from wordystore.format.layout import CHUNK_ROWS, Profile, check_kinds
 from wordystore.format.prediction import adam_predictions, estimate_clip
 from wordystore.read import trajectory
 from wordystore.read.indexing import step_rows
@@ -404,6 +404,10 @@ def import_seed_file(path, store, *, token_masks=None, overwrite=False, progress
         sets = token_sets_from_mask_file(token_masks, V)
     config.update(seed_scalars=scalars, imported_from=str(path.resolve()))
     kinds.update({name: Kind((), values.dtype.name, ()) for name, values in extra.items()})
+    try:
+        check_kinds(kinds)  # before any layout is cut for them (an exported empty token set has no tokens)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     fd = os.open(path, os.O_RDONLY)
     try:
 
