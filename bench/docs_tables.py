@@ -8,6 +8,11 @@ is replaced by the rows of those sections of one ``python -m bench`` run (``benc
 which :func:`bench.table.write_results` writes), as a table under a line naming the run. A figure
 then comes from one run and is written once, so it cannot differ between files.
 
+Every other figure of those files stands between ``<!-- quoted: WHERE IT COMES FROM -->`` and
+``<!-- /quoted -->`` (a measurement's date, machine and command, or the setting or target it
+states). :func:`uncovered` finds the figures that stand in neither (docs/targets.md, "Where the
+figures come from").
+
     python -m bench --write-docs                       # from bench/results/latest.json
     python -m bench.docs_tables bench/results/quick.json
 """
@@ -22,6 +27,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LATEST = ROOT / "bench" / "results" / "latest.json"
 BLOCK = re.compile(r"(<!-- bench: (?P<sections>[^>]+?) -->\n).*?(<!-- /bench -->)", re.S)
+QUOTED = re.compile(r"<!-- quoted: (?P<source>[^>]*?) -->.*?<!-- /quoted -->", re.S)
+# What counts as a figure: a number (digits, thousands commas, a decimal part) with a unit of time,
+# size or rate after it, or %, or x right after it (a ratio; "50,257 x 64" is a shape). A number of
+# steps, rows or threads is not one.
+FIGURE = re.compile(
+    r"(?<![\w.,/])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+    r"(?:[x×]|\s?(?:%|[kKMGT]i?B(?:/s)?|ms|µs|ns|s|seconds?|min|minutes?|h|hours?|rows/s|steps/s))(?![\w/])"
+)
+# Where a figure is no claim of a measurement: fenced code and `code`, and a bound after a comparison
+# (a target, "<= 3 s", or a limit).
+NOT_PROSE = re.compile(r"^```.*?^```$|`[^`\n]*`", re.M | re.S)
+BOUND = re.compile(r"(?:<=|>=|≤|≥|<|(?<!-)>)\s*[+-]?$")
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -44,6 +61,33 @@ def render(results: dict, sections: list[str]) -> str:
             met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
             lines.append(f"| {r['measure']} | {r['baseline']} | {r['ours']} | {r['ratio']} | {r['target']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def uncovered(text: str) -> list[tuple[int, str]]:
+    """(line, figure) of every figure of a document's ``text`` outside its bench blocks and quoted
+    parts, outside code and not a bound; a quoted part that does not say where its figures come
+    from covers nothing."""
+    hidden = [m.span() for m in NOT_PROSE.finditer(text)]
+    hidden += [m.span() for m in BLOCK.finditer(text)]
+    hidden += [m.span() for m in QUOTED.finditer(text) if m["source"].strip()]
+    found = []
+    for match in FIGURE.finditer(text):
+        start = match.start()
+        if any(a <= start < b for a, b in hidden) or BOUND.search(text[max(0, start - 4) : start]):
+            continue
+        found.append((text.count("\n", 0, start) + 1, match[0]))
+    return found
+
+
+def stale(results: dict, paths: list[Path]) -> list[str]:
+    """``FILE: SECTIONS`` of every bench block of ``paths`` that differs from what ``results`` writes."""
+    found = []
+    for path in paths:
+        for match in BLOCK.finditer(path.read_text()):
+            sections = [s.strip() for s in match["sections"].split(",")]
+            if match[0][len(match[1]) : -len(match[3])] != render(results, sections):
+                found.append(f"{path.name}: {match['sections']}")
+    return found
 
 
 def write_docs(results_path: Path, paths: list[Path]) -> list[Path]:

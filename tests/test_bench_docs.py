@@ -91,3 +91,72 @@ def test_the_command_says_what_is_missing_in_one_line(tmp_path):
         f"python -m bench --write-docs: error: {tmp_path / 'none.json'} does not exist; "
         "expected the results of a run: python -m bench writes them"
     )
+
+
+def test_a_figure_is_a_number_with_a_unit_a_ratio_or_a_percent_outside_code_bounds_and_markers():
+    doc = """A read takes 1,580.4 ms, 7.25x smaller, +26.3% slower, 0.54 steps/s, 2 min 18 s.
+Not figures: 200 steps, 16 threads, a 50,257 x 64 shape, float32, x86-64, `--cache 64MiB`, <= 3 s, >= 1.8x.
+
+```bash
+python -m bench  # 8 minutes
+```
+
+<!-- bench: size -->
+| compact | 717 MB |
+<!-- /bench -->
+<!-- quoted: measured 2026-11-26, 2-core amx-bf16, python -m bench -->
+The notebook's file: 5,193 MB; inline <!-- /quoted --> and after it 9.9 s.
+<!-- quoted:  -->says nothing of where 3 GB comes from<!-- /quoted -->
+"""
+    assert docs_tables.uncovered(doc) == [
+        (1, "1,580.4 ms"),
+        (1, "7.25x"),
+        (1, "26.3%"),
+        (1, "0.54 steps/s"),
+        (1, "2 min"),
+        (1, "18 s"),
+        (12, "9.9 s"),
+        (13, "3 GB"),
+    ]
+
+
+def test_every_figure_in_the_docs_is_the_bench_s_or_quoted():
+    found = [
+        f"{p.name}:{line}: {figure}"
+        for p in docs_tables.documents()
+        for line, figure in docs_tables.uncovered(p.read_text())
+    ]
+    assert found == [], "figures neither in a bench block nor quoted (docs/targets.md, 'Where the figures come from')"
+
+
+def test_a_block_is_stale_until_written_from_the_results(results, tmp_path):
+    doc = tmp_path / "page.md"
+    doc.write_text(DOC)
+    document = json.loads(results.read_text())
+    assert docs_tables.stale(document, [doc]) == ["page.md: size, recording", "page.md: writer"]
+    docs_tables.write_docs(results, [doc])
+    assert docs_tables.stale(document, [doc]) == []
+    doc.write_text(doc.read_text().replace("697 MB", "698 MB"))
+    assert docs_tables.stale(document, [doc]) == ["page.md: size, recording"]
+
+
+def test_the_docs_bench_blocks_hold_the_committed_full_run():
+    """Until a full run's results are committed (bench/results/latest.json), the blocks are not checked."""
+    if not docs_tables.LATEST.is_file():
+        pytest.skip(
+            f"{docs_tables.LATEST.relative_to(ROOT)} is not committed yet: no full run to check the blocks against"
+        )
+    documents = docs_tables.documents()
+    assert any("<!-- bench: " in p.read_text() for p in documents if p.name == "targets.md")
+    results = json.loads(docs_tables.LATEST.read_text())
+    assert docs_tables.stale(results, documents) == [], "run python -m bench --write-docs"
+
+
+def test_only_a_full_run_writes_the_committed_results():
+    source = (ROOT / "bench" / "__main__.py").read_text()
+    assert 'write_results("quick" if ns.quick else "partial" if ns.skip_training else "latest"' in source
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "bench/results/latest.json"], cwd=ROOT, capture_output=True
+    ).returncode
+    others = subprocess.run(["git", "check-ignore", "-q", "bench/results/quick.json"], cwd=ROOT).returncode
+    assert (ignored, others) == (1, 0)
