@@ -1,11 +1,12 @@
 """Write the benchmark's figures into the docs: every block of README.md and docs/*.md marked
 
-    <!-- bench: SECTION[, SECTION ...] -->
+    <!-- bench: SECTION[; SECTION ...] -->
     ...
     <!-- /bench -->
 
-is replaced by the rows of those sections of one ``python -m bench`` run (``bench/results/latest.json``,
-which :func:`bench.table.write_results` writes), as a table under a line naming the run. A figure
+(semicolons between sections: their names have commas) is replaced by the rows of those sections
+of one ``python -m bench`` run (``bench/results/latest.json``, which :func:`bench.table.write_results`
+writes), as a table under a line naming the run. A figure
 then comes from one run and is written once, so it cannot differ between files.
 
 Every other figure of those files stands between ``<!-- quoted: WHERE IT COMES FROM -->`` and
@@ -46,6 +47,11 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
+def sections(block: re.Match) -> list[str]:
+    """The sections a bench block names."""
+    return [s.strip() for s in block["sections"].split(";")]
+
+
 def render(results: dict, sections: list[str]) -> str:
     """The rows of ``sections``, in the run's order, as a markdown table under a line naming the run."""
     known = {r["section"] for r in results["rows"]}
@@ -84,8 +90,7 @@ def stale(results: dict, paths: list[Path]) -> list[str]:
     found = []
     for path in paths:
         for match in BLOCK.finditer(path.read_text()):
-            sections = [s.strip() for s in match["sections"].split(",")]
-            if match[0][len(match[1]) : -len(match[3])] != render(results, sections):
+            if match[0][len(match[1]) : -len(match[3])] != render(results, sections(match)):
                 found.append(f"{path.name}: {match['sections']}")
     return found
 
@@ -101,9 +106,8 @@ def write_docs(results_path: Path, paths: list[Path]) -> list[Path]:
         old = path.read_text()
 
         def table(match, path=path):
-            sections = [s.strip() for s in match["sections"].split(",")]
             try:
-                return match[1] + render(results, sections) + match[3]
+                return match[1] + render(results, sections(match)) + match[3]
             except ValueError as exc:
                 raise ValueError(f"{path.name}: {exc}") from None
 
