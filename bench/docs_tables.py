@@ -47,25 +47,27 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def sections(block: re.Match) -> list[str]:
+def block_sections(block: re.Match) -> list[str]:
     """The sections a bench block names."""
     return [s.strip() for s in block["sections"].split(";")]
 
 
 def render(results: dict, sections: list[str]) -> str:
-    """The rows of ``sections``, in the run's order, as a markdown table under a line naming the run."""
+    """The rows of ``sections``, in the run's order, as a markdown table under a line naming the run;
+    with a section column where there are several (a read's rows differ only in their section)."""
     known = {r["section"] for r in results["rows"]}
     unknown = [s for s in sections if s not in known]
     if unknown:
         raise ValueError(f"sections {unknown} are not in the results; they have {sorted(known)}")
     machine = next((r["ours"] for r in results["rows"] if r["section"] == "machine"), None)
     run = "; ".join(filter(None, [results["written"][:10], results["header"], machine and f"CPU {machine}"]))
-    lines = [f"`python -m bench` ({run}):", "", "| measure | baseline | wordystore | ratio | target | met |"]
-    lines.append("|---|---|---|---|---|---|")
+    columns = ["section"] * (len(sections) > 1) + ["measure", "baseline", "wordystore", "ratio", "target", "met"]
+    lines = [f"`python -m bench` ({run}):", "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
     for r in results["rows"]:
         if r["section"] in sections:
             met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-            lines.append(f"| {r['measure']} | {r['baseline']} | {r['ours']} | {r['ratio']} | {r['target']} | {met} |")
+            cells = [r["section"]] * (len(sections) > 1) + [r["measure"], r["baseline"], r["ours"], r["ratio"]]
+            lines.append(f"| {' | '.join(cells + [r['target'], met])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,8 +76,9 @@ def uncovered(text: str) -> list[tuple[int, str]]:
     parts, outside code and not a bound; a quoted part that does not say where its figures come
     from covers nothing."""
     hidden = [m.span() for m in NOT_PROSE.finditer(text)]
-    hidden += [m.span() for m in BLOCK.finditer(text)]
-    hidden += [m.span() for m in QUOTED.finditer(text) if m["source"].strip()]
+    prose = NOT_PROSE.sub(lambda m: " " * len(m[0]), text)  # a marker shown in code marks nothing
+    hidden += [m.span() for m in BLOCK.finditer(prose)]
+    hidden += [m.span() for m in QUOTED.finditer(prose) if m["source"].strip()]
     found = []
     for match in FIGURE.finditer(text):
         start = match.start()
@@ -90,7 +93,7 @@ def stale(results: dict, paths: list[Path]) -> list[str]:
     found = []
     for path in paths:
         for match in BLOCK.finditer(path.read_text()):
-            if match[0][len(match[1]) : -len(match[3])] != render(results, sections(match)):
+            if match[0][len(match[1]) : -len(match[3])] != render(results, block_sections(match)):
                 found.append(f"{path.name}: {match['sections']}")
     return found
 
@@ -107,7 +110,7 @@ def write_docs(results_path: Path, paths: list[Path]) -> list[Path]:
 
         def table(match, path=path):
             try:
-                return match[1] + render(results, sections(match)) + match[3]
+                return match[1] + render(results, block_sections(match)) + match[3]
             except ValueError as exc:
                 raise ValueError(f"{path.name}: {exc}") from None
 

@@ -59,14 +59,14 @@ def test_marked_blocks_get_their_sections_rows_and_nothing_else_changes(results,
     lines = first.splitlines()
     assert lines[0].startswith("`python -m bench` (20") and "CPU amx-bf16 (2 cores)" in lines[0]
     assert lines[4:] == [  # the rows of both sections in the run's order, each cell as measured
-        "| bytes on disk, compact profile | 5,192 MB (seed file) | 697 MB | 7.45x smaller | >= 4.5x | yes |",
-        "| bytes on disk, portable profile | 5,192 MB (seed file) | 1,652 MB | 3.14x smaller |  |  |",
-        "| close after the last step | 3 s (target) | 4.2 s | 140% | <= 3 s | **no** |",
+        "| size | bytes on disk, compact profile | 5,192 MB (seed file) | 697 MB | 7.45x smaller | >= 4.5x | yes |",
+        "| size | bytes on disk, portable profile | 5,192 MB (seed file) | 1,652 MB | 3.14x smaller |  |  |",
+        "| recording | close after the last step | 3 s (target) | 4.2 s | 140% | <= 3 s | **no** |",
     ]
     second = text.split("<!-- bench: writer; read, warm page cache -->\n")[1].split("<!-- /bench -->")[0]
     assert second.splitlines()[-2:] == [  # a section's name may hold commas: sections are split at semicolons
-        "| hot tier, 1 thread | 16.1 rows/s (blosc lz4) | 25.3 rows/s | 1.57x |  |  |",
-        "| one step | 1.3 ms (file) | 212.6 ms | 162.08x the file's time | <= 250 ms | yes |",
+        "| writer | hot tier, 1 thread | 16.1 rows/s (blosc lz4) | 25.3 rows/s | 1.57x |  |  |",
+        "| read, warm page cache | one step | 1.3 ms (file) | 212.6 ms | 162.08x the file's time | <= 250 ms | yes |",
     ]
     outside = [part.split("<!-- /bench -->")[-1] for part in text.split("<!-- bench:")]
     assert outside == [part.split("<!-- /bench -->")[-1] for part in DOC.split("<!-- bench:")]
@@ -111,6 +111,7 @@ python -m bench  # 8 minutes
 <!-- quoted: measured 2026-11-26, 2-core amx-bf16, python -m bench -->
 The notebook's file: 5,193 MB; inline <!-- /quoted --> and after it 9.9 s.
 <!-- quoted:  -->says nothing of where 3 GB comes from<!-- /quoted -->
+Shown in code, `<!-- quoted: x -->` marks nothing: 4 GB.<!-- /quoted -->
 """
     assert docs_tables.uncovered(doc) == [
         (1, "1,580.4 ms"),
@@ -121,6 +122,7 @@ The notebook's file: 5,193 MB; inline <!-- /quoted --> and after it 9.9 s.
         (1, "18 s"),
         (12, "9.9 s"),
         (13, "3 GB"),
+        (14, "4 GB"),
     ]
 
 
