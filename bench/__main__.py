@@ -623,6 +623,12 @@ def bench_writer_memory(quick: bool) -> None:
     )
 
 
+def results_name(quick: bool, skip_training: bool) -> str:
+    """The results a run writes (bench/results/NAME.json): only a full run's rows are the docs'
+    figures (``latest``, kept in git); a small or partial run writes beside them, never over them."""
+    return "quick" if quick else "partial" if skip_training else "latest"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -687,10 +693,8 @@ def main() -> None:
     bench_efficiency(store)
     bench_peer(portable, ns.quick)
     bench_export_import(store, seed)
-    # Only a full run's rows are the docs' figures (bench/results/latest.json, kept in git): a small
-    # or partial run writes beside it, never over it.
     on = f"on {ns.store}" if ns.store else "on the seed's 200-step run" if not ns.quick else "on the quick run"
-    write_results("quick" if ns.quick else "partial" if ns.skip_training else "latest", on)
+    write_results(results_name(ns.quick, ns.skip_training), on)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import __main__ as bench_main
 from bench import docs_tables, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,14 +156,17 @@ def test_the_docs_bench_blocks_hold_the_committed_full_run():
     documents = docs_tables.documents()
     assert any("<!-- bench: " in p.read_text() for p in documents if p.name == "targets.md")
     results = json.loads(docs_tables.LATEST.read_text())
+    sections = {r["section"] for r in results["rows"]}
+    assert {"recording", "numerics", "main job"} <= sections and "quick" not in results["header"], "not a full run"
     assert docs_tables.stale(results, documents) == [], "run python -m bench --write-docs"
 
 
 def test_only_a_full_run_writes_the_committed_results():
-    source = (ROOT / "bench" / "__main__.py").read_text()
-    assert 'write_results("quick" if ns.quick else "partial" if ns.skip_training else "latest"' in source
-    ignored = subprocess.run(
-        ["git", "check-ignore", "-q", "bench/results/latest.json"], cwd=ROOT, capture_output=True
-    ).returncode
-    others = subprocess.run(["git", "check-ignore", "-q", "bench/results/quick.json"], cwd=ROOT).returncode
-    assert (ignored, others) == (1, 0)
+    names = {(q, s): bench_main.results_name(q, s) for q in (False, True) for s in (False, True)}
+    assert names == {(False, False): "latest", (False, True): "partial", (True, False): "quick", (True, True): "quick"}
+    ignored = [
+        subprocess.run(["git", "check-ignore", "-q", f"bench/results/{name}.{suffix}"], cwd=ROOT).returncode
+        for name in ("latest", "partial", "quick", "gpu", "scale")
+        for suffix in ("json", "md")
+    ]
+    assert ignored == [1] + [0] * 9  # git keeps latest.json alone (check-ignore: 0 ignored, 1 not)
