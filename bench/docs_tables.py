@@ -47,9 +47,14 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def block_sections(block: re.Match) -> list[str]:
-    """The sections a bench block names."""
-    return [s.strip() for s in block["sections"].split(";")]
+def prose(text: str) -> str:
+    """``text`` with its code blanked out, same length: a marker shown in code marks nothing."""
+    return NOT_PROSE.sub(lambda m: " " * len(m[0]), text)
+
+
+def blocks(text: str) -> list[tuple[list[str], int, int]]:
+    """(sections, start, end) of the body of every bench block of ``text``, outside code."""
+    return [([s.strip() for s in m["sections"].split(";")], m.end(1), m.start(3)) for m in BLOCK.finditer(prose(text))]
 
 
 def render(results: dict, sections: list[str]) -> str:
@@ -76,9 +81,8 @@ def uncovered(text: str) -> list[tuple[int, str]]:
     parts, outside code and not a bound; a quoted part that does not say where its figures come
     from covers nothing."""
     hidden = [m.span() for m in NOT_PROSE.finditer(text)]
-    prose = NOT_PROSE.sub(lambda m: " " * len(m[0]), text)  # a marker shown in code marks nothing
-    hidden += [m.span() for m in BLOCK.finditer(prose)]
-    hidden += [m.span() for m in QUOTED.finditer(prose) if m["source"].strip()]
+    hidden += [(start, end) for _, start, end in blocks(text)]
+    hidden += [m.span() for m in QUOTED.finditer(prose(text)) if m["source"].strip()]
     found = []
     for match in FIGURE.finditer(text):
         start = match.start()
@@ -92,9 +96,10 @@ def stale(results: dict, paths: list[Path]) -> list[str]:
     """``FILE: SECTIONS`` of every bench block of ``paths`` that differs from what ``results`` writes."""
     found = []
     for path in paths:
-        for match in BLOCK.finditer(path.read_text()):
-            if match[0][len(match[1]) : -len(match[3])] != render(results, block_sections(match)):
-                found.append(f"{path.name}: {match['sections']}")
+        text = path.read_text()
+        for sections, start, end in blocks(text):
+            if text[start:end] != render(results, sections):
+                found.append(f"{path.name}: {'; '.join(sections)}")
     return found
 
 
@@ -106,15 +111,12 @@ def write_docs(results_path: Path, paths: list[Path]) -> list[Path]:
     results = json.loads(results_path.read_text())
     texts = {}
     for path in paths:
-        old = path.read_text()
-
-        def table(match, path=path):
+        old = new = path.read_text()
+        for sections, start, end in reversed(blocks(old)):  # from the end: earlier offsets stay valid
             try:
-                return match[1] + render(results, block_sections(match)) + match[3]
+                new = new[:start] + render(results, sections) + new[end:]
             except ValueError as exc:
                 raise ValueError(f"{path.name}: {exc}") from None
-
-        new = BLOCK.sub(table, old)
         if new != old:
             texts[path] = new
     for path, text in texts.items():

@@ -31,7 +31,12 @@ Text between.
 
 <!-- bench: writer; read, warm page cache -->
 <!-- /bench -->
-Text after.
+Text after, and a block shown as code, not rewritten:
+
+```text
+<!-- bench: size -->
+<!-- /bench -->
+```
 """
 
 
@@ -71,6 +76,7 @@ def test_marked_blocks_get_their_sections_rows_and_nothing_else_changes(results,
     ]
     outside = [part.split("<!-- /bench -->")[-1] for part in text.split("<!-- bench:")]
     assert outside == [part.split("<!-- /bench -->")[-1] for part in DOC.split("<!-- bench:")]
+    assert text.endswith("```text\n<!-- bench: size -->\n<!-- /bench -->\n```\n")  # code: not a block
     assert docs_tables.write_docs(results, [doc]) == [] and doc.read_text() == text  # written once: current
 
 
