@@ -15,7 +15,9 @@ speed, the same training steps without recording, and the notebook's own code pa
 job (bench/trainer_bench.py). The ``writer`` rows are the write path alone (bench/writer_bench.py):
 a writer fed the store's rows from memory by write threads, compaction by threads, the hot codec,
 and the GIL a Python-bound loop (a GPU's training loop) loses per recorded row. Results also go to
-bench/results/.
+bench/results/: a full run's rows to latest.json, which git keeps and from
+which ``--write-docs`` writes the docs' tables; ``--quick`` to quick.json, ``--skip-training`` to
+partial.json.
 
 The first row is the CPU's class as ``--bf16-matmul auto`` sees it; the numerics rows time a step of
 each matmul choice side by side. ``WORDYSTORE_CPU_BF16=0`` (or ``=1``) makes auto see a CPU without
@@ -621,6 +623,12 @@ def bench_writer_memory(quick: bool) -> None:
     )
 
 
+def results_name(quick: bool, skip_training: bool) -> str:
+    """The results a run writes (bench/results/NAME.json): only a full run's rows are the docs'
+    figures (``latest``, kept in git); a small or partial run writes beside them, never over them."""
+    return "quick" if quick else "partial" if skip_training else "latest"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -685,7 +693,8 @@ def main() -> None:
     bench_efficiency(store)
     bench_peer(portable, ns.quick)
     bench_export_import(store, seed)
-    write_results("quick" if ns.quick else "latest")
+    on = f"on {ns.store}" if ns.store else "on the seed's 200-step run" if not ns.quick else "on the quick run"
+    write_results(results_name(ns.quick, ns.skip_training), on)
 
 
 if __name__ == "__main__":
