@@ -23,4 +23,9 @@ else
 fi
 step "4/4 installing wordystore with its trainer and test tools (pip install -e \".[train,test]\")"
 .venv/bin/python -m pip install -q -e ".[train,test]"
+if [ "$(uname)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q libjemalloc; then
+  # wordystore train reuses freed memory under jemalloc where it finds it (docs/trainer.md, "Memory and speed")
+  step "note: no jemalloc on this machine: wordystore train's seed run peaks near 7 GB instead of 4 GB" \
+    "(Debian and Ubuntu: apt-get install libjemalloc2)"
+fi
 step "done: run .venv/bin/wordystore --help, or activate it first: source .venv/bin/activate"
