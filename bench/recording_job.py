@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from trainer import run
 from trainer.config import RunConfig
-from trainer.experiment import keep_freed_memory
+from trainer.memory import reuse_freed_memory
 
 
 class StepClock(TrainerCallback):
@@ -69,7 +69,7 @@ def recording_runs(modes: list[str], args: dict, tmp: Path) -> list[dict]:
 
 def main() -> None:
     modes, out, args = sys.argv[1].split(","), sys.argv[2], json.loads(sys.argv[3])
-    keep_freed_memory()  # as `wordystore train` runs, in every mode
+    reuse_freed_memory(reexec=True)  # as `wordystore train` runs, in every mode
     print(json.dumps(timed_runs(modes, out, args)))
 
 

@@ -1,6 +1,7 @@
 """The project's trainer against the notebook's own recorder, reimplemented in notebook_reference."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from notebook_reference import NotebookParameters, run_notebook
 from trainer.cli import _run_overrides
 from trainer.config import RunConfig
 from trainer.experiment import load_corpus, load_tokenizer, tokenize_cached
+from trainer.memory import jemalloc_library
 from trainer.run import train
 from wordystore import trajectory
 from wordystore.cli import build_parser
@@ -87,11 +89,14 @@ def test_gpt2_tokenizer_offline():
 
 
 def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_changes_no_bit(tmp_path):
-    """The command's default keeps freed memory for reuse (trainer.experiment.keep_freed_memory); --low-memory does not.
-    With the real vocabulary the [4, 128, 50257] float32 logits (103 MB) are big enough that glibc
-    would otherwise map and unmap them each step."""
+    """The command's default reuses freed memory (trainer.memory.reuse_freed_memory: jemalloc where it
+    is found, else glibc's heap kept); --low-memory does not. With the real vocabulary the [4, 128,
+    50257] float32 logits (103 MB) are big enough that glibc would otherwise map and unmap them each step."""
+    settings = [("default", [], {}), ("low_memory", ["--low-memory"], {})]
+    if jemalloc_library() is not None:  # the default was jemalloc: glibc's kept heap too
+        settings.append(("glibc", [], {"WORDYSTORE_JEMALLOC": "none"}))
     runs = {}
-    for name, extra in (("default", []), ("low_memory", ["--low-memory"])):
+    for name, extra, env in settings:
         out = tmp_path / f"{name}.zarr"
         cmd = [
             sys.executable,
@@ -106,7 +111,7 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
             "--quiet",
             *extra,
         ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""  # the seed's own job, quiet: no warning of any library, no notice
         first, *_, last = result.stdout.splitlines()
@@ -114,8 +119,9 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
         assert last.startswith("recorded 3 rows (2 steps)")
         runs[name] = trajectory.open(out)
     t = runs["default"]
-    for kind in t.kinds:
-        assert t[kind].numpy(slice(None)).tobytes() == runs["low_memory"][kind].numpy(slice(None)).tobytes(), kind
+    for name in runs.keys() - {"default"}:
+        for kind in t.kinds:
+            assert t[kind].numpy(slice(None)).tobytes() == runs[name][kind].numpy(slice(None)).tobytes(), (name, kind)
     untrained = t.embeddings[0:3, "untrained"]
     assert untrained.shape == (3, 45087, 64) and untrained.dtype == torch.bfloat16
     assert t.config["model"]["vocab_size"] == 50257
@@ -123,13 +129,14 @@ def test_cli_end_to_end_with_the_real_gpt2_vocabulary_and_the_memory_setting_cha
         [sys.executable, "-m", "wordystore.cli", "info", str(tmp_path / "default.zarr")], capture_output=True, text=True
     )
     assert "untrained (45087)" in info.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.zarr", "low_memory.zarr"]  # nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.zarr" for name in runs)  # nothing else
 
 
 STEP_LIKE_ALLOCATIONS = """
 import resource, sys, torch
-from trainer.experiment import keep_freed_memory
-assert sys.argv[1] == "default" or keep_freed_memory()
+from trainer.memory import keep_freed_memory, reuse_freed_memory
+setting = sys.argv[1]
+assert setting == "default" or (keep_freed_memory() if setting == "glibc" else reuse_freed_memory(True) == setting)
 faults = []
 for step in range(20):  # big blocks allocated and freed in the same order each time, as a training step does
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -139,17 +146,38 @@ print(sum(faults[1:]))
 """
 
 
+def step_faults(setting: str) -> int:
+    """Minor page faults of 19 step-like repetitions in a process of its own, reusing freed memory by ``setting``."""
+    result = subprocess.run(
+        [sys.executable, "-c", STEP_LIKE_ALLOCATIONS, setting], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory works on glibc")
 def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_them_in_again():
-    faults = {}
-    for setting in ("default", "keep"):
-        result = subprocess.run(
-            [sys.executable, "-c", STEP_LIKE_ALLOCATIONS, setting], capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr
-        faults[setting] = int(result.stdout)
     # default: every repetition maps its 160 MB afresh (about 41,000 faults); kept: a few heap extensions
-    assert faults["keep"] < faults["default"] / 4, faults
+    default, kept = step_faults("default"), step_faults("glibc")
+    assert kept < default / 4, (default, kept)
+
+
+@pytest.mark.skipif(jemalloc_library() is None, reason="no jemalloc (Debian: libjemalloc2; or WORDYSTORE_JEMALLOC)")
+def test_jemalloc_is_preloaded_by_a_reexec_and_reuses_freed_blocks():
+    # the script asserts that it runs under jemalloc after its re-exec, then counts the faults
+    default, reused = step_faults("default"), step_faults("jemalloc")
+    assert reused < default / 4, (default, reused)
+
+
+def test_a_jemalloc_path_that_names_no_file_is_refused_in_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORDYSTORE_JEMALLOC", str(tmp_path / "libjemalloc.so.2"))
+    assert cli_main(["train", str(tmp_path / "x.zarr"), "--steps", "1", "--vocab-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"wordystore train: error: WORDYSTORE_JEMALLOC={tmp_path / 'libjemalloc.so.2'}: no such file; "
+        "expected the path of libjemalloc.so.2, or none\n"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,10 @@ import dataclasses
 import difflib
 import json
 import re
+import sys
 from pathlib import Path
 
+from trainer import memory
 from trainer.config import LR_POLICIES, RunConfig, field_types  # standard library only: no training stack
 from wordystore.commands import check_mask_file, examples, input_file, progress
 from wordystore.optional import install_hint, missing
@@ -65,7 +67,8 @@ def register(sub) -> None:
     p.add_argument(
         "--low-memory",
         action="store_true",
-        help="give freed memory back every step: about half the peak memory, much slower on CPU",
+        help="give freed memory back every step (no jemalloc, glibc's defaults): the lowest peak memory, "
+        "much more kernel time on CPU (docs/trainer.md)",
     )
     p.add_argument(
         "--quiet",
@@ -214,9 +217,9 @@ def cmd_train(ns) -> int:
     source = f"--config {ns.config}" if ns.config else "flags"
     cfg = None if going_on else RunConfig.from_dict(overrides, source=source)  # resumed: checked against the store
     if not ns.low_memory:
-        from trainer.experiment import keep_freed_memory
-
-        keep_freed_memory()
+        # may re-execute the command with jemalloc, so before the slow imports; only where this process
+        # was started to run it (the console script, python -m wordystore.cli), not in a Python session
+        memory.reuse_freed_memory(reexec=Path(sys.argv[0]).name in ("wordystore", "cli.py"))
     from trainer import run
 
     if ns.resume:

