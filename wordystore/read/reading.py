@@ -20,6 +20,7 @@ the main tier (their values are the same) and reads again. Its row count stays u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -41,6 +42,7 @@ from wordystore.store import json_documents, storage
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
 REBUILD_CHUNKS = 4  # a predicted moment's chunks rebuilt at once (ChunkReader._decoded)
+COPY_BLOCK_BYTES = 32 << 10  # a decoded chunk is copied into the output this much at a time (_copy)
 
 
 class StoreReader:
@@ -190,19 +192,22 @@ class ChunkRead:
     out: tuple  # per axis: slice into the output block
     valid_rows: int  # rows of the chunk that hold committed data (part of the cache key)
 
-    @property
+    @functools.cached_property
     def shard(self) -> tuple[int, ...]:
         return tuple(c // n for c, n in zip(self.coords, self.layout.chunks_per_shard))
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
         """The decoded chunk's key in the cache."""
         return self.layout.path, self.coords, self.valid_rows
 
-    @property
+    @functools.cached_property
     def inner_index(self) -> int:
-        cps = self.layout.chunks_per_shard
-        return int(np.ravel_multi_index(tuple(c % n for c, n in zip(self.coords, cps)), cps))
+        """The chunk's place in its shard's index (C order of the shard's chunk grid)."""
+        index = 0
+        for c, n in zip(self.coords, self.layout.chunks_per_shard):
+            index = index * n + c % n
+        return index
 
     def describe(self) -> str:
         """Which rows and positions this chunk holds, for error messages."""
@@ -505,14 +510,29 @@ class ChunkReader:
 
 def _copy(read: ChunkRead, stored: np.ndarray, out: np.ndarray) -> None:
     """Copy the selected part of one decoded chunk (stored order) into the output, bit for bit
-    (a bfloat16 output takes a chunk stored as uint16 through a view, never a numeric cast)."""
+    (a bfloat16 output takes a chunk stored as uint16 through a view, never a numeric cast).
+
+    A transposed chunk is worked on in its stored axis order: the selection is gathered there
+    (whole runs of memory), then copied into the output seen in that same axis order, a block of
+    :data:`COPY_BLOCK_BYTES` along the first axis at a time. A transposing copy reads each cache
+    line of its source once per element it writes along the output's inner axis; a block that
+    stays in the CPU's first-level cache meanwhile makes those reads cheap (a whole chunk does not
+    fit there)."""
     if out.dtype != stored.dtype:
         out = out.view(stored.dtype)
-    chunk = read.layout.codecs.transpose.to_logical(stored) if read.layout.codecs.transpose else stored
-    local = read.local
+    target, local = out[read.out], read.local
+    transpose = read.layout.codecs.transpose
+    if transpose is not None:
+        target, local = target.transpose(transpose.order), tuple(local[i] for i in transpose.order)
     if sum(1 for s in local if not isinstance(s, slice)) > 1:  # several index arrays: orthogonal
-        local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, chunk.shape)])
-    out[read.out] = chunk[local]
+        local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, stored.shape)])
+    part = stored[local]
+    if transpose is None or part.ndim < 2:
+        target[...] = part
+        return
+    block = max(1, COPY_BLOCK_BYTES // max(1, part.nbytes // max(1, len(part))))
+    for i in range(0, len(part), block):
+        target[i : i + block] = part[i : i + block]
 
 
 def _side_by_side(chunks: list[np.ndarray], layout: ArrayLayout) -> np.ndarray:
