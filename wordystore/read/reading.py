@@ -437,28 +437,33 @@ class ChunkReader:
         ]
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
-        """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed),
-        each checked to be the chunk its shard binds to that place (format 3)."""
+        """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed,
+        else its tail then the chunks it lists, from one open of a local file), each checked to be
+        the chunk its shard binds to that place (format 3)."""
         layout = reads[0].layout
         key = layout.shard_key(reads[0].shard)
-        whole = 2 * len(reads) >= layout.n_chunks
+        tail = None
+
+        def chunk_spans(data) -> list[tuple[int, int]]:
+            nonlocal tail
+            tail = self._tail(data[-layout.tail_nbytes :], key, reads)
+            return self._spans(tail, key, reads)
+
         try:
-            data = storage.get(
-                self.store, key, suffix=None if whole else layout.tail_nbytes, limit=layout.max_shard_nbytes
-            )
+            if 2 * len(reads) >= layout.n_chunks:
+                data = storage.get(self.store, key, limit=layout.max_shard_nbytes)
+                chunks = None if data is None else [memoryview(data)[a:b] for a, b in chunk_spans(data)]
+            else:
+                parts = storage.get_tail_then(
+                    self.store, key, layout.tail_nbytes, chunk_spans, limit=layout.max_shard_nbytes
+                )
+                chunks = None if parts is None else parts[1]
         except FormatError as exc:  # not a regular file, or larger than such a shard can be
             raise CorruptChunkError(
                 f"unreadable shard: '{key}' of {storage.describe(self.store)} ({reads[0].describe()}): {exc}"
             ) from None
-        if data is None:
+        if chunks is None:
             raise self._missing(key, reads[0])
-        tail = self._tail(data[-layout.tail_nbytes :], key, reads)
-        spans = self._spans(tail, key, reads)
-        if whole:
-            view = memoryview(data)
-            chunks = [view[start:end] for start, end in spans]
-        else:
-            chunks = storage.get_ranges(self.store, key, spans)
         for read, chunk in zip(reads, chunks):
             try:
                 tail.check_chunk(read.inner_index, chunk)
