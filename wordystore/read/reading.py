@@ -42,7 +42,6 @@ from wordystore.store import json_documents, storage
 DEFAULT_CACHE_BYTES = int(os.environ.get("WORDYSTORE_CACHE_BYTES", 2 << 30))
 THREADS = os.cpu_count() or 1
 REBUILD_CHUNKS = 4  # a predicted moment's chunks rebuilt at once (ChunkReader._decoded)
-COPY_BLOCK_BYTES = 32 << 10  # a decoded chunk is copied into the output this much at a time (_copy)
 
 
 class StoreReader:
@@ -515,29 +514,14 @@ class ChunkReader:
 
 def _copy(read: ChunkRead, stored: np.ndarray, out: np.ndarray) -> None:
     """Copy the selected part of one decoded chunk (stored order) into the output, bit for bit
-    (a bfloat16 output takes a chunk stored as uint16 through a view, never a numeric cast).
-
-    A transposed chunk is worked on in its stored axis order: the selection is gathered there
-    (whole runs of memory), then copied into the output seen in that same axis order, a block of
-    :data:`COPY_BLOCK_BYTES` along the first axis at a time. A transposing copy reads each cache
-    line of its source once per element it writes along the output's inner axis; a block that
-    stays in the CPU's first-level cache meanwhile makes those reads cheap (a whole chunk does not
-    fit there)."""
+    (a bfloat16 output takes a chunk stored as uint16 through a view, never a numeric cast)."""
     if out.dtype != stored.dtype:
         out = out.view(stored.dtype)
-    target, local = out[read.out], read.local
-    transpose = read.layout.codecs.transpose
-    if transpose is not None:
-        target, local = target.transpose(transpose.order), tuple(local[i] for i in transpose.order)
+    chunk = read.layout.codecs.transpose.to_logical(stored) if read.layout.codecs.transpose else stored
+    local = read.local
     if sum(1 for s in local if not isinstance(s, slice)) > 1:  # several index arrays: orthogonal
-        local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, stored.shape)])
-    part = stored[local]
-    if transpose is None or part.ndim < 2:
-        target[...] = part
-        return
-    block = max(1, COPY_BLOCK_BYTES // max(1, part.nbytes // max(1, len(part))))
-    for i in range(0, len(part), block):
-        target[i : i + block] = part[i : i + block]
+        local = np.ix_(*[np.arange(n)[s] if isinstance(s, slice) else s for s, n in zip(local, chunk.shape)])
+    out[read.out] = chunk[local]
 
 
 def _side_by_side(chunks: list[np.ndarray], layout: ArrayLayout) -> np.ndarray:
