@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -361,21 +362,24 @@ class ChunkReader:
             if not self.cache.put(read.key, stored):
                 self.cache.release(stored)
 
-    def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
-        """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
-        from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
-        chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
-        small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
+    def _decoded(self, reads: list[ChunkRead], data: list) -> Iterator[np.ndarray]:
+        """The values of some chunks of one shard, in stored order, one at a time: the caller copies
+        each out while it is still in the CPU's cache and hands its buffer back for the next (all
+        of a shard's decoded first would go through memory, and take a buffer each). A predicted
+        moment's are rebuilt from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the
+        rows for several chunks, not one per chunk: the replay's numpy calls take the GIL between
+        them, and many small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
         if not reads or not self.rebuild or reads[0].layout.prediction is None:
-            return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
-        rebuilt = []
+            for read, chunk in zip(reads, data):
+                yield self._decode(read, chunk)
+            return
         for i in range(0, len(reads), REBUILD_CHUNKS):
             batch = reads[i : i + REBUILD_CHUNKS]
             stored = [self._decode(read, chunk) for read, chunk in zip(batch, data[i : i + REBUILD_CHUNKS])]
-            rebuilt += self._rebuild(batch, stored)
+            rebuilt = self._rebuild(batch, stored)
             for array in stored:
                 self.cache.release(array)
-        return rebuilt
+            yield from rebuilt
 
     def _decode(self, read: ChunkRead, data) -> np.ndarray:
         layout = read.layout
