@@ -321,7 +321,7 @@ def test_chunks_moved_inside_a_shard_are_detected(world, capsys, copy):
     verify_lists(capsys, world.store, r"misplaced chunk: array 'wide'")
 
 
-@pytest.mark.parametrize("damage", ["none", "huge chunk", "swapped", "linked"])
+@pytest.mark.parametrize("damage", ["none", "huge chunk", "far offset", "swapped", "linked"])
 def test_a_read_of_few_chunks_of_a_shard_checks_what_it_reads(tmp_path, damage):
     """A read needing under half of a shard's chunks fetches its tail, then only those chunks (one
     open of the file): the same checks hold there as on a whole shard."""
@@ -336,6 +336,8 @@ def test_a_read_of_few_chunks_of_a_shard_checks_what_it_reads(tmp_path, damage):
     index = ShardIndex.decode(data[-n:], 8).table.copy()
     if damage == "huge chunk":
         index[3, 1] = 1 << 40
+    elif damage == "far offset":
+        index[3, 0] = 2**64 - 2  # past any file (and any offset the OS takes)
     elif damage == "swapped":
         index[[2, 3]] = index[[3, 2]]
     shard.write_bytes(data[:-n] + Crc32c().encode(index.astype("<u8").tobytes()))
@@ -344,6 +346,7 @@ def test_a_read_of_few_chunks_of_a_shard_checks_what_it_reads(tmp_path, damage):
         shard.symlink_to(tmp_path / "elsewhere")
     message = {
         "huge chunk": r"lists 1099511627776 bytes for the chunk, more than such a chunk can take",
+        "far offset": r"misplaced chunk: array 'x' chunk \(0, 3, 0\).*inner chunk 3 is not the chunk bound",
         "swapped": r"misplaced chunk: array 'x' chunk \(0, 3, 0\).*inner chunk 3 is not the chunk bound",
         "linked": r"unreadable shard: 'x/c/0/0/0'.*is a symbolic link",
     }.get(damage)

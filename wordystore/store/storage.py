@@ -80,7 +80,7 @@ def _file_path(root: Path, key: str) -> str:
 
 
 def local_path(root: Path, key: str) -> Path:
-    """The file of ``key`` in the local store at ``root``, reached through no symbolic link."""
+    """:func:`_file_path` as a ``Path``."""
     return Path(_file_path(root, key))
 
 
@@ -135,17 +135,23 @@ def read_local_then(
         return None
     try:
         size = os.fstat(fd).st_size
-        spans = [_byte_span(request, size) for request in requests]
-        largest = max((end - start for start, end in spans), default=0)
-        if largest > (MAX_READ_BYTES if limit is None else limit):
-            raise FormatError(
-                f"{root / key} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
-                "(the store is damaged, or not what it claims)"
-            )
-        first = [_pread(fd, start, end) for start, end in spans]
-        return first + [_pread(fd, start, end) for start, end in then(first)]
+        first = _read_requests(fd, size, requests, limit, root / key)
+        return first + _read_requests(fd, size, [RangeByteRequest(*r) for r in then(first)], limit, root / key)
     finally:
         os.close(fd)
+
+
+def _read_requests(fd: int, size: int, requests: list, limit: int | None, path: Path) -> list[bytes]:
+    """The bytes of each request of the open file ``fd`` of ``size`` bytes (clipped to them), each at
+    most ``limit``."""
+    spans = [_byte_span(request, size) for request in requests]
+    largest = max((end - start for start, end in spans), default=0)
+    if largest > (MAX_READ_BYTES if limit is None else limit):
+        raise FormatError(
+            f"{path} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
+            "(the store is damaged, or not what it claims)"
+        )
+    return [_pread(fd, start, end) for start, end in spans]
 
 
 def _pread(fd: int, start: int, end: int) -> bytes:
