@@ -135,20 +135,20 @@ def read_local_then(
         return None
     try:
         size = os.fstat(fd).st_size
-        first = _read_requests(fd, size, requests, limit, root / key)
-        return first + _read_requests(fd, size, [RangeByteRequest(*r) for r in then(first)], limit, root / key)
+        first = _read_requests(fd, size, requests, limit, root, key)
+        return first + _read_requests(fd, size, [RangeByteRequest(*r) for r in then(first)], limit, root, key)
     finally:
         os.close(fd)
 
 
-def _read_requests(fd: int, size: int, requests: list, limit: int | None, path: Path) -> list[bytes]:
-    """The bytes of each request of the open file ``fd`` of ``size`` bytes (clipped to them), each at
-    most ``limit``."""
+def _read_requests(fd: int, size: int, requests: list, limit: int | None, root: Path, key: str) -> list[bytes]:
+    """The bytes of each request of the open file ``fd`` (``key`` of the store at ``root``) of
+    ``size`` bytes (clipped to them), each at most ``limit``."""
     spans = [_byte_span(request, size) for request in requests]
     largest = max((end - start for start, end in spans), default=0)
     if largest > (MAX_READ_BYTES if limit is None else limit):
         raise FormatError(
-            f"{path} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
+            f"{root / key} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
             "(the store is damaged, or not what it claims)"
         )
     return [_pread(fd, start, end) for start, end in spans]
