@@ -321,6 +321,45 @@ def test_chunks_moved_inside_a_shard_are_detected(world, capsys, copy):
     verify_lists(capsys, world.store, r"misplaced chunk: array 'wide'")
 
 
+@pytest.mark.parametrize("damage", ["none", "huge chunk", "far offset", "swapped", "linked"])
+def test_a_read_of_few_chunks_of_a_shard_checks_what_it_reads(tmp_path, damage):
+    """A read needing under half of a shard's chunks fetches its tail, then only those chunks (one
+    open of the file): the same checks hold there as on a whole shard."""
+    kind = Kind((64, 2048), "bfloat16", ("token", "dim"))  # 8 inner chunks a shard along the tokens
+    values = np.random.default_rng(0).standard_normal((4, *kind.shape)).astype(np.float32).astype(kind.numpy_dtype)
+    with wordystore.create(tmp_path / "s.zarr", {"x": kind}, block_rows=2, chunk_rows=4) as w:
+        for step in range(4):
+            w.append(step, x=values[step])
+    shard = tmp_path / "s.zarr/x/c/0/0/0"
+    assert wordystore.open(tmp_path / "s.zarr").layouts["x"][0].chunks_per_shard == (1, 8, 1)
+    data, n = shard.read_bytes(), ShardIndex.nbytes(8)
+    index = ShardIndex.decode(data[-n:], 8).table.copy()
+    if damage == "huge chunk":
+        index[3, 1] = 1 << 40
+    elif damage == "far offset":
+        index[3, 0] = 2**64 - 2  # past any file (and any offset the OS takes)
+    elif damage == "swapped":
+        index[[2, 3]] = index[[3, 2]]
+    shard.write_bytes(data[:-n] + Crc32c().encode(index.astype("<u8").tobytes()))
+    if damage == "linked":
+        os.replace(shard, tmp_path / "elsewhere")
+        shard.symlink_to(tmp_path / "elsewhere")
+    message = {
+        "huge chunk": r"lists 1099511627776 bytes for the chunk, more than such a chunk can take",
+        "far offset": r"misplaced chunk: array 'x' chunk \(0, 3, 0\).*inner chunk 3 is not the chunk bound",
+        "swapped": r"misplaced chunk: array 'x' chunk \(0, 3, 0\).*inner chunk 3 is not the chunk bound",
+        "linked": r"unreadable shard: 'x/c/0/0/0'.*is a symbolic link",
+    }.get(damage)
+    with bounded():
+        t = wordystore.open(tmp_path / "s.zarr")
+        if message is None:
+            got = t.x.numpy((slice(None), [1, 25, 26]))
+            assert np.array_equal(got.view(np.uint16), values[:, [1, 25, 26]].view(np.uint16))
+        else:
+            with pytest.raises(CorruptChunkError, match=message):
+                t.x.numpy((slice(None), 25))
+
+
 def test_an_older_copy_of_a_shard_is_detected(world, capsys):
     shard = world.store / "embeddings/c/3/0/0"  # rows 12..13 of a chunk of 4
     old = shard.read_bytes()

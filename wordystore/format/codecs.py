@@ -14,6 +14,7 @@ Only the codecs below are understood; a store naming any other is refused with a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -44,9 +45,14 @@ class Transpose:
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(shape[i] for i in self.order)
 
+    @functools.cached_property
+    def inverse(self) -> tuple[int, ...]:
+        """The permutation back to the array's own axis order (worked out once, not per chunk)."""
+        return tuple(int(i) for i in np.argsort(self.order))
+
     def to_logical(self, stored: np.ndarray) -> np.ndarray:
         """A view of a chunk in stored (transposed) order with the array's own axis order."""
-        return stored.transpose(np.argsort(self.order))
+        return stored.transpose(self.inverse)
 
 
 @dataclass(frozen=True)

@@ -120,26 +120,26 @@ class ArrayLayout:
             }
         )
 
-    @property
+    @functools.cached_property
     def chunks_per_shard(self) -> tuple[int, ...]:
         return tuple(s // c for s, c in zip(self.shard, self.chunk))
 
-    @property
+    @functools.cached_property
     def n_chunks(self) -> int:
         """Inner chunks per shard."""
         return math.prod(self.chunks_per_shard)
 
-    @property
+    @functools.cached_property
     def tail_nbytes(self) -> int:
         """Bytes of a shard's tail: its index, and its binding record if bound."""
         return ShardTail.nbytes(self.n_chunks, self.binding)
 
-    @property
+    @functools.cached_property
     def max_chunk_nbytes(self) -> int:
         """The most bytes an encoded inner chunk may take: no codec of a chain doubles its input."""
         return 2 * math.prod(self.chunk) * self.numpy_dtype.itemsize + 4096
 
-    @property
+    @functools.cached_property
     def max_shard_nbytes(self) -> int:
         return self.n_chunks * self.max_chunk_nbytes + self.tail_nbytes
 

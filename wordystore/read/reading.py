@@ -20,10 +20,12 @@ the main tier (their values are the same) and reads again. Its row count stays u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -190,19 +192,22 @@ class ChunkRead:
     out: tuple  # per axis: slice into the output block
     valid_rows: int  # rows of the chunk that hold committed data (part of the cache key)
 
-    @property
+    @functools.cached_property
     def shard(self) -> tuple[int, ...]:
         return tuple(c // n for c, n in zip(self.coords, self.layout.chunks_per_shard))
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
         """The decoded chunk's key in the cache."""
         return self.layout.path, self.coords, self.valid_rows
 
-    @property
+    @functools.cached_property
     def inner_index(self) -> int:
-        cps = self.layout.chunks_per_shard
-        return int(np.ravel_multi_index(tuple(c % n for c, n in zip(self.coords, cps)), cps))
+        """The chunk's place in its shard's index (C order of the shard's chunk grid)."""
+        index = 0
+        for c, n in zip(self.coords, self.layout.chunks_per_shard):
+            index = index * n + c % n
+        return index
 
     def describe(self) -> str:
         """Which rows and positions this chunk holds, for error messages."""
@@ -357,21 +362,24 @@ class ChunkReader:
             if not self.cache.put(read.key, stored):
                 self.cache.release(stored)
 
-    def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
-        """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
-        from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
-        chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
-        small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
+    def _decoded(self, reads: list[ChunkRead], data: list) -> Iterator[np.ndarray]:
+        """The values of some chunks of one shard, in stored order, one at a time: the caller copies
+        each out while it is still in the CPU's cache and hands its buffer back for the next (all
+        of a shard's decoded first would go through memory, and take a buffer each). A predicted
+        moment's are rebuilt from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the
+        rows for several chunks, not one per chunk: the replay's numpy calls take the GIL between
+        them, and many small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
         if not reads or not self.rebuild or reads[0].layout.prediction is None:
-            return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
-        rebuilt = []
+            for read, chunk in zip(reads, data):
+                yield self._decode(read, chunk)
+            return
         for i in range(0, len(reads), REBUILD_CHUNKS):
             batch = reads[i : i + REBUILD_CHUNKS]
             stored = [self._decode(read, chunk) for read, chunk in zip(batch, data[i : i + REBUILD_CHUNKS])]
-            rebuilt += self._rebuild(batch, stored)
+            rebuilt = self._rebuild(batch, stored)
             for array in stored:
                 self.cache.release(array)
-        return rebuilt
+            yield from rebuilt
 
     def _decode(self, read: ChunkRead, data) -> np.ndarray:
         layout = read.layout
@@ -432,28 +440,33 @@ class ChunkReader:
         ]
 
     def _fetch(self, reads: list[ChunkRead]) -> list[bytes]:
-        """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed),
-        each checked to be the chunk its shard binds to that place (format 3)."""
+        """The encoded bytes of each chunk of one shard (the whole shard when most of it is needed,
+        else its tail then the chunks it lists, from one open of a local file), each checked to be
+        the chunk its shard binds to that place (format 3)."""
         layout = reads[0].layout
         key = layout.shard_key(reads[0].shard)
-        whole = 2 * len(reads) >= layout.n_chunks
+        tail = None
+
+        def chunk_spans(data) -> list[tuple[int, int]]:
+            nonlocal tail
+            tail = self._tail(data[-layout.tail_nbytes :], key, reads)
+            return self._spans(tail, key, reads)
+
         try:
-            data = storage.get(
-                self.store, key, suffix=None if whole else layout.tail_nbytes, limit=layout.max_shard_nbytes
-            )
+            if 2 * len(reads) >= layout.n_chunks:
+                data = storage.get(self.store, key, limit=layout.max_shard_nbytes)
+                chunks = None if data is None else [memoryview(data)[a:b] for a, b in chunk_spans(data)]
+            else:
+                parts = storage.get_tail_then(
+                    self.store, key, layout.tail_nbytes, chunk_spans, limit=layout.max_shard_nbytes
+                )
+                chunks = None if parts is None else parts[1]
         except FormatError as exc:  # not a regular file, or larger than such a shard can be
             raise CorruptChunkError(
                 f"unreadable shard: '{key}' of {storage.describe(self.store)} ({reads[0].describe()}): {exc}"
             ) from None
-        if data is None:
+        if chunks is None:
             raise self._missing(key, reads[0])
-        tail = self._tail(data[-layout.tail_nbytes :], key, reads)
-        spans = self._spans(tail, key, reads)
-        if whole:
-            view = memoryview(data)
-            chunks = [view[start:end] for start, end in spans]
-        else:
-            chunks = storage.get_ranges(self.store, key, spans)
         for read, chunk in zip(reads, chunks):
             try:
                 tail.check_chunk(read.inner_index, chunk)

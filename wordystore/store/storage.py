@@ -22,6 +22,7 @@ import fcntl
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
@@ -54,16 +55,17 @@ def check_key(key: str) -> str:
     return key
 
 
-def _no_links(root: Path, parts: list[str]) -> Path:
+def _no_links(root: Path, parts: list[str]) -> str:
     """``root`` joined with ``parts``, refusing a symbolic link at any of them (which could lead out
-    of the store); parts that do not exist yet are fine (a write makes real directories)."""
-    path = root
+    of the store); parts that do not exist yet are fine (a write makes real directories). A string:
+    the read path checks a path per shard it opens, and pathlib's objects cost more than the checks."""
+    path = os.fspath(root)
     for part in parts:
-        path = path / part
+        path = os.path.join(path, part)
         try:
             mode = os.lstat(path).st_mode
         except (FileNotFoundError, NotADirectoryError):
-            return root.joinpath(*parts)
+            return os.path.join(os.fspath(root), *parts)
         if stat.S_ISLNK(mode):
             raise FormatError(
                 f"{path} is a symbolic link; wordystore follows none inside a store (it could lead outside it)"
@@ -71,11 +73,15 @@ def _no_links(root: Path, parts: list[str]) -> Path:
     return path
 
 
-def local_path(root: Path, key: str) -> Path:
+def _file_path(root: Path, key: str) -> str:
     """The file of ``key`` in the local store at ``root``, reached through no symbolic link."""
     parts = check_key(key).split("/")
-    _no_links(root, parts[:-1])
-    return root.joinpath(*parts)
+    return os.path.join(_no_links(root, parts[:-1]), parts[-1])
+
+
+def local_path(root: Path, key: str) -> Path:
+    """:func:`_file_path` as a ``Path``."""
+    return Path(_file_path(root, key))
 
 
 def _byte_span(request, size: int) -> tuple[int, int]:
@@ -116,21 +122,36 @@ def _open_regular(path: Path) -> int | None:
 def read_local(root: Path, key: str, requests: list, limit: int | None = None) -> list[bytes] | None:
     """The bytes of each request (None: the whole file) of ``key`` in the local store at ``root``,
     each at most ``limit`` bytes; None if the key is absent."""
-    fd = _open_regular(local_path(root, key))
+    return read_local_then(root, key, requests, lambda parts: [], limit)
+
+
+def read_local_then(
+    root: Path, key: str, requests: list, then: Callable[[list[bytes]], list[tuple[int, int]]], limit=None
+) -> list[bytes] | None:
+    """:func:`read_local`'s bytes, followed by those of the ranges ``[start, end)`` that ``then``
+    names from them (a shard's index, then the chunks it lists), read from the file opened once."""
+    fd = _open_regular(_file_path(root, key))
     if fd is None:
         return None
     try:
         size = os.fstat(fd).st_size
-        spans = [_byte_span(request, size) for request in requests]
-        largest = max((end - start for start, end in spans), default=0)
-        if largest > (MAX_READ_BYTES if limit is None else limit):
-            raise FormatError(
-                f"{root / key} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
-                "(the store is damaged, or not what it claims)"
-            )
-        return [_pread(fd, start, end) for start, end in spans]
+        first = _read_requests(fd, size, requests, limit, root, key)
+        return first + _read_requests(fd, size, [RangeByteRequest(*r) for r in then(first)], limit, root, key)
     finally:
         os.close(fd)
+
+
+def _read_requests(fd: int, size: int, requests: list, limit: int | None, root: Path, key: str) -> list[bytes]:
+    """The bytes of each request of the open file ``fd`` (``key`` of the store at ``root``) of
+    ``size`` bytes (clipped to them), each at most ``limit``."""
+    spans = [_byte_span(request, size) for request in requests]
+    largest = max((end - start for start, end in spans), default=0)
+    if largest > (MAX_READ_BYTES if limit is None else limit):
+        raise FormatError(
+            f"{root / key} is {size} bytes; wordystore reads at most {limit or MAX_READ_BYTES} of it "
+            "(the store is damaged, or not what it claims)"
+        )
+    return [_pread(fd, start, end) for start, end in spans]
 
 
 def _pread(fd: int, start: int, end: int) -> bytes:
@@ -206,7 +227,9 @@ def as_store(where: str | os.PathLike | Store, read_only: bool, storage_options:
 
 def local_root(store: Store) -> Path | None:
     """The directory of a local store, None for other stores."""
-    return Path(store.root) if isinstance(store, LocalStore) else None
+    if not isinstance(store, LocalStore):
+        return None
+    return store.root if isinstance(store.root, Path) else Path(store.root)
 
 
 def describe(store: Store) -> str:
@@ -261,6 +284,20 @@ def get_ranges(store: Store, key: str, ranges: list[tuple[int, int]]) -> list[by
     if values is None or any(v is None for v in values):
         raise FileNotFoundError(f"{key} disappeared from {describe(store)} while being read")
     return values
+
+
+def get_tail_then(
+    store: Store, key: str, suffix: int, then: Callable[[bytes], list[tuple[int, int]]], limit: int | None = None
+) -> tuple[bytes, list[bytes]] | None:
+    """The last ``suffix`` bytes of ``key`` (at most ``limit``; None if absent), and the byte ranges
+    ``[start, end)`` that ``then`` names from them (a shard's index, then the chunks it lists): a
+    local file is opened once for both."""
+    root = local_root(store)
+    if root is None:
+        tail = get(store, key, suffix=suffix, limit=limit)
+        return None if tail is None else (tail, get_ranges(store, key, then(tail)))
+    parts = read_local_then(root, key, [SuffixByteRequest(suffix)], lambda first: then(first[0]), limit)
+    return None if parts is None else (parts[0], parts[1:])
 
 
 def put(store: Store, key: str, data: bytes) -> None:
