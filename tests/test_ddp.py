@@ -174,13 +174,20 @@ def test_a_rank_killed_fails_the_run_with_one_line_and_resume_goes_on_bit_for_bi
 
 def test_a_store_rank_0_cannot_create_stops_every_rank_with_a_line_each(trained):
     tmp, _ = trained
+    # an existing store: every rank refuses it before loading anything, in the command's one line
     before = wordystore.open(tmp / "ddp.zarr").commit_record
     done = torchrun(2, "--no-python", WORDYSTORE, "train", str(tmp / "ddp.zarr"), "--batch-size", "2", *TINY)
     assert done.returncode != 0
-    lines = sorted(line for line in done.stderr.splitlines() if line.startswith("wordystore train:"))
-    assert lines == [
-        f"wordystore train: error: {tmp / 'ddp.zarr'} already holds a zarr store; pass overwrite=True (--overwrite) "
-        "to replace it",
-        "wordystore train: error: rank 1: rank 0 could not open the store (its error says why); stopping",
-    ]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("wordystore train:")]
+    assert len(lines) == 2 and all(f"{tmp / 'ddp.zarr'} already holds a trajectory; --overwrite" in x for x in lines)
     assert wordystore.open(tmp / "ddp.zarr").commit_record == before
+    # a place rank 0 cannot create a store in: rank 0 says why, the other rank that it stops
+    (tmp / "a-file").write_text("not a directory")
+    out = tmp / "a-file" / "run.zarr"
+    done = torchrun(2, "--no-python", WORDYSTORE, "train", str(out), "--batch-size", "2", *TINY)
+    assert done.returncode != 0
+    # two processes write to one pipe: their lines may interleave, so split on the command's prefix
+    said = sorted((x.strip().splitlines() or [""])[0] for x in done.stderr.split("wordystore train: ")[1:])
+    assert len(said) == 2 and said[0].startswith(f"error: {out}: ")
+    assert said[1] == "error: rank 1: rank 0 could not open the store (its error says why); stopping"
+    assert (tmp / "a-file").read_text() == "not a directory"
