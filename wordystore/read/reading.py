@@ -350,8 +350,8 @@ class ChunkReader:
     def _decoded(self, reads: list[ChunkRead], data: list) -> list[np.ndarray]:
         """The values of some chunks of one shard, in stored order; a predicted moment's rebuilt
         from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the rows for several
-        chunks, not one per chunk: the replay's numpy calls take the GIL between them, and many
-        small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
+        chunks, not one per chunk: the replay's torch operations take the GIL between them, and
+        many small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
         if not reads or reads[0].layout.prediction is None:
             return [self._decode(read, chunk) for read, chunk in zip(reads, data)]
         rebuilt = []
