@@ -92,6 +92,25 @@ def test_a_failure_in_the_child_process_surfaces_in_the_caller(tmp_path):
     assert len(wordystore.open(path)) == 0
 
 
+def test_a_child_process_resuming_rows_left_uncompacted_compacts_them_before_it_waits(tmp_path):
+    """A writer killed with compaction far behind (here: compacting only at close) leaves committed
+    rows in the hot tier; the resumed writer's first append waits for compaction when it is two
+    chunks behind, so the child must compact them at once, not at its first commit."""
+    path = tmp_path / "t.zarr"
+    script = (
+        "import os, signal, sys; import faults_writer as fw; w = fw.create(sys.argv[1], compaction_threads=0); "
+        "fw.append(w, fw.STEPS[:12]); w.flush(); os.kill(os.getpid(), signal.SIGKILL)"  # 3 chunks, none compacted
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}  # this checkout's wordystore
+    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=HERE, env=env)
+    assert done.returncode == -signal.SIGKILL
+    record = wordystore.open(path).commit_record
+    assert (record.committed_rows, record.compacted_rows) == (12, 0)
+    with wordystore.resume(path, writer_process=True, keep_states=fw.KEEP_STATES) as w:
+        fw.append(w, fw.STEPS[12:])
+    assert_rows(path, fw.STEPS)
+
+
 KILLED = """
 import os, signal, sys
 import faults_writer as fw

@@ -130,6 +130,10 @@ class Background:
         self._deletions: list[Future] = []
         self._failed = False  # a block failed: later ones must not commit past it
         self.on_commit: Callable[[CommitRecord], None] | None = None  # called after every commit
+        # Rows a killed writer committed whole but did not compact (a resume) are compacted from now
+        # on, not from this writer's first commit: a writer's appends wait for compaction when it is
+        # two chunks behind, and in a child process they cannot see whether it runs.
+        self._start_compaction()
 
     @property
     def record(self) -> CommitRecord:
