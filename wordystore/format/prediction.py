@@ -241,7 +241,9 @@ class AdamStepPrediction:
     Python float, ``add_(eps)``, ``addcdiv_``, whose ``value * t1 / t2`` is computed in that order).
     The first row of each main chunk has no row before it in the chunk: it is predicted as 0
     (stored as its own bits), so every chunk decodes on its own. On the seed run the other rows
-    are predicted exactly for 99.8% (row 1) to 100.00% of their values.
+    are predicted exactly for 99.8% (row 1) to 100.00% of their values. A float32 parameter: the
+    same lines without the bfloat16 roundings (the square root is IEEE's, which torch's float32
+    ``sqrt`` is not always: a few values then differ from torch's step, their residuals exact).
     """
 
     exp_avg: str  # the bfloat16 kinds holding the moments after each step (same shape)

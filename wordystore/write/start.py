@@ -82,8 +82,8 @@ def create(
     archive profile's parameter too: docs/format.md, "Predicted kinds"). ``storage_options``: a
     URL's endpoint, region and credentials (default: from the environment;
     :func:`wordystore.store.objectstore.open_url`). ``write_threads`` and ``compaction_threads`` size the
-    writer's pools, and ``writer_process`` runs them in a child process (default: from the machine
-    and ``WORDYSTORE_WRITE_THREADS``, ``WORDYSTORE_COMPACTION_THREADS``,
+    writer's pools, and ``writer_process`` runs them in a child process (default: a child wherever one
+    can run; the rest from the machine and ``WORDYSTORE_WRITE_THREADS``, ``WORDYSTORE_COMPACTION_THREADS``,
     ``WORDYSTORE_WRITER_PROCESS``; ``compaction_threads=0`` compacts only at close; a child process
     needs a local store: :class:`wordystore.WriterPools`); the choice is recorded with every commit
     (``commit.json``'s ``writer``; ``wordystore info`` shows it). Everything is checked before
