@@ -287,13 +287,19 @@ def serve(
             store, meta, json_documents.read_commit(store), layouts, ring, durable, keep_states, pools, idle=idle
         )
         background.on_commit = lambda record: send(("record", record.to_json()))
-        send(("ready",))
         failed = []
 
-        def report(future: Future) -> None:
-            if future.exception() is not None and not failed:
+        def fail(exc: BaseException) -> None:
+            if not failed:
                 failed.append(True)
-                send(("failed", "".join(traceback.format_exception(future.exception()))))
+                send(("failed", "".join(traceback.format_exception(exc))))
+
+        def report(future: Future) -> None:
+            if future.exception() is not None:
+                fail(future.exception())
+
+        background.on_compaction_failure = fail
+        send(("ready",))
 
         while True:
             try:
