@@ -8,6 +8,7 @@ as a whole process (:func:`recording_runs`) and reads the JSON line it prints la
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,12 +35,19 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self.began)
 
 
+def cpu_seconds() -> float:
+    """This process's CPU seconds and its waited-for children's (the writer's child process)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def timed_runs(modes: list[str], out: str, args: dict) -> list[dict]:
     """Train ``RunConfig(**args)`` once per mode into ``out.<mode>``; per mode, the steps' times after
     the first two (which warm caches and allocators) and the writer's close."""
     results = []
     for mode in modes:
         clock = StepClock()
+        began = cpu_seconds()
         summary = run.train(
             f"{out}.{mode}", RunConfig(**args), progress=False, record=mode == "recording", callbacks=[clock]
         )
@@ -51,6 +59,8 @@ def timed_runs(modes: list[str], out: str, args: dict) -> list[dict]:
                 "train_s": float(np.sum(steady)),
                 "steps_per_s": len(steady) / float(np.sum(steady)),
                 "close_s": summary.get("close_seconds", 0.0),
+                "cpu_s": cpu_seconds() - began,
+                "steps": len(clock.times),
             }
         )
     return results

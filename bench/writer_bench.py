@@ -173,6 +173,47 @@ def hot_codecs(path: Path, rows: list[dict], vocab: int, dim: int) -> dict[str, 
     return rates
 
 
+def fed_from_memory(path: Path, rows: list[dict], vocab: int, dim: int) -> float:
+    """Rows/s of a writer with the machine's default pools (a child process where it can run)
+    fed ``rows`` from memory as fast as it takes them, from the second append to the end of close
+    (the first, flushed, starts the child process)."""
+    import wordystore
+
+    kinds, predictions = kinds_and_predictions(vocab, dim)
+    shutil.rmtree(path, ignore_errors=True)
+    with wordystore.create(path, kinds, predictions=predictions) as w:
+        w.append(0, **rows[0])
+        w.flush()
+        began = time.perf_counter()
+        for i, row in enumerate(rows[1:], start=1):
+            w.append(i, **row)
+    seconds = time.perf_counter() - began
+    shutil.rmtree(path, ignore_errors=True)
+    return (len(rows) - 1) / seconds
+
+
+def lz4_alone(rows: list[dict], threads: int) -> float:
+    """Rows/s of blosc lz4 (level 5, byte shuffle) alone compressing the same rows' tensors (from
+    the second row, as :func:`fed_from_memory` counts them) on ``threads`` threads, a row a task:
+    the floor a writer's cost is compared with."""
+    import numcodecs
+
+    from wordystore.format.kinds import torch_to_numpy
+
+    codec = numcodecs.Blosc("lz4", 5, numcodecs.Blosc.SHUFFLE, 0)
+    arrays = [[torch_to_numpy(v) for v in row.values() if isinstance(v, torch.Tensor)] for row in rows[1:]]
+    numcodecs.blosc.set_nthreads(1)
+
+    def compress(row: list[np.ndarray]) -> int:
+        return sum(len(codec.encode(np.ascontiguousarray(a).view(f"V{a.dtype.itemsize}"))) for a in row)
+
+    with ThreadPoolExecutor(threads) as pool:
+        began = time.perf_counter()
+        list(pool.map(compress, arrays))
+        seconds = time.perf_counter() - began
+    return len(arrays) / seconds
+
+
 def measure(rows: list[dict], thread_counts: list[int], vocab: int, dim: int, where: Path) -> dict:
     """Ingest and compaction by thread count, the hot codecs, and the GIL a Python-bound thread
     loses per recorded row with the pools beside it and in a child process."""
@@ -185,6 +226,8 @@ def measure(rows: list[dict], thread_counts: list[int], vocab: int, dim: int, wh
     results["hot_codecs"] = hot_codecs(path, rows, vocab, dim)
     results["gil_threads_ms"] = recording_gil(path, rows, max(thread_counts), vocab, dim, process=False)
     results["gil_process_ms"] = recording_gil(path, rows, max(thread_counts), vocab, dim, process=True)
+    results["fed_rows_per_s"] = fed_from_memory(path, rows, vocab, dim)
+    results["lz4_rows_per_s"] = lz4_alone(rows, max(thread_counts))
     return results
 
 

@@ -83,6 +83,9 @@ def state(step: int) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def create(path, **args) -> wordystore.TrajectoryWriter:
+    """The suite's writer, its pools in this process unless asked otherwise: the census counts, and
+    the kills stop, the store writes of this process (a child process's are tested in test_pools.py)."""
+    args.setdefault("writer_process", False)
     return wordystore.create(
         path,
         KINDS,

@@ -46,9 +46,27 @@ def test_the_quick_benchmark_measures_every_row(tmp_path):
         "GIL a Python-bound loop loses per recorded row, pools beside training",
         "GIL a Python-bound loop loses per recorded row, pools in a child process",
         "serial part (GIL held)",
+        "whole main job, steps 3..",
+        "core-seconds recording adds to the main job beyond the codec's own encode",
+        "a plain PyTorch loop of the seed model",
+        "writer fed those rows from memory",
     ):
         assert measure in table, measure
     assert not list(tmp_path.glob("wordystore-bench-*"))  # its scratch space is cleaned up
+
+    # the codec table, on the same (cached) quick store
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--codecs", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    codecs = (ROOT / "bench" / "results" / "codecs-quick.md").read_text()
+    for measure in ("| grads | pcodec level 8 |", "| momentum | blosc zstd 1, bit shuffle |", "byte planes, zstd 1"):
+        assert measure in codecs, measure
 
     # The GPU table's sections over a recorded store need no GPU: they run here on the quick store.
     script = (

@@ -110,8 +110,8 @@ def test_a_corrupt_chunk_names_the_array_and_the_chunk(writer, tmp_path):
 
 
 def test_a_background_failure_surfaces_in_the_caller(tmp_path):
-    w = wordystore.create(tmp_path / "t.zarr", KINDS, block_rows=1, chunk_rows=2)
-    w._background._hot["emb"] = None  # sabotage the background write of the next block
+    w = wordystore.create(tmp_path / "t.zarr", KINDS, block_rows=1, chunk_rows=2, writer_process=False)
+    w._background._hot["emb"] = None  # sabotage the background write of the next block (in this process)
     w.append(0, **good(0))
     with pytest.raises(wordystore.WriterFailedError, match="background writer"):
         w.flush()

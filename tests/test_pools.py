@@ -29,7 +29,7 @@ def test_pools_are_sized_for_training_first(monkeypatch):
     for name in ("WORDYSTORE_WRITE_THREADS", "WORDYSTORE_COMPACTION_THREADS", "WORDYSTORE_WRITER_PROCESS"):
         monkeypatch.delenv(name, raising=False)
     gpu, cpu = WriterPools.for_machine(gpu=True), WriterPools.for_machine(gpu=False)
-    assert gpu.process and gpu.ring_blocks == 3 and not cpu.process and cpu.ring_blocks == 1
+    assert gpu.process and gpu.ring_blocks == 3 and cpu.process and cpu.ring_blocks == 1  # a child on every machine
     assert "GPU training" in gpu.sized_for and "CPU training" in cpu.sized_for
     monkeypatch.setenv("WORDYSTORE_COMPACTION_THREADS", "0")
     monkeypatch.setenv("WORDYSTORE_WRITER_PROCESS", "0")
@@ -53,7 +53,7 @@ def test_pools_are_sized_for_training_first(monkeypatch):
 def test_a_bad_pool_setting_is_one_clear_error_before_anything_is_written(tmp_path, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=message):
-        fw.create(tmp_path / "t.zarr")
+        fw.create(tmp_path / "t.zarr", writer_process=None)  # None: the environment decides
     assert not (tmp_path / "t.zarr").exists()
 
 
@@ -93,6 +93,25 @@ def test_a_failure_in_the_child_process_surfaces_in_the_caller(tmp_path):
     assert len(wordystore.open(path)) == 0
 
 
+def test_a_child_process_resuming_rows_left_uncompacted_compacts_them_before_it_waits(tmp_path):
+    """A writer killed with compaction far behind (here: compacting only at close) leaves committed
+    rows in the hot tier; the resumed writer's first append waits for compaction when it is two
+    chunks behind, so the child must compact them at once, not at its first commit."""
+    path = tmp_path / "t.zarr"
+    script = (
+        "import os, signal, sys; import faults_writer as fw; w = fw.create(sys.argv[1], compaction_threads=0); "
+        "fw.append(w, fw.STEPS[:12]); w.flush(); os.kill(os.getpid(), signal.SIGKILL)"  # 3 chunks, none compacted
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}  # this checkout's wordystore
+    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=HERE, env=env)
+    assert done.returncode == -signal.SIGKILL
+    record = wordystore.open(path).commit_record
+    assert (record.committed_rows, record.compacted_rows) == (12, 0)
+    with wordystore.resume(path, writer_process=True, keep_states=fw.KEEP_STATES) as w:
+        fw.append(w, fw.STEPS[12:])
+    assert_rows(path, fw.STEPS)
+
+
 KILLED = """
 import os, signal, sys
 import faults_writer as fw
@@ -107,7 +126,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_a_killed_parent_leaves_its_child_to_finish_the_blocks_given_then_the_store_resumes(tmp_path):
     path = tmp_path / "t.zarr"
     done = subprocess.run(
-        [sys.executable, "-c", KILLED, str(path)], cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)}
+        [sys.executable, "-c", KILLED, str(path)],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])},
     )
     assert done.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 60

@@ -10,8 +10,11 @@ Both are pools of :class:`IdlePool`: their threads run on idle CPU time only (Li
 when a core would otherwise idle), so training never waits for them. When they fall behind (the
 machine has too little idle time), the thread that must wait for them, an append or ``close()``,
 runs their queued tasks itself at its own priority: backpressure turns into the training thread
-doing the writer's work, counted in ``writer.stats()``. With a GPU they run in a child process
-instead (:mod:`wordystore.write.child_process`), at nice 10, away from the training loop's GIL.
+doing the writer's work, counted in ``writer.stats()``. By default they run in a child process
+instead (:mod:`wordystore.write.child_process`), away from the training process's GIL: on idle CPU
+time there too when the CPU trains, at nice 10 when a GPU does (its cores are free); in the
+training process only where no child can run (object storage, no room in ``/dev/shm``, or
+``WORDYSTORE_WRITER_PROCESS=0``).
 
 :meth:`WriterPools.for_machine` sizes them from the CPUs this process may run on
 (``os.sched_getaffinity``), the threads training keeps busy (``torch.get_num_threads()`` when
@@ -68,7 +71,8 @@ class WriterPools:
     ) -> WriterPools:
         """Pools for this machine: training's threads first, then the writer's. ``gpu`` (default:
         whether CUDA is available) says whether a GPU trains, leaving the CPU's cores but one free
-        and the training loop Python-bound: then the pools run in a child ``process`` by default
+        and the training loop Python-bound. The pools run in a child ``process`` by default, on
+        every machine: the writer's Python then never holds training's GIL
         (``WORDYSTORE_WRITER_PROCESS=0`` or ``1`` decides otherwise)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         gpu = torch.cuda.is_available() if gpu is None else gpu
@@ -79,7 +83,7 @@ class WriterPools:
         # CPU, slices of both cores that one thread takes in turn (each more holds a tile of rows
         # in memory: the writer's budget is about 300 MB beside its 230 MB ring).
         compact = _threads(compaction_threads, COMPACTION_THREADS_ENV, free if gpu else 1, allow_zero=True)
-        child = _flag(process, PROCESS_ENV, gpu)
+        child = _flag(process, PROCESS_ENV, True)
         sized_for = f"{cores} cores, {training} for {'GPU' if gpu else 'CPU'} training"
         return cls(write, compact, GPU_RING_BLOCKS if gpu else 1, sized_for, child)
 

@@ -40,7 +40,7 @@ from wordystore.format.keys import (
     vocab_size,
 )
 from wordystore.format.kinds import Kind, numpy_dtype
-from wordystore.format.prediction import AdamStepPrediction, Prediction, prediction_from_json
+from wordystore.format.prediction import RESIDUAL_DTYPES, AdamStepPrediction, Prediction, prediction_from_json
 
 # -- array encodings ------------------------------------------------------------------------------------
 
@@ -283,7 +283,7 @@ class Profile:
         """``prediction`` (compact and archive profiles): store the kind as residuals against it, in
         an array named for them (:func:`array_path`)."""
         predicted = prediction is not None and self.name in RESIDUAL_PROFILES
-        dtype = "int16" if predicted else stored_dtype(kind, self.name, version)
+        dtype = RESIDUAL_DTYPES[kind.dtype] if predicted else stored_dtype(kind, self.name, version)
         attributes = residual_attributes(name, prediction, version) if predicted else _view_attributes(kind, dtype)
         chunk, shard = _cut(kind, chunk_rows)
         transpose = Transpose((*range(1, len(chunk)), 0)) if len(chunk) > 1 else None
@@ -379,8 +379,8 @@ def _is_count(n) -> bool:
 
 
 def check_predictions(predictions: dict[str, Prediction], kinds: dict[str, Kind], profile: str = "compact") -> None:
-    """Each prediction rebuilds a bfloat16 kind from other arrays of the store: its first
-    ``TENSORS`` inputs bfloat16 kinds of the kind's shape, the others 0-d arrays (a value per row),
+    """Each prediction rebuilds a bfloat16 or float32 kind from other arrays of the store: its first
+    ``TENSORS`` inputs kinds of the kind's shape and dtype, the others 0-d arrays (a value per row),
     without a cycle through other predicted kinds (a reader would never finish). A parameter is
     predicted from its moments (:class:`AdamStepPrediction`) in the archive profile, and only there:
     it reads several times slower."""
@@ -391,14 +391,15 @@ def check_predictions(predictions: dict[str, Prediction], kinds: dict[str, Kind]
         rows = [arrays.get(i) for i in p.inputs[p.TENSORS :]]
         if (
             kind is None
-            or kind.dtype != "bfloat16"
+            or kind.dtype not in RESIDUAL_DTYPES
             or name in p.inputs
-            or not all(a is not None and a.shape == kind.shape and a.dtype == "bfloat16" for a in shaped)
+            or not all(a is not None and a.shape == kind.shape and a.dtype == kind.dtype for a in shaped)
             or not all(a is not None and a.shape == () and a.dtype != "bool" for a in rows)
         ):
             raise ValueError(
-                f"prediction of {name!r} needs bfloat16 kinds {[name, *p.inputs[: p.TENSORS]]} of one shape "
-                f"and 0-d arrays {list(p.inputs[p.TENSORS :])}; the kinds are {sorted(kinds)}"
+                f"prediction of {name!r} needs kinds {[name, *p.inputs[: p.TENSORS]]} of one shape and one "
+                f"dtype, bfloat16 or float32, and 0-d arrays {list(p.inputs[p.TENSORS :])}; the kinds are "
+                f"{sorted(kinds)}"
             )
         if isinstance(p, AdamStepPrediction) and arrays[p.steps].dtype not in INTEGER_DTYPES:
             raise ValueError(

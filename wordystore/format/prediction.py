@@ -1,7 +1,9 @@
 """Predicted kinds: a kind's main-tier rows stored as residuals against a replay of the optimizer
-(docs/format.md, "Predicted kinds"). Pure numpy, beside the codecs it feeds:
+(docs/format.md, "Predicted kinds"). Pure computation, beside the codecs it feeds:
 :class:`wordystore.read.reading.ChunkReader` rebuilds a chunk with ``rebuild``, compaction encodes one
-with ``residuals``.
+with ``residuals``. The replays are torch operations on buffers allocated once a call, each on at
+most :data:`GRAIN` values, so that it runs on the calling thread (a pool's) and releases the GIL;
+``tests/prediction_reference.py`` holds the same replays in numpy, the tests' independent check.
 
 - :class:`AdamPrediction` (``"adam"``): Adam's moments from the gradients and each step's clipping;
 - :class:`AdamStepPrediction` (``"adamw_step"``): a parameter from its row before and this row's
@@ -10,7 +12,8 @@ with ``residuals``.
 Every prediction names the arrays it reads (``inputs``): the same rows of kinds of the predicted
 kind's shape, or of 0-d arrays (one value per row). It predicts a chunk's rows from its first row on,
 so that every chunk decodes on its own, and stores ``(bits(row) - bits(prediction)) mod 2**16`` as
-int16: lossless whatever the prediction's quality.
+int16 (a bfloat16 kind) or ``mod 2**32`` as int32 (a float32 kind, :class:`Numbers`): lossless
+whatever the prediction's quality.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from wordystore.format.bfloat16 import NUMPY_BFLOAT16 as BFLOAT16
 
@@ -52,7 +56,9 @@ class AdamPrediction:
         exp_avg_sq: pred = bf16(bf16(prev * f32(beta)) + f32(1 - beta) * g * g)
 
     all in float32 arithmetic, one rounding per operation (IEEE, round to nearest even), a NaN
-    prediction taken as the bits 0x7FC0. The
+    prediction taken as the bits 0x7FC0. A float32 moment: without the bfloat16 roundings, the
+    clip coefficient as ``clip_grad_norm_`` computes it on float32 and each update's last multiply
+    and add fused, as torch's ``lerp_`` and ``addcmul_`` fuse them (docs/format.md). The
     stored value is ``(bits(row) - bits(pred)) mod 2**16`` as int16; a reader adds it back. It is
     lossless whatever the prediction's quality; on the seed run 97-99% of the residuals are 0.
 
@@ -108,66 +114,112 @@ class AdamPrediction:
             doc.get("clip"),
         )
 
-    def _clip(self, inputs: list[np.ndarray], rows: int) -> np.ndarray:
-        """Each of ``rows`` rows' clip coefficient ``c`` (float32, one per row)."""
+    def _clip(self, inputs: list[np.ndarray], rows: int, numbers: Numbers) -> torch.Tensor:
+        """Each of ``rows`` rows' clip coefficient ``c`` (float32, a column: one per row)."""
         f32 = np.float32
         if self.clip is not None:
-            return np.asarray(inputs[1], f32)
-        if self.max_norm is None:
-            return np.ones(rows, f32)
-        return _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(np.asarray(inputs[1], f32)) + f32(1e-6))))
-
-    def _predict(self, prev: np.ndarray, grad: np.ndarray, clip: np.ndarray) -> np.ndarray:
-        """float32 ``prev`` rows, their bfloat16 ``grad`` rows (or the uint16 bits) and clip
-        coefficients -> the predicted rows' bfloat16 bits (uint16). Rows along the first axis; any
-        number of them at once."""
-        f32 = np.float32
-        grad = grad.view(BFLOAT16) if grad.dtype == np.uint16 else grad
-        g = _bf16(grad.astype(f32) * clip.reshape(-1, *(1,) * (grad.ndim - 1)))
-        if self.moment == "exp_avg":
-            pred = prev + f32(1 - self.beta) * (g - prev)
+            clip = np.asarray(inputs[1], f32)
+        elif self.max_norm is None:
+            clip = np.ones(rows, f32)
         else:
-            pred = _bf16(prev * f32(self.beta)) + f32(1 - self.beta) * g * g
-        return _bits(pred)
+            norm = np.asarray(inputs[1], f32)
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                if numbers.rounds:
+                    clip = _bf16(np.minimum(f32(1), f32(self.max_norm) / (_bf16(norm) + f32(1e-6))))
+                else:  # as clip_grad_norm_ computes it: max_norm / t is t.reciprocal() * max_norm
+                    clip = np.minimum(f32(1), (f32(1) / (norm + f32(1e-6))) * f32(self.max_norm))
+        return torch.from_numpy(np.array(clip, f32).reshape(-1, 1))
+
+    def _predict_into(self, prev: torch.Tensor, grad: torch.Tensor, clip: torch.Tensor, bits: torch.Tensor, buf):
+        """Rows of float32 ``prev``, their ``grad`` (the kind's dtype) and clip coefficients (a
+        column) -> the predicted rows' bits, written into ``bits`` (int16 or int32). Every
+        operation on at most :data:`GRAIN` values, temporaries from ``buf``."""
+        numbers, shape = Numbers.of(bits), prev.shape
+        w = float(np.float32(1 - self.beta))
+        g, t = buf.take("g", shape), buf.take("t", shape)
+        torch.mul(grad, clip, out=g)  # the clipped gradient, in float32
+        numbers.round(g, buf)
+        if numbers.rounds:  # bfloat16: each operation rounded to float32 on its own
+            if self.moment == "exp_avg":
+                torch.sub(g, prev, out=t)
+                t.mul_(w).add_(prev)
+            else:
+                torch.mul(prev, float(np.float32(self.beta)), out=t)
+                numbers.round(t, buf)
+                u = buf.take("u", shape)
+                torch.mul(g, w, out=u).mul_(g)
+                t.add_(u)
+        else:  # float32: torch's lerp_ and addcmul_ kernels fuse the last multiply and add (float64, below)
+            wide = buf.take("wide", shape, torch.float64)
+            if self.moment == "exp_avg":
+                torch.sub(g, prev, out=t)
+                wide.copy_(t)
+                small = w < 0.5  # lerp's two forms: prev + w * (g - prev), or g + (w - 1) * (g - prev)
+                wide.mul_(w if small else float(np.float32(w) - np.float32(1))).add_(prev if small else g)
+            else:
+                torch.mul(prev, float(np.float32(self.beta)), out=t)
+                torch.mul(g, w, out=buf.take("u", shape))
+                wide.copy_(buf.take("u", shape)).mul_(g).add_(t)
+            t.copy_(wide)
+        numbers.bits_into(t, bits, buf)
+
+    def _predicted(self, prev: np.ndarray, grads: np.ndarray, clip: float) -> np.ndarray:
+        """One row's prediction (bits) from float32 ``prev``, its gradient row and clip coefficient."""
+        numbers = Numbers.of(grads)
+        bits = np.empty(grads.shape, numbers.bits)
+        flat_prev, flat_grads, flat_bits = (a.reshape(1, -1) for a in (np.asarray(prev, np.float32), grads, bits))
+        clip_column = torch.full((1, 1), float(np.float32(clip)))
+        buf = _Buffers()
+        for cols in _column_blocks(flat_bits.shape[1], 1):
+            prev_t = torch.from_numpy(np.ascontiguousarray(flat_prev[:, cols]))
+            grad_t = numbers.tensor(flat_grads[:, cols])
+            self._predict_into(prev_t, grad_t, clip_column, numbers.tensor(flat_bits[:, cols], bits=True), buf)
+        return bits
 
     def residuals(
         self, moment: np.ndarray, inputs: list[np.ndarray], axis: int = 0, in_place: bool = False
     ) -> np.ndarray:
-        """int16 residuals of the moment rows along ``axis`` (the chunk's rows, from its first),
-        given the same rows of :attr:`inputs`; ``in_place``: written over ``moment`` (C-ordered,
-        rows first), which saves a tile of memory. Each row is predicted from the recorded row
-        before it, so the rows are predicted all at once, ``ROWS_AT_ONCE`` at a time: a few numpy
-        calls per chunk rather than per row (each call takes the GIL, which a training loop on a
-        GPU needs)."""
-        bits, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (moment.view(np.uint16), inputs[0]))
-        out = bits if in_place else np.empty(bits.shape, np.uint16)
-        clip = self._clip(inputs, len(bits))
-        prev = np.zeros((min(ROWS_AT_ONCE, len(bits)), *bits.shape[1:]), np.float32)  # before the first row: zeros
-        last = None  # the last row of the previous rows, as recorded
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for a in range(0, len(bits), ROWS_AT_ONCE):
-                b = min(a + ROWS_AT_ONCE, len(bits))
-                if a:
-                    prev[0] = last.view(BFLOAT16)
-                prev[1 : b - a] = bits[a : b - 1].view(BFLOAT16)
-                last = bits[b - 1].copy()  # the next rows' first prediction needs it, as recorded
-                np.subtract(bits[a:b], self._predict(prev[: b - a], grads[a:b], clip[a:b]), out=out[a:b])
-        return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int16)
+        """Residuals (int16 for bfloat16, int32 for float32) of the moment rows along ``axis`` (the
+        chunk's rows, from its first), given the same rows of :attr:`inputs`; ``in_place``: written
+        over ``moment`` (C-ordered, rows first), which saves a tile of memory. Each row is predicted
+        from the recorded row before it, so all rows are predicted at once, a block of columns at a
+        time (torch operations on at most :data:`GRAIN` values each, which run on the calling
+        thread and release the GIL)."""
+        numbers = Numbers.of(moment)
+        bits, grads = (_rows_first(a, axis) for a in (moment.view(numbers.bits), inputs[0]))
+        out = bits if in_place else np.empty(bits.shape, numbers.bits)
+        rows, columns = bits.shape
+        clip = self._clip(inputs, rows, numbers)
+        buf = _Buffers()
+        for cols in _column_blocks(columns, rows):
+            shape = (rows, cols.stop - cols.start)
+            prev, pred = buf.take("prev", shape), buf.take("pred", shape, numbers.torch_bits)
+            prev[0] = 0  # before the chunk's first row: zeros
+            prev[1:] = numbers.tensor(bits[:-1, cols])
+            self._predict_into(prev, numbers.tensor(grads[:, cols]), clip, pred, buf)
+            np.subtract(bits[:, cols], pred.numpy().view(numbers.bits), out=out[:, cols])
+        return _restore(out, moment, axis).view(numbers.residuals)
 
     def rebuild(self, residuals: np.ndarray, inputs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        """The moment rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone.
-        Row by row, each predicted from the one just rebuilt. The walk runs on row-major copies: in
-        a chunk's stored order each row is strided, and 5x slower to compute on. The result is
-        C-ordered like ``residuals``."""
-        rows, grads = (np.ascontiguousarray(np.moveaxis(a, axis, 0)) for a in (residuals.view(np.uint16), inputs[0]))
-        clip = self._clip(inputs, len(rows))
-        out = np.empty(rows.shape, np.uint16)
-        prev = np.zeros((1, *rows.shape[1:]), np.float32)
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            for r in range(rows.shape[0]):
-                np.add(self._predict(prev, grads[r : r + 1], clip[r : r + 1])[0], rows[r], out=out[r])
-                prev[0] = out[r].view(BFLOAT16)
-        return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+        """The moment rows' bits (uint16 for bfloat16, uint32 for float32) from their residuals:
+        :meth:`residuals` undone. Row by row, each predicted from the one just rebuilt. The walk runs
+        on row-major copies: in a chunk's stored order each row is strided, and 5x slower to
+        compute on. The result is C-ordered like ``residuals``."""
+        numbers = Numbers.of(residuals)
+        rows_in, grads = (_rows_first(a, axis) for a in (residuals.view(numbers.bits), inputs[0]))
+        out = np.empty(rows_in.shape, numbers.bits)
+        rows, columns = out.shape
+        clip = self._clip(inputs, rows, numbers)
+        buf = _Buffers()
+        for cols in _column_blocks(columns, 1):
+            shape = (1, cols.stop - cols.start)
+            prev, pred = buf.take("prev", shape), buf.take("pred", shape, numbers.torch_bits)
+            prev.zero_()
+            for r in range(rows):
+                self._predict_into(prev, numbers.tensor(grads[r : r + 1, cols]), clip[r : r + 1], pred, buf)
+                np.add(rows_in[r : r + 1, cols], pred.numpy().view(numbers.bits), out=out[r : r + 1, cols])
+                prev.copy_(numbers.tensor(out[r : r + 1, cols]))
+        return _restore(out, residuals, axis)
 
 
 @dataclass(frozen=True)
@@ -189,7 +241,9 @@ class AdamStepPrediction:
     Python float, ``add_(eps)``, ``addcdiv_``, whose ``value * t1 / t2`` is computed in that order).
     The first row of each main chunk has no row before it in the chunk: it is predicted as 0
     (stored as its own bits), so every chunk decodes on its own. On the seed run the other rows
-    are predicted exactly for 99.8% (row 1) to 100.00% of their values.
+    are predicted exactly for 99.8% (row 1) to 100.00% of their values. A float32 parameter: the
+    same lines without the bfloat16 roundings (the square root is IEEE's, which torch's float32
+    ``sqrt`` is not always: a few values then differ from torch's step, their residuals exact).
     """
 
     exp_avg: str  # the bfloat16 kinds holding the moments after each step (same shape)
@@ -232,56 +286,87 @@ class AdamStepPrediction:
             *(_number(doc[k]) for k in ("beta1", "beta2", "eps", "weight_decay")),
         )
 
-    def _updates(self, inputs: list[np.ndarray], axis: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per row (rows first): ``(s * exp_avg) / den`` as float32, and the weight-decay factor
-        ``d`` (None without weight decay)."""
+    def _scalars(self, inputs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per row, as float32 columns: the step size ``s``, ``k`` and the weight-decay factor ``d``
+        (None without weight decay), from each row's learning rate and step in float64."""
         f32 = np.float32
-        m, v = (_float(np.moveaxis(a, axis, 0)) for a in inputs[:2])
         lr, steps = np.asarray(inputs[2], np.float64), inputs[3]
-        rows = (len(m), *(1,) * (m.ndim - 1))
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             bc1 = np.array([1 - _power(self.beta1, int(n)) for n in steps])
             bc2 = np.array([1 - _power(self.beta2, int(n)) for n in steps])
-            s = (-(lr / bc1)).astype(f32).reshape(rows)
-            k = np.sqrt(bc2).astype(f32).reshape(rows)
-            den = _bf16(_bf16(_bf16(np.sqrt(v)) / k) + f32(self.eps))
-            decay = None if self.weight_decay == 0 else (1 - lr * self.weight_decay).astype(f32).reshape(rows)
-            return (s * m) / den, decay
+            s = (-(lr / bc1)).astype(f32)
+            k = np.sqrt(bc2).astype(f32)
+            decay = None if self.weight_decay == 0 else (1 - lr * self.weight_decay).astype(f32)
+        return tuple(None if a is None else torch.from_numpy(np.array(a, f32).reshape(-1, 1)) for a in (s, k, decay))
+
+    def _predict_into(self, prev, m, v, scalars, bits: torch.Tensor, buf) -> None:
+        """Rows of the float32 parameter ``prev`` before, this step's moments ``m`` and ``v`` (the
+        kind's dtype) and their rows' ``(s, k, d)`` -> the predicted rows' bits, into ``bits``."""
+        numbers, shape = Numbers.of(bits), prev.shape
+        s, k, decay = scalars
+        den, update = buf.take("den", shape), buf.take("update", shape)
+        den.copy_(v)
+        with np.errstate(invalid="ignore"):  # IEEE's square root: torch's float32 sqrt is not correctly rounded
+            np.sqrt(den.numpy(), out=den.numpy())
+        numbers.round(den, buf)
+        den.div_(k)
+        numbers.round(den, buf)
+        den.add_(float(np.float32(self.eps)))
+        numbers.round(den, buf)
+        torch.mul(m, s, out=update).div_(den)
+        if decay is not None:
+            prev.mul_(decay)
+            numbers.round(prev, buf)
+        numbers.bits_into(prev.add_(update), bits, buf)
 
     def residuals(
         self, values: np.ndarray, inputs: list[np.ndarray], axis: int = 0, in_place: bool = False
     ) -> np.ndarray:
-        """int16 residuals of the parameter rows along ``axis`` (a chunk's rows, from its first):
-        every row predicted at once from the recorded row before it; ``in_place``: written over
-        ``values``."""
-        bits = np.moveaxis(values.view(np.uint16), axis, 0)
-        update, decay = self._updates(inputs, axis)
-        out = bits if in_place else bits.copy()  # the first row: predicted as 0
-        with np.errstate(invalid="ignore", over="ignore"):
-            prev = _float(bits[:-1])
-            if decay is not None:
-                prev = _bf16(prev * decay[1:])
-            out[1:] -= _bits(prev + update[1:])
-        return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int16)
+        """Residuals of the parameter rows along ``axis`` (a chunk's rows, from its first): every row
+        predicted at once from the recorded row before it, a block of columns at a time;
+        ``in_place``: written over ``values``."""
+        numbers = Numbers.of(values)
+        bits = _rows_first(values.view(numbers.bits), axis)
+        m, v = (_rows_first(a, axis) for a in inputs[:2])
+        out = bits if in_place else bits.copy()  # the first row: predicted as 0, its own bits
+        rows, columns = bits.shape
+        s, k, decay = self._scalars(inputs)
+        later = (s[1:], k[1:], None if decay is None else decay[1:])
+        buf = _Buffers()
+        for cols in _column_blocks(columns, rows - 1):
+            shape = (rows - 1, cols.stop - cols.start)
+            prev, pred = buf.take("prev", shape), buf.take("pred", shape, numbers.torch_bits)
+            prev.copy_(numbers.tensor(bits[:-1, cols]))
+            self._predict_into(prev, numbers.tensor(m[1:, cols]), numbers.tensor(v[1:, cols]), later, pred, buf)
+            np.subtract(bits[1:, cols], pred.numpy().view(numbers.bits), out=out[1:, cols])
+        return _restore(out, values, axis).view(numbers.residuals)
 
     def rebuild(self, residuals: np.ndarray, inputs: list[np.ndarray], axis: int = 0) -> np.ndarray:
-        """The parameter rows' bfloat16 bits (uint16) from their residuals: :meth:`residuals` undone,
-        row after row, each predicted from the one just rebuilt."""
-        out = np.moveaxis(residuals.view(np.uint16), axis, 0).copy()  # C order, rows first
-        update, decay = self._updates(inputs, axis)
-        with np.errstate(invalid="ignore", over="ignore"):
-            for r in range(1, len(out)):
-                prev = _float(out[r - 1])
-                if decay is not None:
-                    prev = _bf16(prev * decay[r])
-                out[r] += _bits(prev + update[r])
-        return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+        """The parameter rows' bits from their residuals: :meth:`residuals` undone, row after row,
+        each predicted from the one just rebuilt."""
+        numbers = Numbers.of(residuals)
+        out = _rows_first(residuals.view(numbers.bits), axis).copy()  # the first row: its own bits
+        m, v = (_rows_first(a, axis) for a in inputs[:2])
+        rows, columns = out.shape
+        s, k, decay = self._scalars(inputs)
+        buf = _Buffers()
+        for cols in _column_blocks(columns, 1):
+            shape = (1, cols.stop - cols.start)
+            prev, pred = buf.take("prev", shape), buf.take("pred", shape, numbers.torch_bits)
+            for r in range(1, rows):
+                prev.copy_(numbers.tensor(out[r - 1 : r, cols]))
+                row = (s[r : r + 1], k[r : r + 1], None if decay is None else decay[r : r + 1])
+                self._predict_into(
+                    prev, numbers.tensor(m[r : r + 1, cols]), numbers.tensor(v[r : r + 1, cols]), row, pred, buf
+                )
+                np.add(out[r : r + 1, cols], pred.numpy().view(numbers.bits), out=out[r : r + 1, cols])
+        return _restore(out, residuals, axis)
 
 
-ROWS_AT_ONCE = 4  # rows :meth:`AdamPrediction.residuals` predicts at once (its float32 temporaries stay small)
-CANONICAL_NAN = 0x7FC0  # the bfloat16 quiet NaN a NaN prediction is taken as
+GRAIN = 32768  # torch's grain (at::internal::GRAIN_SIZE): an operation on fewer values runs on the calling thread
 PREDICTIONS = {p.NAME: p for p in (AdamPrediction, AdamStepPrediction)}  # every prediction a store may name
 Prediction = AdamPrediction | AdamStepPrediction
+RESIDUAL_DTYPES = {"bfloat16": "int16", "float32": "int32"}  # a predicted kind's dtype -> its residuals'
 
 
 def prediction_from_json(doc) -> Prediction:
@@ -294,22 +379,98 @@ def prediction_from_json(doc) -> Prediction:
     return PREDICTIONS[name].from_json(doc)
 
 
+@dataclass(frozen=True)
+class Numbers:
+    """The numbers of a predicted kind, bfloat16 or float32: how its values, bits and residuals
+    are held, whether the replay rounds to bfloat16 after the operations the format names, and the
+    quiet NaN a NaN prediction is taken as (NaN payloads from arithmetic differ between machines)."""
+
+    torch_values: torch.dtype
+    torch_bits: torch.dtype
+    bits: np.dtype
+    residuals: np.dtype
+    canonical_nan: int
+    rounds: bool
+
+    @staticmethod
+    def of(array) -> Numbers:
+        """The numbers of an array of the kind's values, bits or residuals (numpy or torch), by item size."""
+        size = array.itemsize if isinstance(array, torch.Tensor) else array.dtype.itemsize
+        if size not in NUMBERS:
+            raise ValueError(f"a predicted kind is bfloat16 or float32; got {array.dtype}")
+        return NUMBERS[size]
+
+    def tensor(self, array: np.ndarray, bits: bool = False) -> torch.Tensor:
+        """A torch tensor over ``array``'s memory (values or bits of this item size), as values or as
+        signed bits: no copy, exact bits."""
+        signed = torch.from_numpy(array.view(self.residuals))
+        return signed if bits else signed.view(self.torch_values)
+
+    def round(self, values: torch.Tensor, buf: _Buffers) -> None:
+        """Round float32 ``values`` in place as one operation of the kind's dtype would (bfloat16:
+        to nearest, ties to even; float32: already)."""
+        if self.rounds:
+            narrow = buf.take("narrow", values.shape, self.torch_values)
+            narrow.copy_(values)
+            values.copy_(narrow)
+
+    def bits_into(self, pred: torch.Tensor, bits: torch.Tensor, buf: _Buffers) -> None:
+        """The float32 prediction ``pred`` rounded to the kind's dtype, as its bits, into ``bits``."""
+        bits.view(self.torch_values).copy_(pred)
+        nan = buf.take("nan", pred.shape, torch.bool)
+        torch.ne(pred, pred, out=nan)
+        bits.masked_fill_(nan, self.canonical_nan)
+
+
+NUMBERS = {
+    2: Numbers(torch.bfloat16, torch.int16, np.dtype(np.uint16), np.dtype(np.int16), 0x7FC0, True),
+    4: Numbers(torch.float32, torch.int32, np.dtype(np.uint32), np.dtype(np.int32), 0x7FC00000, False),
+}
+
+
+class _Buffers:
+    """A replay's temporaries, each allocated once per call at its first block's size (the widest:
+    only the last block of columns is narrower) and viewed at each block's shape."""
+
+    def __init__(self):
+        self._flat = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        size = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or len(flat) < size:
+            flat = self._flat[name] = torch.empty(size, dtype=dtype)
+        return flat[:size].view(shape)
+
+
+def _column_blocks(columns: int, rows: int) -> list[slice]:
+    """Blocks of columns of ``rows`` rows, each of at most :data:`GRAIN` values (at least one column)."""
+    width = max(1, GRAIN // max(rows, 1))
+    return [slice(a, min(a + width, columns)) for a in range(0, columns, width)]
+
+
+def _rows_first(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array``'s rows along ``axis`` as a C-ordered 2-d array (rows, values of a row); ``array``
+    itself, not a copy, when it is already so (residuals computed in place)."""
+    rows = np.ascontiguousarray(np.moveaxis(array, axis, 0))
+    return rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
+
+
+def _restore(rows: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
+    """2-d ``rows`` (from :func:`_rows_first`) back in ``like``'s shape, its rows along ``axis``, C-ordered."""
+    moved = np.moveaxis(like, axis, 0).shape
+    return np.ascontiguousarray(np.moveaxis(rows.reshape(moved), 0, axis))
+
+
 def _bf16(x) -> np.ndarray:
-    """Round float32 to bfloat16 and back (nearest even): one bfloat16 operation's rounding."""
+    """Round float32 to bfloat16 and back (nearest even): one bfloat16 operation's rounding (the
+    per-row clip coefficients)."""
     return np.asarray(x, np.float32).astype(BFLOAT16).astype(np.float32)
 
 
 def _float(bits: np.ndarray) -> np.ndarray:
     """bfloat16 values (or their uint16 bits) as float32, exactly."""
     return bits.view(BFLOAT16).astype(np.float32) if bits.dtype == np.uint16 else bits.astype(np.float32)
-
-
-def _bits(pred: np.ndarray) -> np.ndarray:
-    """A float32 prediction rounded to bfloat16, as its bits (uint16); NaN as :data:`CANONICAL_NAN`
-    (NaN payloads from arithmetic differ between machines)."""
-    bits = pred.astype(BFLOAT16).view(np.uint16)
-    bits[np.isnan(pred)] = CANONICAL_NAN
-    return bits
 
 
 def _power(base: float, n: int) -> float:
@@ -350,11 +511,9 @@ def estimate_clip(prev: np.ndarray, moment: np.ndarray, grads: np.ndarray, beta:
     }
     replay = AdamPrediction("exp_avg", "", None, beta)
     prev32, bits = _float(np.asarray(prev)), np.asarray(moment).view(np.uint16)
-    with np.errstate(invalid="ignore", over="ignore"):
-        exact = {
-            c: int(np.count_nonzero(replay._predict(prev32, np.asarray(grads), np.float32(c)) == bits))
-            for c in sorted(candidates)
-        }
+    exact = {
+        c: int(np.count_nonzero(replay._predicted(prev32, np.asarray(grads), c) == bits)) for c in sorted(candidates)
+    }
     return max(exact, key=lambda c: (exact[c], -abs(c - estimate)))
 
 

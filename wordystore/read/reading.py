@@ -367,8 +367,8 @@ class ChunkReader:
         each out while it is still in the CPU's cache and hands its buffer back for the next (all
         of a shard's decoded first would go through memory, and take a buffer each). A predicted
         moment's are rebuilt from their residuals ``REBUILD_CHUNKS`` at a time (one replay of the
-        rows for several chunks, not one per chunk: the replay's numpy calls take the GIL between
-        them, and many small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
+        rows for several chunks, not one per chunk: the replay's torch operations take the GIL
+        between them, and many small calls do not scale; a few chunks at a time keep its memory to a few MB)."""
         if not reads or not self.rebuild or reads[0].layout.prediction is None:
             for read, chunk in zip(reads, data):
                 yield self._decode(read, chunk)

@@ -1,12 +1,13 @@
 """The writer's background work in a child process of its own, so that the training process's
 Python never waits for it.
 
-On a GPU the training loop is Python-bound: every moment another thread of the process holds the
-GIL, training waits, and the writer's threads take and drop the GIL hundreds of times per row
-(each codec call, each file operation). :class:`RemoteBackground` runs the writer's
-:class:`wordystore.write.committer.Background` in a spawned child instead: the ring lives in shared
-memory (page-locked for the GPU's copies), the training process copies rows into it and sends one
-message per block; the child writes, commits and compacts as the in-process writer would, and
+Every moment another thread of the training process holds the GIL, a training loop waits (on a
+GPU it is Python-bound; on a CPU its Python runs between the operations), and the writer's
+threads take and drop the GIL hundreds of times per row (each codec call, each file operation).
+:class:`RemoteBackground` runs the writer's :class:`wordystore.write.committer.Background` in a
+spawned child instead, on every machine where it can (a local store, room in ``/dev/shm``): the
+ring lives in shared memory (page-locked for a GPU's copies), the training process copies rows
+into it and sends one message per block; the child writes, commits and compacts as the in-process writer would, and
 answers with the commit record after every commit.
 
 The child is a fresh interpreter (``python -c``, not ``multiprocessing``, which would re-run the
@@ -37,13 +38,13 @@ import torch
 from wordystore.errors import WriterFailedError
 from wordystore.format.metadata import Metadata
 from wordystore.format.records import CommitRecord
-from wordystore.pools import WriterPools
+from wordystore.pools import WriterPools, idle_only, yield_to_training
 from wordystore.store import json_documents, storage
 from wordystore.store.resume_state import ResumeState
 from wordystore.store.storage import WriterLock
 from wordystore.write.committer import Background, Ring
 
-CHILD_NICENESS = 10  # the child yields to training, as the in-process writer's threads do
+CHILD_NICENESS = 10  # with a GPU training, the child yields to the training loop's thread (the other cores are free)
 CHILD = "import sys; from wordystore.write.child_process import main; main(sys.argv[1:])"
 
 
@@ -62,7 +63,10 @@ class RemoteBackground:
         pools: WriterPools,
         lock: WriterLock,
         pin: bool,
+        idle: bool,
     ):
+        """``pin``: page-lock the ring for a GPU's copies; ``idle``: the child runs on idle CPU time
+        only (training on the CPU keeps every core busy), else at nice :data:`CHILD_NICENESS`."""
         self.pools, self.durable = pools, durable
         self._record, self._where = record, storage.describe(store)
         arrays = meta.arrays()
@@ -81,7 +85,8 @@ class RemoteBackground:
             stdin=subprocess.DEVNULL,
         )
         os.close(child)
-        _send(self._conn, (str(storage.local_root(store)), self._shm.name, capacity, durable, keep_states, pools))
+        setup = (str(storage.local_root(store)), self._shm.name, capacity, durable, keep_states, pools, idle)
+        _send(self._conn, setup)
         self._cv = threading.Condition()
         self._pending: collections.deque[tuple[Future, int]] = collections.deque()  # (future, end row)
         self._failure: BaseException | None = None
@@ -244,14 +249,16 @@ def serve(
     durable: bool,
     keep_states: int,
     pools: WriterPools,
+    idle: bool,
     lock_fd: int,
 ) -> None:
     """The child process: a :class:`Background` over the shared ring, driven by the parent's
-    messages ("block", first, n, state), ("close",), ("stop",)."""
-    try:
-        os.nice(CHILD_NICENESS)
-    except OSError:
-        pass
+    messages ("block", first, n, state), ("close",), ("stop",). With ``idle`` every thread of it
+    runs on idle CPU time only (set before any thread starts: they inherit it)."""
+    if idle:
+        idle_only()
+    else:
+        yield_to_training(CHILD_NICENESS)
     send_lock = threading.Lock()
 
     def send(message) -> None:
@@ -267,16 +274,22 @@ def serve(
         layouts = json_documents.read_layouts(store, meta)
         ring = Ring(torch.frombuffer(shm.buf, dtype=torch.uint8), meta.arrays(), capacity)
         background = Background(
-            store, meta, json_documents.read_commit(store), layouts, ring, durable, keep_states, pools, idle=False
+            store, meta, json_documents.read_commit(store), layouts, ring, durable, keep_states, pools, idle=idle
         )
         background.on_commit = lambda record: send(("record", record.to_json()))
-        send(("ready",))
         failed = []
 
-        def report(future: Future) -> None:
-            if future.exception() is not None and not failed:
+        def fail(exc: BaseException) -> None:
+            if not failed:
                 failed.append(True)
-                send(("failed", "".join(traceback.format_exception(future.exception()))))
+                send(("failed", "".join(traceback.format_exception(exc))))
+
+        def report(future: Future) -> None:
+            if future.exception() is not None:
+                fail(future.exception())
+
+        background.on_compaction_failure = fail
+        send(("ready",))
 
         while True:
             try:

@@ -130,6 +130,13 @@ class Background:
         self._deletions: list[Future] = []
         self._failed = False  # a block failed: later ones must not commit past it
         self.on_commit: Callable[[CommitRecord], None] | None = None  # called after every commit
+        # called with the exception when the background compaction fails (a child process reports it:
+        # its parent's appends, waiting for compaction, would otherwise wait for ever)
+        self.on_compaction_failure: Callable[[BaseException], None] | None = None
+        # Rows a killed writer committed whole but did not compact (a resume) are compacted from now
+        # on, not from this writer's first commit: a writer's appends wait for compaction when it is
+        # two chunks behind, and in a child process they cannot see whether it runs.
+        self._start_compaction()
 
     @property
     def record(self) -> CommitRecord:
@@ -292,10 +299,12 @@ class Background:
                         self._compaction_cv.notify_all()
                         return
                 self._compact_rows(*chunk, self._compactors)
-        except BaseException:
+        except BaseException as exc:
             with self._compaction_cv:
                 self._compacting = False
                 self._compaction_cv.notify_all()
+            if self.on_compaction_failure is not None:
+                self.on_compaction_failure(exc)
             raise
 
     def _next_chunk(self, final: bool) -> tuple[CommitRecord, int, int] | None:

@@ -106,8 +106,8 @@ def create(
         The writer's pools (default: from the machine and ``WORDYSTORE_WRITE_THREADS``,
         ``WORDYSTORE_COMPACTION_THREADS``; ``compaction_threads=0`` compacts only at close).
     writer_process : bool, optional
-        Run the pools in a child process (default: with a GPU, or ``WORDYSTORE_WRITER_PROCESS``;
-        local stores only; :class:`wordystore.WriterPools`). The choice is recorded with every
+        Run the pools in a child process (default: wherever one can run, a local store with room in
+        /dev/shm; or ``WORDYSTORE_WRITER_PROCESS``; :class:`wordystore.WriterPools`). The choice is recorded with every
         commit (``commit.json``'s ``writer``; ``wordystore info`` shows it).
 
     Returns

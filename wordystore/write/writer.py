@@ -156,7 +156,7 @@ class TrajectoryWriter:
             self.pools = dataclasses.replace(self.pools, process=False)
         if self.pools.process:
             self._background = child_process.RemoteBackground(
-                store, self._meta, record, capacity, durable, keep_states, self.pools, lock, pin
+                store, self._meta, record, capacity, durable, keep_states, self.pools, lock, pin, idle=not pin
             )
         else:
             self._background = Background(
