@@ -1,8 +1,10 @@
 """wordystore.recording on models other than the seed's: every kind in the parameter's own dtype,
 bit for bit against what the test itself saw of the parameters, gradients and optimizer state."""
 
+import numpy as np
 import pytest
 import torch
+import zarr
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import wordystore
@@ -71,9 +73,9 @@ def test_a_float32_llama_trained_by_the_trainer_is_recorded_bit_for_bit_at_every
     for name in RECORDED:
         for kind in (name, f"{name}.grad", f"{name}.exp_avg", f"{name}.exp_avg_sq"):
             assert kinds[kind] == Kind((VOCAB, 32), "float32", ("token", "dim")), kind
-    # the format predicts bfloat16 moments only: these float32 ones are stored plain, not rounded
+    # float32 moments are predicted too (int32 residuals of a replayed float32 AdamW update)
     predictions = predictions_for(kinds, 0.9, 0.999, 1.0)
-    assert predictions == {}
+    assert set(predictions) == {f"{name}.{moment}" for name in RECORDED for moment in ("exp_avg", "exp_avg_sq")}
     writer = wordystore.create(tmp_path / "llama.zarr", kinds, predictions=predictions)
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -105,6 +107,10 @@ def test_a_float32_llama_trained_by_the_trainer_is_recorded_bit_for_bit_at_every
     assert t.logits.dtype == t.losses.dtype == torch.float32
     assert torch.isfinite(t.losses[1:]).all() and (t.grad_norm[1:] > 0).all()
     assert not torch.equal(t[RECORDED[0]][0], t[RECORDED[0]][STEPS])
+    # the float32 moments are stored as int32 residuals, and read back above bit for bit
+    group = zarr.open_group(tmp_path / "llama.zarr", mode="r")
+    for name in RECORDED:
+        assert group[f"{name}.exp_avg.residuals"].dtype == np.int32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -117,10 +123,10 @@ def test_a_plain_loop_records_each_parameter_in_its_own_dtype(tmp_path, dtype):
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
     assert {kinds[k].dtype for k in ("embeddings", "grads", "momentum", "variance", "head", "head.exp_avg")} == {name}
     assert kinds["embeddings"].dims == kinds["head.grad"].dims == ("token", "dim")
-    # the format predicts the moments of bfloat16 parameters only; the others stay as recorded
+    # the format predicts the moments of bfloat16 and float32 parameters; float16 ones stay as recorded
     predictions = predictions_for(kinds, 0.9, 0.999, 1.0)
     assert set(predictions) == (
-        {"momentum", "variance", "head.exp_avg", "head.exp_avg_sq"} if name == "bfloat16" else set()
+        {"momentum", "variance", "head.exp_avg", "head.exp_avg_sq"} if name != "float16" else set()
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3)  # eps: float16 moments stay finite
     data = torch.stack([b["input_ids"] for b in batches(4 * 2)]).view(4, 2, SEQ)

@@ -37,6 +37,11 @@ WRITE_THREADS_ENV = "WORDYSTORE_WRITE_THREADS"
 COMPACTION_THREADS_ENV = "WORDYSTORE_COMPACTION_THREADS"
 PROCESS_ENV = "WORDYSTORE_WRITER_PROCESS"
 MAX_WRITE_THREADS = 4  # a block's hot shards are plain copies and a checksum: 4 threads fill a fast disk
+# A row's bytes from which the pools run in a child process by default: a child costs a process start
+# (torch imported, a second or two) and a message per block, and saves the GIL the pools would hold in
+# the training process for each row, which grows with the row's bytes. Small rows (tests, examples, a
+# tiny model) stay in-process; the seed's 26 MB rows go to a child.
+CHILD_MIN_ROW_BYTES = 8 << 20
 GPU_RING_BLOCKS = 3  # blocks the ring holds when a GPU feeds it: one being written, two to fill meanwhile
 
 
@@ -68,11 +73,13 @@ class WriterPools:
         compaction_threads: int | None = None,
         process: bool | None = None,
         gpu: bool | None = None,
+        row_bytes: int | None = None,
     ) -> WriterPools:
         """Pools for this machine: training's threads first, then the writer's. ``gpu`` (default:
         whether CUDA is available) says whether a GPU trains, leaving the CPU's cores but one free
-        and the training loop Python-bound. The pools run in a child ``process`` by default, on
-        every machine: the writer's Python then never holds training's GIL
+        and the training loop Python-bound. The pools run in a child ``process`` by default where a
+        GPU trains or a row (``row_bytes``, every kind's bytes of one step; unknown: None) is at least
+        :data:`CHILD_MIN_ROW_BYTES`: the writer's Python then never holds training's GIL
         (``WORDYSTORE_WRITER_PROCESS=0`` or ``1`` decides otherwise)."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         gpu = torch.cuda.is_available() if gpu is None else gpu
@@ -83,7 +90,7 @@ class WriterPools:
         # CPU, slices of both cores that one thread takes in turn (each more holds a tile of rows
         # in memory: the writer's budget is about 300 MB beside its 230 MB ring).
         compact = _threads(compaction_threads, COMPACTION_THREADS_ENV, free if gpu else 1, allow_zero=True)
-        child = _flag(process, PROCESS_ENV, True)
+        child = _flag(process, PROCESS_ENV, gpu or row_bytes is None or row_bytes >= CHILD_MIN_ROW_BYTES)
         sized_for = f"{cores} cores, {training} for {'GPU' if gpu else 'CPU'} training"
         return cls(write, compact, GPU_RING_BLOCKS if gpu else 1, sized_for, child)
 

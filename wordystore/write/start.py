@@ -106,8 +106,9 @@ def create(
         The writer's pools (default: from the machine and ``WORDYSTORE_WRITE_THREADS``,
         ``WORDYSTORE_COMPACTION_THREADS``; ``compaction_threads=0`` compacts only at close).
     writer_process : bool, optional
-        Run the pools in a child process (default: wherever one can run, a local store with room in
-        /dev/shm; or ``WORDYSTORE_WRITER_PROCESS``; :class:`wordystore.WriterPools`). The choice is recorded with every
+        Run the pools in a child process (default: with a GPU, or rows of at least 8 MiB, wherever one
+        can run: a local store with room in /dev/shm; or ``WORDYSTORE_WRITER_PROCESS``;
+        :class:`wordystore.WriterPools`). The choice is recorded with every
         commit (``commit.json``'s ``writer``; ``wordystore info`` shows it).
 
     Returns
@@ -136,7 +137,8 @@ def create(
     check_predictions(predictions, kinds, profile)
     vocab = vocab_size(kinds)
     sets = {name: check_token_set(name, ids, vocab) for name, ids in (token_sets or {}).items()}
-    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
+    row_bytes = sum(kind.step_nbytes for kind in kinds.values())
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process, row_bytes=row_bytes)
     config = dict(config or {})
     check_config(config)
     if not isinstance(keep_states, int) or keep_states < 1:
@@ -229,12 +231,13 @@ def resume(
     >>> wordystore.open("runs/tiny.zarr").steps
     array([0, 1, 2, 3])
     """
-    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process)
     store = as_store(where, read_only=False, storage_options=storage_options)
     if store.read_only:
         raise ReadOnlyError(f"cannot append to {describe(store)}: the store is read-only")
     if not storage.exists(store, document_key("")):  # before the lock, which would make the directory
         raise FileNotFoundError(f"no trajectory at {describe(store)} to resume; wordystore.create() makes one")
+    row_bytes = sum(kind.step_nbytes for kind in json_documents.read_metadata(store).kinds.values())
+    pools = WriterPools.for_machine(write_threads, compaction_threads, writer_process, row_bytes=row_bytes)
     lock = writer_lock(store)
     try:
         for key in storage.temporary_keys(store):  # a killed writer's, which nothing else would remove
